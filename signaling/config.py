@@ -1,0 +1,167 @@
+"""The one config object.
+
+Every setting has a flag (``--rate-limit``), an environment variable (``TALKBRIDGE_RATE_LIMIT``)
+and a TOML key (``rate_limit``). Precedence: defaults < TOML file < environment < flags.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import logging
+import os
+import secrets
+import tomllib
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+log = logging.getLogger(__name__)
+
+ENV_PREFIX = "TALKBRIDGE_"
+
+
+def _list(value: Any) -> list[str]:
+    if isinstance(value, list):
+        return [str(v).strip() for v in value if str(v).strip()]
+    return [v.strip() for v in str(value).split(",") if v.strip()]
+
+
+def _bool(value: Any) -> bool:
+    if isinstance(value, bool):
+        return value
+    return str(value).strip().lower() in ("1", "true", "yes", "on")
+
+
+@dataclass
+class Config:
+    """All settings of a talkbridge node. Field name = TOML key; env = TALKBRIDGE_<NAME>."""
+
+    host: str = "127.0.0.1"
+    port: int = 8080
+    data_dir: str = "./data"
+    # Auth
+    jwt_secret: str = ""
+    jwt_public_key: str = ""  # path to a PEM public key (RS256/ES256)
+    token_ttl: int = 7 * 24 * 3600  # seconds, for tokens minted by /api/login
+    allow_registration: bool = True  # /api/register and /api/login (demo accounts)
+    auth_timeout: float = 10.0  # seconds for the first auth frame
+    # Storage and scale-out
+    store: str = ""  # sqlite:///path | postgresql://...; default: sqlite under data_dir
+    redis: str = ""  # redis://...; empty = in-process bus and presence
+    node_id: str = ""
+    # Limits
+    rate_limit: float = 100.0  # frames per second per connection; 0 = off
+    rate_burst: int = 200
+    max_frame: int = 65536
+    send_queue: int = 4096  # frames buffered to one slow device before it is disconnected
+    recall_window: int = 120  # seconds a sender may recall a message
+    group_member_limit: int = 2000
+    # Calls
+    call_timeout: float = 45.0
+    call_grace: float = 20.0  # seconds a disconnected party may take to resume a call
+    call_waiting: bool = False
+    stun_urls: list[str] = field(default_factory=list)
+    turn_urls: list[str] = field(default_factory=list)
+    turn_secret: str = ""
+    turn_ttl: int = 86400
+    # Media relay
+    relay_addresses: list[str] = field(default_factory=list)
+    relay_workers: int = 0  # 0 = one per core
+    # Push
+    push_webhook: str = ""
+    push_retries: int = 5
+    # Misc
+    log_level: str = "INFO"
+    shutdown_grace: float = 5.0
+
+    @property
+    def store_url(self) -> str:
+        """The store URL, defaulting to an SQLite file in the data dir."""
+        if self.store:
+            return self.store
+        return f"sqlite:///{Path(self.data_dir).resolve() / 'talkbridge.sqlite3'}"
+
+    def ensure_jwt_secret(self) -> None:
+        """Generate and persist a development secret when none is configured (loudly)."""
+        if self.jwt_secret or self.jwt_public_key:
+            if self.jwt_secret:
+                return
+            return
+        path = Path(self.data_dir) / "dev-jwt-secret"
+        if path.exists():
+            self.jwt_secret = path.read_text().strip()
+        else:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            self.jwt_secret = secrets.token_urlsafe(48)
+            path.write_text(self.jwt_secret)
+            path.chmod(0o600)
+        log.warning(
+            "TALKBRIDGE_JWT_SECRET is not set: using a generated DEVELOPMENT secret from %s. "
+            "Set TALKBRIDGE_JWT_SECRET in production.",
+            path,
+        )
+
+
+_FIELDS = {f.name: f for f in fields(Config)}
+
+
+def _coerce(name: str, value: Any) -> Any:
+    f = _FIELDS[name]
+    default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
+    if isinstance(default, bool):
+        return _bool(value)
+    if isinstance(default, int):
+        return int(value)
+    if isinstance(default, float):
+        return float(value)
+    if isinstance(default, list):
+        return _list(value)
+    return str(value)
+
+
+def load_config(
+    toml_path: str | None = None,
+    env: dict[str, str] | None = None,
+    overrides: dict[str, Any] | None = None,
+) -> Config:
+    """Build the config from a TOML file, the environment and explicit overrides (flags)."""
+    values: dict[str, Any] = {}
+    env = dict(os.environ) if env is None else env
+    toml_path = toml_path or env.get(ENV_PREFIX + "CONFIG")
+    if toml_path:
+        with open(toml_path, "rb") as fh:
+            data = tomllib.load(fh)
+        for key, value in data.get("talkbridge", data).items():
+            if key not in _FIELDS:
+                raise ValueError(f"unknown setting {key!r} in {toml_path}")
+            values[key] = _coerce(key, value)
+    for name in _FIELDS:
+        raw = env.get(ENV_PREFIX + name.upper())
+        if raw is not None and raw != "":
+            values[name] = _coerce(name, raw)
+    for key, value in (overrides or {}).items():
+        if value is None:
+            continue
+        if key not in _FIELDS:
+            raise ValueError(f"unknown setting {key!r}")
+        values[key] = _coerce(key, value)
+    cfg = Config(**values)
+    if not cfg.node_id:
+        cfg.node_id = secrets.token_hex(4)
+    return cfg
+
+
+def add_config_flags(parser: argparse.ArgumentParser) -> None:
+    """Add one ``--flag`` per setting (all default to None so env/TOML are not overridden)."""
+    parser.add_argument("--config", help="TOML config file (env TALKBRIDGE_CONFIG)")
+    for f in fields(Config):
+        flag = "--" + f.name.replace("_", "-")
+        env_name = ENV_PREFIX + f.name.upper()
+        parser.add_argument(flag, dest=f.name, default=None, help=f"(env {env_name})")
+
+
+def config_from_args(args: argparse.Namespace) -> Config:
+    """The config for parsed CLI arguments."""
+    overrides = {f.name: getattr(args, f.name, None) for f in fields(Config)}
+    return load_config(getattr(args, "config", None), overrides=overrides)
