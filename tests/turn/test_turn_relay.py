@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from typing import Any
 
 import pytest
 from aiortc import (
@@ -21,7 +22,7 @@ from tests.turn.coturn import Coturn, uclient_allocates
 pytestmark = pytest.mark.netns
 
 
-def relay_only(servers: list[dict]) -> RTCConfiguration:
+def relay_only(servers: list[dict[str, Any]]) -> RTCConfiguration:
     """An aiortc configuration that may only use relay candidates from ``servers``."""
     return RTCConfiguration(
         iceServers=[RTCIceServer(urls=s["urls"], username=s.get("username"),
@@ -42,7 +43,7 @@ def loopback_only():
     restrict_host_addresses(None)
 
 
-def servers_for(coturn: Coturn, user: str, now: float, secret: str | None = None) -> list[dict]:
+def servers_for(coturn: Coturn, user: str, now: float, secret: str | None = None) -> list[dict[str, Any]]:
     cfg = Config(turn_urls=[coturn.url], turn_secret=secret or coturn.secret, turn_ttl=300)
     return ice_servers_for(cfg, user, now)
 
