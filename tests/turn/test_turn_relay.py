@@ -43,7 +43,9 @@ def loopback_only():
     restrict_host_addresses(None)
 
 
-def servers_for(coturn: Coturn, user: str, now: float, secret: str | None = None) -> list[dict[str, Any]]:
+def servers_for(
+    coturn: Coturn, user: str, now: float, secret: str | None = None
+) -> list[dict[str, Any]]:
     cfg = Config(turn_urls=[coturn.url], turn_secret=secret or coturn.secret, turn_ttl=300)
     return ice_servers_for(cfg, user, now)
 
