@@ -1,0 +1,67 @@
+"""Identifiers: user ids, conversation ids, message ids."""
+
+from __future__ import annotations
+
+import os
+import re
+import time
+
+from im_bridge.errors import BadRequest
+
+USER_ID_RE = re.compile(r"[A-Za-z0-9_.-]{1,64}")
+GROUP_ID_RE = re.compile(r"[A-Za-z0-9_.-]{1,64}")
+
+
+def valid_user_id(user: object) -> bool:
+    """True for ids matching the protocol's ``[A-Za-z0-9_.-]{1,64}``."""
+    return isinstance(user, str) and USER_ID_RE.fullmatch(user) is not None
+
+
+def check_user_id(user: object, field: str = "user") -> str:
+    """Return ``user`` if valid, else raise BadRequest naming the field."""
+    if not valid_user_id(user):
+        raise BadRequest(f"'{field}' is not a valid user id", field=field)
+    assert isinstance(user, str)
+    return user
+
+
+def check_group_id(group: object, field: str = "group") -> str:
+    """Return ``group`` if it is a valid group id, else raise BadRequest."""
+    if not isinstance(group, str) or GROUP_ID_RE.fullmatch(group) is None:
+        raise BadRequest(f"'{field}' is not a valid group id", field=field)
+    return group
+
+
+def dm_conv(a: str, b: str) -> str:
+    """The direct conversation id of two users: ``dm:<a>:<b>`` with the ids sorted."""
+    x, y = sorted((a, b))
+    return f"dm:{x}:{y}"
+
+
+def group_conv(group: str) -> str:
+    """The conversation id of a group."""
+    return f"g:{group}"
+
+
+def parse_conv(conv: object) -> tuple[str, tuple[str, ...]]:
+    """Split a conversation id into its kind and parts: ("dm", (a, b)) or ("group", (g,))."""
+    if isinstance(conv, str):
+        if conv.startswith("dm:"):
+            parts = conv[3:].split(":")
+            if len(parts) == 2 and all(valid_user_id(p) for p in parts) and parts == sorted(parts):
+                return "dm", (parts[0], parts[1])
+        elif conv.startswith("g:"):
+            g = conv[2:]
+            if GROUP_ID_RE.fullmatch(g):
+                return "group", (g,)
+    raise BadRequest("'conv' is not a valid conversation id", field="conv")
+
+
+def now_ms() -> int:
+    """Server time in milliseconds since the epoch."""
+    return time.time_ns() // 1_000_000
+
+
+def new_id(prefix: str = "") -> str:
+    """A time-sortable unique id: 12 hex digits of milliseconds, then 10 random hex digits."""
+    return f"{prefix}{now_ms():012x}{os.urandom(5).hex()}"

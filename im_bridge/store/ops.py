@@ -1,0 +1,363 @@
+"""Storage operations, written once for both SQLite and PostgreSQL.
+
+An op is a generator that *yields* queries and receives their results (sans-I/O), so the
+same SQL and the same rules run on both drivers: ``store/sqlite.py`` runs ops on a writer
+thread, ``store/postgres.py`` over asyncpg. SQL here is the dialect both accept (``?``
+placeholders, ``ON CONFLICT``, ``RETURNING``, ``CASE`` instead of MAX/GREATEST).
+
+Convention that makes group commit safe without a savepoint per op: a write op performs
+all its checks (and raises a TalkbridgeError) *before* its first write.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Generator
+from typing import Any, Literal, TypeVar
+
+import msgspec
+
+from im_bridge.errors import Conflict, Forbidden, NotFound
+from im_bridge.ids import new_id, parse_conv
+from im_bridge.models import ConvSummary, Member, Message, SendRequest, User
+
+Mode = Literal["one", "all", "exec", "count"]
+Query = tuple[str, tuple[Any, ...], Mode]
+T = TypeVar("T")
+Op = Generator[Query, Any, T]
+
+_json_enc = msgspec.json.Encoder()
+_json_dec = msgspec.json.Decoder()
+
+
+def one(sql: str, *args: Any) -> Query:
+    """A query returning its first row (a tuple) or None."""
+    return (sql, args, "one")
+
+
+def rows(sql: str, *args: Any) -> Query:
+    """A query returning all rows as tuples."""
+    return (sql, args, "all")
+
+
+def execute(sql: str, *args: Any) -> Query:
+    """A statement whose result is ignored."""
+    return (sql, args, "exec")
+
+
+def count(sql: str, *args: Any) -> Query:
+    """A statement returning the number of rows it changed."""
+    return (sql, args, "count")
+
+
+def dumps(obj: Any) -> str:
+    return _json_enc.encode(obj).decode()
+
+
+def loads(text: str | None) -> Any:
+    return None if text is None else _json_dec.decode(text)
+
+
+MSG_COLS = (
+    "conv, seq, msg_id, sender, sender_device, client_msg_id, kind, body, mentions, ts, "
+    "recalled_by, recalled_at"
+)
+
+
+def msg_from_row(r: tuple[Any, ...]) -> Message:
+    return Message(
+        conv=r[0], seq=int(r[1]), msg_id=r[2], sender=r[3], sender_device=r[4],
+        client_msg_id=r[5], kind=r[6], body=loads(r[7]), mentions=loads(r[8]), ts=int(r[9]),
+        recalled_by=r[10], recalled_at=None if r[11] is None else int(r[11]),
+    )
+
+
+MEMBER_COLS = (
+    "conv, user_id, role, joined_seq, left_seq, read_seq, delivered_seq, mention_seq, "
+    "muted_until, conv_muted"
+)
+
+
+def member_from_row(r: tuple[Any, ...]) -> Member:
+    return Member(
+        conv=r[0], user=r[1], role=r[2], joined_seq=int(r[3]),
+        left_seq=None if r[4] is None else int(r[4]), read_seq=int(r[5]),
+        delivered_seq=int(r[6]), mention_seq=int(r[7]), muted_until=int(r[8]),
+        conv_muted=bool(r[9]),
+    )
+
+
+# ---------------------------------------------------------------- users
+
+def create_user(user: str, name: str, password_hash: str | None, now: int) -> Op[bool]:
+    """Create an account; False when the id is taken."""
+    n = yield count(
+        "INSERT INTO users (id, name, password_hash, created_at) VALUES (?, ?, ?, ?) "
+        "ON CONFLICT (id) DO NOTHING",
+        user, name, password_hash, now,
+    )
+    return bool(n)
+
+
+def get_user(user: str) -> Op[User | None]:
+    r = yield one("SELECT id, name, password_hash, created_at FROM users WHERE id = ?", user)
+    if r is None:
+        return None
+    return User(id=r[0], name=r[1], password_hash=r[2], created_at=int(r[3]))
+
+
+# ---------------------------------------------------------------- messages
+
+def append_message(req: SendRequest, now: int) -> Op[tuple[Message, bool]]:
+    """Append a message with the next sequence number, atomically with its posting rule.
+
+    Returns (message, created). A repeated (sender, client_msg_id) returns the first
+    message and created=False, storing nothing.
+    """
+    if req.client_msg_id is not None:
+        r = yield one(
+            f"SELECT {MSG_COLS} FROM messages WHERE sender = ? AND client_msg_id = ?",
+            req.sender, req.client_msg_id,
+        )
+        if r is not None:
+            return msg_from_row(r), False
+    if req.check == "dm":
+        blocked = yield one(
+            "SELECT 1 FROM blocks WHERE user_id = ? AND blocked = ?", req.peer, req.sender
+        )
+        if blocked is not None:
+            raise Forbidden("this user does not accept your messages")
+    elif req.check == "group":
+        _, (group,) = parse_conv(req.conv)
+        g = yield one("SELECT state, mute_all FROM chat_groups WHERE group_id = ?", group)
+        if g is None or g[0] != "active":
+            raise NotFound("no such group")
+        m = yield one(
+            "SELECT role, left_seq, muted_until FROM conv_members WHERE conv = ? AND user_id = ?",
+            req.conv, req.sender,
+        )
+        if m is None or m[1] is not None:
+            raise Forbidden("you are not a member of this group")
+        privileged = m[0] in ("owner", "admin")
+        if not privileged and (g[1] or int(m[2]) > now):
+            raise Forbidden("you are muted in this group")
+        if req.mentions and "@all" in req.mentions and not privileged:
+            raise Forbidden("only the owner or an admin may mention @all")
+    kind, parts = parse_conv(req.conv)
+    r = yield one(
+        "INSERT INTO conversations (conv, kind, last_seq, created_at) VALUES (?, ?, 1, ?) "
+        "ON CONFLICT (conv) DO UPDATE SET last_seq = conversations.last_seq + 1 "
+        "RETURNING last_seq",
+        req.conv, kind, now,
+    )
+    seq = int(r[0])
+    if kind == "dm" and seq == 1:
+        for user in set(parts):
+            yield execute(
+                "INSERT INTO conv_members (conv, user_id, joined_seq, joined_at) "
+                "VALUES (?, ?, 1, ?) ON CONFLICT (conv, user_id) DO NOTHING",
+                req.conv, user, now,
+            )
+    msg = Message(
+        conv=req.conv, seq=seq, msg_id=new_id(), sender=req.sender,
+        sender_device=req.sender_device, ts=now, kind=req.kind, body=req.body,
+        client_msg_id=req.client_msg_id, mentions=req.mentions or None,
+    )
+    yield execute(
+        f"INSERT INTO messages ({MSG_COLS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, NULL, NULL)",
+        msg.conv, msg.seq, msg.msg_id, msg.sender, msg.sender_device, msg.client_msg_id,
+        msg.kind, dumps(msg.body), dumps(msg.mentions) if msg.mentions else None, msg.ts,
+    )
+    # Whoever writes a message has read the conversation up to it.
+    yield execute(
+        "UPDATE conv_members SET read_seq = ?, delivered_seq = ? WHERE conv = ? AND user_id = ?",
+        seq, seq, req.conv, req.sender,
+    )
+    if req.mentions and kind == "group":
+        if "@all" in req.mentions:
+            yield execute(
+                "UPDATE conv_members SET mention_seq = ? "
+                "WHERE conv = ? AND left_seq IS NULL AND user_id <> ?",
+                seq, req.conv, req.sender,
+            )
+        else:
+            for user in set(req.mentions):
+                yield execute(
+                    "UPDATE conv_members SET mention_seq = ? "
+                    "WHERE conv = ? AND user_id = ? AND left_seq IS NULL",
+                    seq, req.conv, user,
+                )
+    return msg, True
+
+
+def get_message(conv: str, seq: int) -> Op[Message | None]:
+    r = yield one(f"SELECT {MSG_COLS} FROM messages WHERE conv = ? AND seq = ?", conv, seq)
+    return None if r is None else msg_from_row(r)
+
+
+def history(
+    conv: str, lo: int, hi: int | None, before: int | None, after: int | None, limit: int
+) -> Op[tuple[list[Message], bool]]:
+    """Messages of ``conv`` within the visible range [lo, hi], ascending by seq.
+
+    ``after`` pages forward (sync), otherwise backward from ``before`` (default: newest).
+    """
+    upper = hi if hi is not None else 2**62
+    if after is not None:
+        rs = yield rows(
+            f"SELECT {MSG_COLS} FROM messages WHERE conv = ? AND seq > ? AND seq >= ? "
+            "AND seq <= ? ORDER BY seq ASC LIMIT ?",
+            conv, after, lo, upper, limit + 1,
+        )
+        msgs = [msg_from_row(r) for r in rs]
+        return msgs[:limit], len(msgs) > limit
+    top = min(before - 1, upper) if before is not None else upper
+    rs = yield rows(
+        f"SELECT {MSG_COLS} FROM messages WHERE conv = ? AND seq <= ? AND seq >= ? "
+        "ORDER BY seq DESC LIMIT ?",
+        conv, top, lo, limit + 1,
+    )
+    msgs = [msg_from_row(r) for r in rs]
+    has_more = len(msgs) > limit
+    msgs = msgs[:limit]
+    msgs.reverse()
+    return msgs, has_more
+
+
+def get_member(conv: str, user: str) -> Op[Member | None]:
+    r = yield one(
+        f"SELECT {MEMBER_COLS} FROM conv_members WHERE conv = ? AND user_id = ?", conv, user
+    )
+    return None if r is None else member_from_row(r)
+
+
+def current_members(conv: str) -> Op[list[str]]:
+    rs = yield rows(
+        "SELECT user_id FROM conv_members WHERE conv = ? AND left_seq IS NULL", conv
+    )
+    return [r[0] for r in rs]
+
+
+def last_seq(conv: str) -> Op[int]:
+    r = yield one("SELECT last_seq FROM conversations WHERE conv = ?", conv)
+    return 0 if r is None else int(r[0])
+
+
+def conv_list(user: str) -> Op[list[ConvSummary]]:
+    """The user's conversations with read state and last visible message, newest first."""
+    rs = yield rows(
+        "SELECT m.conv, c.last_seq, m.read_seq, m.delivered_seq, m.mention_seq, m.left_seq, "
+        "m.conv_muted, "
+        + ", ".join("msg." + c.strip() for c in MSG_COLS.split(","))
+        + " FROM conv_members m JOIN conversations c ON c.conv = m.conv "
+        "LEFT JOIN messages msg ON msg.conv = m.conv AND msg.seq = "
+        "(CASE WHEN m.left_seq IS NULL THEN c.last_seq ELSE m.left_seq END) "
+        "WHERE m.user_id = ?",
+        user,
+    )
+    out = []
+    for r in rs:
+        last = int(r[1]) if r[5] is None else min(int(r[1]), int(r[5]))
+        read = int(r[2])
+        msg = msg_from_row(r[7:]) if r[7] is not None else None
+        out.append(
+            ConvSummary(
+                conv=r[0], last_seq=last, read_seq=read, delivered_seq=int(r[3]),
+                unread=max(0, last - read), mentioned=int(r[4]) > read, muted=bool(r[6]),
+                left=r[5] is not None, last_message=msg,
+            )
+        )
+    out.sort(key=lambda s: s.last_message.ts if s.last_message else 0, reverse=True)
+    return out
+
+
+def mark(conv: str, user: str, kind: str, seq: int) -> Op[int | None]:
+    """Advance the user's delivered/read position to ``seq`` (clamped to what they can see).
+
+    Returns the new position, or None when it did not move forward.
+    """
+    m = yield one(
+        "SELECT m.left_seq, c.last_seq FROM conv_members m JOIN conversations c "
+        "ON c.conv = m.conv WHERE m.conv = ? AND m.user_id = ?",
+        conv, user,
+    )
+    if m is None:
+        raise NotFound("no such conversation")
+    top = int(m[1]) if m[0] is None else min(int(m[0]), int(m[1]))
+    seq = min(seq, top)
+    if kind == "read":
+        n = yield count(
+            "UPDATE conv_members SET read_seq = ?, delivered_seq = "
+            "(CASE WHEN delivered_seq < ? THEN ? ELSE delivered_seq END) "
+            "WHERE conv = ? AND user_id = ? AND read_seq < ?",
+            seq, seq, seq, conv, user, seq,
+        )
+    else:
+        n = yield count(
+            "UPDATE conv_members SET delivered_seq = ? "
+            "WHERE conv = ? AND user_id = ? AND delivered_seq < ?",
+            seq, conv, user, seq,
+        )
+    return seq if n else None
+
+
+def recall(conv: str, seq: int, by: str, now: int, window_ms: int) -> Op[Message]:
+    """Recall a message: its sender within the window, or a group owner/admin at any time."""
+    msg = yield from get_message(conv, seq)
+    if msg is None:
+        raise NotFound("no such message")
+    if msg.kind in ("notice", "call"):
+        raise Forbidden("server-written messages cannot be recalled")
+    if msg.recalled_by is not None:
+        raise Conflict("message already recalled")
+    allowed = msg.sender == by and now - msg.ts <= window_ms
+    if not allowed and conv.startswith("g:"):
+        m = yield one(
+            "SELECT role FROM conv_members WHERE conv = ? AND user_id = ? AND left_seq IS NULL",
+            conv, by,
+        )
+        allowed = m is not None and m[0] in ("owner", "admin")
+    if not allowed:
+        if msg.sender == by:
+            raise Forbidden("the recall window has passed")
+        raise Forbidden("you may not recall this message")
+    yield execute(
+        "UPDATE messages SET recalled_by = ?, recalled_at = ?, body = ? WHERE conv = ? AND seq = ?",
+        by, now, "{}", conv, seq,
+    )
+    msg.recalled_by, msg.recalled_at, msg.body = by, now, {}
+    return msg
+
+
+def set_conv_muted(conv: str, user: str, on: bool) -> Op[None]:
+    n = yield count(
+        "UPDATE conv_members SET conv_muted = ? WHERE conv = ? AND user_id = ?",
+        1 if on else 0, conv, user,
+    )
+    if not n:
+        raise NotFound("no such conversation")
+
+
+# ---------------------------------------------------------------- blocks
+
+def block_add(user: str, blocked: str, now: int) -> Op[None]:
+    yield execute(
+        "INSERT INTO blocks (user_id, blocked, created_at) VALUES (?, ?, ?) "
+        "ON CONFLICT (user_id, blocked) DO NOTHING",
+        user, blocked, now,
+    )
+
+
+def block_remove(user: str, blocked: str) -> Op[bool]:
+    n = yield count("DELETE FROM blocks WHERE user_id = ? AND blocked = ?", user, blocked)
+    return bool(n)
+
+
+def block_list(user: str) -> Op[list[str]]:
+    rs = yield rows("SELECT blocked FROM blocks WHERE user_id = ? ORDER BY blocked", user)
+    return [r[0] for r in rs]
+
+
+def is_blocked(user: str, by: str) -> Op[bool]:
+    """True when ``by`` has blocked ``user``."""
+    r = yield one("SELECT 1 FROM blocks WHERE user_id = ? AND blocked = ?", by, user)
+    return r is not None

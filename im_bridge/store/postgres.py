@@ -1,0 +1,140 @@
+"""PostgreSQL store (scale-out): asyncpg pool, group commit into one transaction per batch.
+
+Runs the same ops as SQLite; ``?`` placeholders are rewritten to ``$n`` once per statement.
+Sequence allocation takes the conversation row's lock until commit, so several nodes
+appending to one conversation still produce a gap-free sequence.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from functools import lru_cache
+from typing import Any, TypeVar
+
+import asyncpg
+
+from im_bridge.errors import Internal, TalkbridgeError
+from im_bridge.store import Store
+from im_bridge.store.groupcommit import GroupCommit
+from im_bridge.store.migrations import MIGRATIONS
+from im_bridge.store.ops import Op, Query
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+_COUNT_RE = re.compile(r"(\d+)$")
+
+
+@lru_cache(maxsize=512)
+def pg_sql(sql: str) -> str:
+    """Rewrite ``?`` placeholders to ``$1, $2, …`` (our SQL has no literal question marks)."""
+    parts = sql.split("?")
+    out = [parts[0]]
+    for i, part in enumerate(parts[1:], start=1):
+        out.append(f"${i}")
+        out.append(part)
+    return "".join(out)
+
+
+async def _run(conn: asyncpg.Connection, q: Query) -> Any:
+    sql, args, mode = q
+    stmt = pg_sql(sql)
+    if mode == "one":
+        r = await conn.fetchrow(stmt, *args)
+        return None if r is None else tuple(r)
+    if mode == "all":
+        return [tuple(r) for r in await conn.fetch(stmt, *args)]
+    status = await conn.execute(stmt, *args)
+    if mode == "count":
+        m = _COUNT_RE.search(status)
+        return int(m.group(1)) if m else 0
+    return None
+
+
+async def drive(conn: asyncpg.Connection, op: Op[T]) -> T:
+    """Run an op to completion on a connection."""
+    try:
+        q = next(op)
+        while True:
+            q = op.send(await _run(conn, q))
+    except StopIteration as stop:
+        return stop.value  # type: ignore[no-any-return]
+
+
+class PostgresStore(Store):
+    """Store over PostgreSQL."""
+
+    def __init__(self, url: str, pool_size: int = 8) -> None:
+        self.url = url
+        self._pool_size = pool_size
+        self._pool: asyncpg.Pool | None = None
+        self._commit = GroupCommit(self._run_batch)
+
+    async def open(self) -> None:
+        self._pool = await asyncpg.create_pool(
+            self.url, min_size=2, max_size=self._pool_size, statement_cache_size=512
+        )
+        async with self._pool.acquire() as conn:
+            # One migrator at a time across nodes.
+            await conn.execute("SELECT pg_advisory_lock(7340001)")
+            try:
+                await conn.execute(
+                    "CREATE TABLE IF NOT EXISTS schema_version (version INTEGER NOT NULL)"
+                )
+                current = await conn.fetchval("SELECT max(version) FROM schema_version") or 0
+                for version, statements in enumerate(MIGRATIONS, start=1):
+                    if version <= current:
+                        continue
+                    async with conn.transaction():
+                        for stmt in statements:
+                            await conn.execute(stmt)
+                        await conn.execute(
+                            "INSERT INTO schema_version (version) VALUES ($1)", version
+                        )
+                    log.info("postgres schema migrated to version %d", version)
+            finally:
+                await conn.execute("SELECT pg_advisory_unlock(7340001)")
+        self._commit.start()
+
+    async def close(self) -> None:
+        await self._commit.close()
+        if self._pool is not None:
+            await self._pool.close()
+
+    async def _run_batch(self, ops: list[Op[Any]]) -> list[Any]:
+        assert self._pool is not None
+        results: list[Any] = []
+        try:
+            async with self._pool.acquire() as conn, conn.transaction():
+                for op in ops:
+                    try:
+                        results.append(await drive(conn, op))
+                    except TalkbridgeError as exc:  # raised before the op's first write
+                        results.append(exc)
+            return results
+        except Exception:
+            # A database error mid-batch rolls the whole batch back; every caller gets
+            # `internal` and may retry with the same client_msg_id (idempotent).
+            log.exception("postgres batch of %d ops rolled back", len(ops))
+            return [Internal("storage failure; nothing was stored")] * len(ops)
+
+    async def write(self, op: Op[T]) -> T:
+        result: T = await self._commit.submit(op)
+        return result
+
+    async def read(self, op: Op[T]) -> T:
+        assert self._pool is not None
+        async with self._pool.acquire() as conn:
+            return await drive(conn, op)
+
+    async def ping(self) -> bool:
+        try:
+            assert self._pool is not None
+            async with self._pool.acquire(timeout=2) as conn:
+                await conn.fetchval("SELECT 1")
+            return True
+        except Exception:
+            return False
+
+    def stats(self) -> dict[str, Any]:
+        return {"batches": self._commit.batches, "ops": self._commit.ops}
