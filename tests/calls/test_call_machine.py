@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 
 from im_bridge.errors import BadRequest, Conflict, Forbidden, NotFound
-from signaling.calls import CallManager, CallSettings
+from signaling.calls import Call, CallManager, CallSettings
 from tests.calls.machine_env import RecordingEnv
 
 OFFER = {"type": "offer", "sdp": "v=0\r\no=- 1 1 IN IP4 127.0.0.1\r\ns=-\r\nt=0 0\r\n"
@@ -49,6 +49,12 @@ async def connected(calls: CallManager, env: RecordingEnv, call_id: str = "call-
     await calls.accept("bob", "phone", {"call_id": call_id, "sdp": ANSWER})
     for u, d in [("alice", "a1"), ("bob", "phone"), ("bob", "laptop")]:
         env.take(u, d)
+
+
+def the(calls: CallManager, call_id: str) -> Call:
+    call = calls.get(call_id)
+    assert call is not None
+    return call
 
 
 def types(events: list[dict[str, Any]]) -> list[str]:
@@ -116,9 +122,9 @@ async def test_a_callee_device_dropping_while_ringing_does_not_end_the_call(call
     env.disconnect("bob", "laptop")
     await calls.device_disconnected("bob", "laptop")
     await env.advance(30)
-    assert calls.get("call-1").state == "ringing"
+    assert the(calls, "call-1").state == "ringing"
     await calls.accept("bob", "phone", {"call_id": "call-1", "sdp": ANSWER})
-    assert calls.get("call-1").state == "connected"
+    assert the(calls, "call-1").state == "connected"
 
 
 # --- answering -------------------------------------------------------------------------------
@@ -140,7 +146,7 @@ async def test_a_second_accept_from_another_device_is_refused_and_changes_nothin
     with pytest.raises(Conflict) as err:
         await calls.accept("bob", "laptop", {"call_id": "call-1", "sdp": ANSWER})
     assert err.value.details["reason"] == "answered_elsewhere"
-    assert calls.get("call-1").callee_device == "phone"
+    assert the(calls, "call-1").callee_device == "phone"
     assert env.all_events() == []
 
 
@@ -148,7 +154,7 @@ async def test_a_double_accept_from_the_same_device_is_refused(calls, env):
     await connected(calls, env)
     with pytest.raises(Conflict):
         await calls.accept("bob", "phone", {"call_id": "call-1", "sdp": ANSWER})
-    assert calls.get("call-1").state == "connected"
+    assert the(calls, "call-1").state == "connected"
     assert env.all_events() == []
 
 
@@ -156,7 +162,7 @@ async def test_the_caller_cannot_accept_their_own_call(calls, env):
     await invite(calls)
     with pytest.raises(Forbidden):
         await calls.accept("alice", "a1", {"call_id": "call-1", "sdp": ANSWER})
-    assert calls.get("call-1").state == "ringing"
+    assert the(calls, "call-1").state == "ringing"
 
 
 async def test_reject_from_any_callee_device_declines_for_everyone(calls, env):
@@ -191,7 +197,7 @@ async def test_a_callee_already_in_a_call_is_busy(calls, env):
         {"type": "call.ended", "call_id": "call-2", "reason": "busy"}]
     assert env.take("bob", "phone") == [] and env.take("bob", "laptop") == []
     assert [(lg.call_id, lg.outcome) for lg in env.logs] == [("call-2", "busy")]
-    assert calls.get("call-1").state == "connected"
+    assert the(calls, "call-1").state == "connected"
 
 
 async def test_with_call_waiting_the_busy_callee_is_rung_and_told_it_is_waiting(env):
@@ -209,7 +215,7 @@ async def test_glare_keeps_the_call_with_the_smaller_id_when_it_came_second(call
     reply = await calls.invite("bob", "phone", {"call_id": "a-call", "to": {"user": "alice"},
                                                 "media": AV, "sdp": OFFER})
     assert reply == {"call_id": "a-call", "state": "ringing", "expires_at": reply["expires_at"]}
-    assert calls.get("b-call").state == "ended"
+    assert the(calls, "b-call").state == "ended"
     # alice: her call was replaced, then bob's invite rings her devices
     a1 = env.take("alice", "a1")
     assert a1[0] == {"type": "call.ended", "call_id": "b-call", "reason": "cancelled",
@@ -236,10 +242,10 @@ async def test_glare_keeps_the_call_with_the_smaller_id_when_it_came_first(calls
     assert env.take("bob", "phone")[-1] == lost
     # alice's devices were never rung for the lost call; bob still rings for alice's
     assert all(e["call_id"] == "a-call" for e in env.take("alice", "a2"))
-    assert calls.get("a-call").state == "ringing"
+    assert the(calls, "a-call").state == "ringing"
     assert [c.call_id for c in calls.live_calls_of("bob")] == ["a-call"]
     await calls.accept("bob", "phone", {"call_id": "a-call", "sdp": ANSWER})
-    assert calls.get("a-call").state == "connected"
+    assert the(calls, "a-call").state == "connected"
 
 
 # --- ending ----------------------------------------------------------------------------------
@@ -268,7 +274,7 @@ async def test_an_unanswered_invite_times_out_as_missed_after_45_seconds(calls, 
     await invite(calls)
     env.take("bob", "phone"), env.take("bob", "laptop")
     await env.advance(44.9)
-    assert calls.get("call-1").state == "ringing"
+    assert the(calls, "call-1").state == "ringing"
     await env.advance(0.2)
     timeout = {"type": "call.ended", "call_id": "call-1", "reason": "timeout"}
     assert env.take("alice", "a1") == [timeout]
@@ -280,7 +286,7 @@ async def test_the_timeout_comes_from_the_settings(env):
     calls = CallManager(env, CallSettings(timeout=5))
     await invite(calls)
     await env.advance(5)
-    assert calls.get("call-1").end_reason == "timeout"
+    assert the(calls, "call-1").end_reason == "timeout"
 
 
 async def test_hangup_ends_a_connected_call_as_completed_with_its_duration(calls, env):
@@ -300,7 +306,7 @@ async def test_hangup_ends_a_connected_call_as_completed_with_its_duration(calls
 async def test_an_answered_call_does_not_time_out(calls, env):
     await connected(calls, env)
     await env.advance(300)
-    assert calls.get("call-1").state == "connected"
+    assert the(calls, "call-1").state == "connected"
 
 
 async def test_hangup_before_an_answer_is_a_cancel_from_the_caller(calls, env):
@@ -333,7 +339,7 @@ async def test_a_party_disconnecting_mid_call_fails_it_after_the_grace_period(ca
     env.disconnect("bob", "phone")
     await calls.device_disconnected("bob", "phone")
     await env.advance(19.9)
-    assert calls.get("call-1").state == "connected"
+    assert the(calls, "call-1").state == "connected"
     await env.advance(0.2)
     assert env.take("alice", "a1") == [
         {"type": "call.ended", "call_id": "call-1", "reason": "failed"}]
@@ -356,7 +362,7 @@ async def test_a_party_that_reconnects_and_resumes_keeps_the_call(calls, env):
     assert env.take("alice", "a1") == [
         {"type": "call.ice", "call_id": "call-1", "from_device": "phone", "candidate": cand(7)}]
     await env.advance(60)
-    assert calls.get("call-1").state == "connected"
+    assert the(calls, "call-1").state == "connected"
 
 
 async def test_an_ice_restart_offer_from_a_returning_device_resumes_it(calls, env):
@@ -367,7 +373,7 @@ async def test_an_ice_restart_offer_from_a_returning_device_resumes_it(calls, en
     await calls.sdp("alice", "a1", {"call_id": "call-1", "sdp": OFFER})
     assert types(env.take("bob", "phone")) == ["call.sdp"]
     await env.advance(60)
-    assert calls.get("call-1").state == "connected"
+    assert the(calls, "call-1").state == "connected"
 
 
 async def test_a_disconnect_of_a_device_that_already_reconnected_is_ignored(calls, env):
@@ -375,7 +381,7 @@ async def test_a_disconnect_of_a_device_that_already_reconnected_is_ignored(call
     # the old session's close is noticed after the same device came back on a new one
     await calls.device_disconnected("bob", "phone")
     await env.advance(60)
-    assert calls.get("call-1").state == "connected"
+    assert the(calls, "call-1").state == "connected"
 
 
 async def test_the_caller_dropping_while_it_rings_fails_the_call_after_grace(calls, env):
@@ -383,7 +389,7 @@ async def test_the_caller_dropping_while_it_rings_fails_the_call_after_grace(cal
     env.disconnect("alice", "a1")
     await calls.device_disconnected("alice", "a1")
     await env.advance(20)
-    assert calls.get("call-1").end_reason == "failed"
+    assert the(calls, "call-1").end_reason == "failed"
     assert env.take("bob", "phone")[-1] == {
         "type": "call.ended", "call_id": "call-1", "reason": "failed"}
     assert env.logs[0].outcome == "failed"
@@ -475,7 +481,7 @@ async def test_a_third_user_learns_nothing_about_someone_elses_call(calls, env, 
     assert theirs.value.to_wire() == unknown.value.to_wire() == {
         "code": "not_found", "message": "no such call", "field": "call_id"}
     assert env.all_events() == []
-    assert calls.get("call-1").state == "ringing"
+    assert the(calls, "call-1").state == "ringing"
 
 
 async def test_the_callers_other_devices_hear_nothing_and_cannot_act(calls, env):
@@ -484,7 +490,7 @@ async def test_the_callers_other_devices_hear_nothing_and_cannot_act(calls, env)
     assert env.take("alice", "a2") == []
     with pytest.raises(Conflict):
         await calls.hangup("alice", "a2", {"call_id": "call-1"})
-    assert calls.get("call-1").state == "connected"
+    assert the(calls, "call-1").state == "connected"
 
 
 async def test_a_blocked_user_cannot_call(calls, env):
@@ -499,7 +505,7 @@ async def test_a_reused_call_id_is_a_conflict(calls, env):
     with pytest.raises(Conflict):
         await calls.invite("carol", "c1", {"call_id": "call-1", "to": {"user": "alice"},
                                            "media": AV, "sdp": OFFER})
-    assert calls.get("call-1").caller == "alice"
+    assert the(calls, "call-1").caller == "alice"
 
 
 async def test_an_ended_call_is_forgotten_after_a_while(calls, env):
@@ -546,7 +552,7 @@ async def test_an_accept_with_an_invalid_answer_leaves_the_call_ringing(calls, e
     with pytest.raises(BadRequest):
         await calls.accept("bob", "phone", {"call_id": "call-1", "sdp": {"type": "answer",
                                                                          "sdp": "garbage"}})
-    assert calls.get("call-1").state == "ringing" and env.all_events() == []
+    assert the(calls, "call-1").state == "ringing" and env.all_events() == []
 
 
 @pytest.mark.parametrize("candidate", [
@@ -576,4 +582,4 @@ async def test_a_bad_reject_reason_is_a_bad_request(calls, env):
     await invite(calls)
     with pytest.raises(BadRequest):
         await calls.reject("bob", "phone", {"call_id": "call-1", "reason": "because"})
-    assert calls.get("call-1").state == "ringing"
+    assert the(calls, "call-1").state == "ringing"
