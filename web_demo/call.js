@@ -1,0 +1,473 @@
+// 1:1 calls: call.invite / ringing / accept / ice / sdp / reject / cancel / hangup / ended.
+// One peer connection per call; every remote signaling message for it is applied through one
+// SerialQueue, in arrival order.
+
+import {
+  SerialQueue,
+  addRemoteCandidate,
+  candidateToWire,
+  getLocalMedia,
+  iceServers,
+  registerPeer,
+  rtcSettings,
+  toRtcIceServers,
+  unregisterPeer,
+} from "./rtc.js";
+
+const REASONS = {
+  hangup: "Call ended",
+  declined: "Call declined",
+  busy: "Busy on another call",
+  cancelled: "Call cancelled",
+  timeout: "No answer",
+  answered_elsewhere: "Answered on another device",
+  failed: "Call failed",
+};
+
+function newCallId() {
+  if (crypto.randomUUID) return crypto.randomUUID();
+  const b = crypto.getRandomValues(new Uint8Array(16));
+  return Array.from(b, (x) => x.toString(16).padStart(2, "0")).join("");
+}
+
+export class CallManager {
+  /** app: {client, token, me, iceFallback(), toast(msg, kind), nameOf(user)} */
+  constructor(app) {
+    this.app = app;
+    this.call = null; // the call this device is in (or placing)
+    this.incoming = new Map(); // call_id -> invite event, ringing here
+    this.el = {
+      view: document.getElementById("call-view"),
+      title: document.getElementById("call-title"),
+      status: document.getElementById("call-status"),
+      remote: document.getElementById("call-remote-video"),
+      local: document.getElementById("call-local-video"),
+      mic: document.getElementById("call-mic"),
+      cam: document.getElementById("call-cam"),
+      hangup: document.getElementById("call-hangup"),
+      dialog: document.getElementById("incoming-dialog"),
+      inTitle: document.getElementById("incoming-title"),
+      inMedia: document.getElementById("incoming-media"),
+      accept: document.getElementById("incoming-accept"),
+      acceptAudio: document.getElementById("incoming-accept-audio"),
+      decline: document.getElementById("incoming-decline"),
+    };
+    this.el.hangup.onclick = () => this.hangup();
+    this.el.mic.onclick = () => this.toggle("audio");
+    this.el.cam.onclick = () => this.toggle("video");
+    this.el.accept.onclick = () => this.acceptShown(false);
+    this.el.acceptAudio.onclick = () => this.acceptShown(true);
+    this.el.decline.onclick = () => this.declineShown();
+    this.durationTimer = null;
+  }
+
+  get busy() {
+    return !!this.call;
+  }
+
+  // ---- placing a call -------------------------------------------------------------------
+
+  /** Call `peer` with {audio, video}. */
+  async start(peer, media) {
+    if (this.call) {
+      this.app.toast("You are already in a call.", "warn");
+      return;
+    }
+    const call = this._newCall({ id: newCallId(), role: "caller", peer, media });
+    this._show(`Calling ${this.app.nameOf(peer)}…`);
+    try {
+      call.localStream = await getLocalMedia(media);
+      if (call.ended) return;
+      this._attachLocal(call);
+      await this._createPc(call);
+      for (const t of call.localStream.getTracks()) call.pc.addTrack(t, call.localStream);
+      // Receive what we send at least; an audio call still receives audio only.
+      if (!media.audio) call.pc.addTransceiver("audio", { direction: "recvonly" });
+      if (!media.video) {
+        /* audio call: no video section */
+      }
+      const offer = await call.pc.createOffer();
+      await call.pc.setLocalDescription(offer);
+      if (call.ended) return;
+      await this.app.client.request("call.invite", {
+        call_id: call.id,
+        to: { user: peer },
+        media: { audio: !!media.audio, video: !!media.video },
+        sdp: { type: call.pc.localDescription.type, sdp: call.pc.localDescription.sdp },
+      });
+      this._signalReady(call);
+      if (!call.ended && call.state === "inviting") this._status("Waiting for an answer…");
+    } catch (err) {
+      this._fail(call, err);
+    }
+  }
+
+  // ---- incoming calls -------------------------------------------------------------------
+
+  _onInvite(ev) {
+    if (this.call) {
+      // This device is busy: say so, so the caller hears "busy" rather than ringing forever.
+      this.app.client.request("call.reject", { call_id: ev.call_id, reason: "busy" }).catch(() => {});
+      return;
+    }
+    this.incoming.set(ev.call_id, ev);
+    this.app.client.request("call.ringing", { call_id: ev.call_id }).catch((err) => this.app.toast(err.message, "error"));
+    this._showIncoming(ev);
+  }
+
+  _showIncoming(ev) {
+    this.shownInvite = ev;
+    const kind = ev.media && ev.media.video ? "Video call" : "Audio call";
+    this.el.inTitle.textContent = `${this.app.nameOf(ev.from)} is calling`;
+    this.el.inMedia.textContent = kind;
+    this.el.acceptAudio.hidden = !(ev.media && ev.media.video);
+    this.el.dialog.dataset.callId = ev.call_id;
+    if (!this.el.dialog.open) {
+      if (this.el.dialog.showModal) this.el.dialog.showModal();
+      else this.el.dialog.setAttribute("open", "");
+    }
+    this.app.notify(`${this.app.nameOf(ev.from)} is calling`, kind);
+  }
+
+  _closeIncoming(callId) {
+    this.incoming.delete(callId);
+    if (this.shownInvite && this.shownInvite.call_id === callId) {
+      this.shownInvite = null;
+      if (this.el.dialog.open) this.el.dialog.close();
+      else this.el.dialog.removeAttribute("open");
+      delete this.el.dialog.dataset.callId;
+      const next = this.incoming.values().next();
+      if (!next.done) this._showIncoming(next.value);
+    }
+  }
+
+  acceptShown(audioOnly) {
+    if (this.shownInvite) this.accept(this.shownInvite.call_id, audioOnly);
+  }
+
+  declineShown() {
+    if (!this.shownInvite) return;
+    const id = this.shownInvite.call_id;
+    this._closeIncoming(id);
+    this.app.client.request("call.reject", { call_id: id, reason: "declined" }).catch((err) => this.app.toast(err.message, "error"));
+  }
+
+  /** Answer the ringing call `callId` on this device. */
+  async accept(callId, audioOnly = false) {
+    const inv = this.incoming.get(callId);
+    if (!inv || this.call) return;
+    this._closeIncoming(callId);
+    for (const other of [...this.incoming.keys()]) {
+      this._closeIncoming(other);
+      this.app.client.request("call.reject", { call_id: other, reason: "busy" }).catch(() => {});
+    }
+    const media = { audio: !!(inv.media && inv.media.audio), video: !!(inv.media && inv.media.video) && !audioOnly };
+    const call = this._newCall({ id: callId, role: "callee", peer: inv.from, media });
+    call.peerDevice = inv.from_device;
+    this._show(`Connecting to ${this.app.nameOf(inv.from)}…`);
+    try {
+      try {
+        call.localStream = await getLocalMedia(media);
+      } catch (err) {
+        // Still take the call receive-only, and say why the other side cannot see or hear us.
+        this.app.toast(`${err.message} Answering without sending media.`, "error");
+        call.localStream = new MediaStream();
+      }
+      if (call.ended) return;
+      this._attachLocal(call);
+      await this._createPc(call);
+      await call.pc.setRemoteDescription(inv.sdp);
+      for (const t of call.localStream.getTracks()) call.pc.addTrack(t, call.localStream);
+      const answer = await call.pc.createAnswer();
+      await call.pc.setLocalDescription(answer);
+      // Candidates that came with or after the invite wait until the offer is applied.
+      call.remoteReady = true;
+      for (const c of call.earlyCandidates.splice(0)) call.queue.push(() => addRemoteCandidate(call.pc, c));
+      if (call.ended) return;
+      await this.app.client.request("call.accept", {
+        call_id: callId,
+        sdp: { type: call.pc.localDescription.type, sdp: call.pc.localDescription.sdp },
+      });
+      this._signalReady(call);
+      call.state = "connecting";
+      this._status("Connecting media…");
+    } catch (err) {
+      this._fail(call, err);
+    }
+  }
+
+  // ---- events ---------------------------------------------------------------------------
+
+  /** Handle a call.* event from the server. Returns true when it was one. */
+  onEvent(ev) {
+    const call = this.call && this.call.id === ev.call_id ? this.call : null;
+    switch (ev.type) {
+      case "call.invite":
+        this._onInvite(ev);
+        return true;
+      case "call.ringing":
+        if (call && call.state === "inviting") {
+          call.state = "ringing";
+          this._status(`Ringing…`);
+        }
+        return true;
+      case "call.accepted":
+        if (call && call.role === "caller") {
+          call.state = "connecting";
+          call.peerDevice = ev.device;
+          this._status("Connecting media…");
+          call.queue.push(async () => {
+            await call.pc.setRemoteDescription(ev.sdp);
+            call.remoteReady = true;
+            for (const c of call.earlyCandidates.splice(0)) await addRemoteCandidate(call.pc, c);
+          });
+        }
+        return true;
+      case "call.ice":
+        if (call) {
+          // A caller's candidates can arrive before call.accepted: hold them until the answer.
+          if (!call.remoteReady) call.earlyCandidates.push(ev.candidate);
+          else call.queue.push(() => addRemoteCandidate(call.pc, ev.candidate));
+        } else if (this.incoming.has(ev.call_id)) {
+          const inv = this.incoming.get(ev.call_id);
+          (inv.earlyCandidates ||= []).push(ev.candidate);
+        }
+        return true;
+      case "call.sdp":
+        if (call) call.queue.push(() => this._onRemoteSdp(call, ev.sdp));
+        return true;
+      case "call.ended":
+        if (this.incoming.has(ev.call_id)) {
+          this._closeIncoming(ev.call_id);
+          if (ev.reason === "answered_elsewhere") this.app.toast("Call answered on another device.", "info");
+          else if (ev.reason === "timeout" || ev.reason === "cancelled") this.app.toast(`Missed call (${REASONS[ev.reason]}).`, "info");
+        }
+        if (call) this._end(call, REASONS[ev.reason] || `Call ended (${ev.reason})`, ev.reason !== "hangup" && ev.reason !== "cancelled");
+        return true;
+      default:
+        return false;
+    }
+  }
+
+  async _onRemoteSdp(call, sdp) {
+    if (sdp.type === "offer") {
+      if (call.pc.signalingState !== "stable") {
+        await call.pc.setLocalDescription({ type: "rollback" });
+      }
+      await call.pc.setRemoteDescription(sdp);
+      const answer = await call.pc.createAnswer();
+      await call.pc.setLocalDescription(answer);
+      await this.app.client.request("call.sdp", {
+        call_id: call.id,
+        sdp: { type: answer.type, sdp: call.pc.localDescription.sdp },
+      });
+    } else {
+      await call.pc.setRemoteDescription(sdp);
+    }
+  }
+
+  // ---- controls -------------------------------------------------------------------------
+
+  /** Hang up, cancel or decline, whichever fits the call's state. */
+  hangup() {
+    const call = this.call;
+    if (!call) return;
+    let type = "call.hangup";
+    if (call.role === "caller" && (call.state === "inviting" || call.state === "ringing")) type = "call.cancel";
+    this.app.client.request(type, { call_id: call.id }).catch((err) => this.app.toast(err.message, "error"));
+    this._end(call, type === "call.cancel" ? "Call cancelled" : "Call ended", false);
+  }
+
+  /** Mute or unmute the microphone ("audio") or the camera ("video"). */
+  toggle(kind) {
+    const call = this.call;
+    if (!call || !call.localStream) return;
+    const tracks = kind === "audio" ? call.localStream.getAudioTracks() : call.localStream.getVideoTracks();
+    if (!tracks.length) {
+      this.app.toast(kind === "audio" ? "No microphone in this call." : "No camera in this call.", "warn");
+      return;
+    }
+    const on = !tracks[0].enabled;
+    for (const t of tracks) t.enabled = on;
+    const btn = kind === "audio" ? this.el.mic : this.el.cam;
+    btn.classList.toggle("off", !on);
+    btn.textContent = kind === "audio" ? (on ? "Mute mic" : "Unmute mic") : on ? "Camera off" : "Camera on";
+  }
+
+  /** The network came back: restart ICE so media finds a path again. */
+  restartIce() {
+    const call = this.call;
+    if (!call || !call.pc || call.role !== "caller" || call.state !== "active") return;
+    call.queue.push(async () => {
+      if (call.pc.signalingState !== "stable") return;
+      const offer = await call.pc.createOffer({ iceRestart: true });
+      await call.pc.setLocalDescription(offer);
+      await this.app.client.request("call.sdp", { call_id: call.id, sdp: { type: offer.type, sdp: offer.sdp } });
+    });
+  }
+
+  // ---- internals ------------------------------------------------------------------------
+
+  _newCall(fields) {
+    const call = {
+      ...fields,
+      state: fields.role === "caller" ? "inviting" : "connecting",
+      pc: null,
+      localStream: null,
+      remoteStream: new MediaStream(),
+      earlyCandidates: [],
+      remoteReady: false,
+      outIce: [],
+      ready: false,
+      ended: false,
+      started: null,
+    };
+    call.queue = new SerialQueue((err) => this._fail(call, err));
+    if (fields.role === "callee") {
+      const inv = this.incoming.get(fields.id);
+      if (inv && inv.earlyCandidates) call.earlyCandidates.push(...inv.earlyCandidates);
+    }
+    this.call = call;
+    window.tbCall = call; // for the developer console and the browser tests
+    return call;
+  }
+
+  async _createPc(call) {
+    const servers = await iceServers(this.app.token, this.app.iceFallback());
+    const relay = rtcSettings.relayOnly || rtcSettings.forceRelayCall;
+    const config = {
+      iceServers: toRtcIceServers(servers),
+      iceTransportPolicy: relay ? "relay" : "all",
+      bundlePolicy: "max-bundle",
+    };
+    if (relay && !config.iceServers.some((s) => [].concat(s.urls).some((u) => /^turns?:/.test(u)))) {
+      this.app.toast("Relay-only ICE is on but the server offers no TURN server: the call cannot connect.", "error");
+    }
+    const pc = new RTCPeerConnection(config);
+    call.pc = pc;
+    registerPeer("call", pc, { label: `1:1 call with ${call.peer}`, policy: config.iceTransportPolicy });
+    pc.onicecandidate = (e) => {
+      const wire = candidateToWire(e.candidate);
+      if (call.ready) this._sendIce(call, wire);
+      else call.outIce.push(wire);
+    };
+    pc.ontrack = (e) => {
+      call.remoteStream.addTrack(e.track);
+      this.el.remote.srcObject = call.remoteStream;
+      this.el.remote.play().catch(() => {});
+    };
+    pc.onconnectionstatechange = () => {
+      if (call.ended) return;
+      if (pc.connectionState === "connected") {
+        if (call.state !== "active") {
+          call.state = "active";
+          call.started = call.started || Date.now();
+          this._tickDuration();
+        }
+      } else if (pc.connectionState === "disconnected") {
+        this._status("Connection interrupted, trying to recover…");
+      } else if (pc.connectionState === "failed") {
+        this._status("Media connection failed. Restarting ICE…");
+        this.restartIce();
+      }
+    };
+    pc.oniceconnectionstatechange = () => {
+      // Firefox before connectionState support reports here only.
+      if (pc.connectionState === undefined && pc.iceConnectionState === "connected" && call.state !== "active") {
+        call.state = "active";
+        call.started = Date.now();
+        this._tickDuration();
+      }
+    };
+    return pc;
+  }
+
+  _signalReady(call) {
+    call.ready = true;
+    for (const c of call.outIce.splice(0)) this._sendIce(call, c);
+  }
+
+  _sendIce(call, candidate) {
+    if (call.ended) return;
+    this.app.client.request("call.ice", { call_id: call.id, candidate }).catch((err) => {
+      if (!call.ended) this.app.toast(err.message, "error");
+    });
+  }
+
+  _attachLocal(call) {
+    this.el.local.srcObject = call.localStream;
+    this.el.local.hidden = call.localStream.getVideoTracks().length === 0;
+    this.el.local.play().catch(() => {});
+    this.el.mic.textContent = "Mute mic";
+    this.el.cam.textContent = "Camera off";
+    this.el.mic.classList.remove("off");
+    this.el.cam.classList.remove("off");
+    this.el.cam.hidden = call.localStream.getVideoTracks().length === 0;
+  }
+
+  _show(text) {
+    this.el.view.hidden = false;
+    this.el.view.classList.toggle("audio-only", !(this.call && this.call.media.video));
+    this.el.title.textContent = this.call ? this.app.nameOf(this.call.peer) : "";
+    this._status(text);
+  }
+
+  _status(text) {
+    this.el.status.textContent = text;
+  }
+
+  _tickDuration() {
+    clearInterval(this.durationTimer);
+    const show = () => {
+      const call = this.call;
+      if (!call || !call.started) return;
+      const s = Math.floor((Date.now() - call.started) / 1000);
+      this._status(`In call · ${Math.floor(s / 60)}:${String(s % 60).padStart(2, "0")}`);
+    };
+    show();
+    this.durationTimer = setInterval(show, 1000);
+  }
+
+  _fail(call, err) {
+    if (call.ended) return;
+    const msg = (err && err.message) || String(err);
+    this.app.toast(msg, "error");
+    // Tell the other side, so it does not wait for a call this device has given up on.
+    const type = call.role === "caller" && call.state !== "active" && call.state !== "connecting" ? "call.cancel" : "call.hangup";
+    if (this.app.client.isOpen) this.app.client.request(type, { call_id: call.id }).catch(() => {});
+    this._end(call, msg, true);
+  }
+
+  _end(call, text, important) {
+    if (call.ended) return;
+    call.ended = true;
+    clearInterval(this.durationTimer);
+    if (call.pc) {
+      unregisterPeer("call", call.pc);
+      call.pc.close();
+    }
+    if (call.localStream) for (const t of call.localStream.getTracks()) t.stop();
+    this.el.remote.srcObject = null;
+    this.el.local.srcObject = null;
+    if (this.call === call) this.call = null;
+    this._status(text);
+    if (important) this.app.toast(text, "info");
+    setTimeout(() => {
+      if (!this.call) this.el.view.hidden = true;
+    }, 1200);
+  }
+}
+
+export function describeCallLog(body, me, from) {
+  const media = body.media && body.media.video ? "Video call" : "Audio call";
+  const dur = body.duration_s ? ` · ${Math.floor(body.duration_s / 60)}:${String(Math.round(body.duration_s) % 60).padStart(2, "0")}` : "";
+  const outcomes = {
+    completed: "completed",
+    missed: from === me ? "no answer" : "missed",
+    declined: "declined",
+    cancelled: "cancelled",
+    busy: "busy",
+    failed: "failed",
+  };
+  return `${media} · ${outcomes[body.outcome] || body.outcome || ""}${dur}`;
+}
