@@ -67,7 +67,14 @@ class Internal(TalkbridgeError):
 ERROR_CODES: tuple[str, ...] = tuple(
     c.code
     for c in (
-        BadRequest, Unauthorized, Forbidden, NotFound, Conflict,
-        RateLimited, TooLarge, Unsupported, Internal,
+        BadRequest,
+        Unauthorized,
+        Forbidden,
+        NotFound,
+        Conflict,
+        RateLimited,
+        TooLarge,
+        Unsupported,
+        Internal,
     )
 )

@@ -40,7 +40,10 @@ def _restricted(use_ipv4: bool, use_ipv6: bool) -> list[str]:
 
 
 def restrict_host_addresses(addresses: Sequence[str] | None) -> None:
-    """Gather host candidates only on ``addresses`` (loopback allowed); ``None`` restores aioice's own choice."""
+    """Gather host candidates only on ``addresses`` (loopback allowed).
+
+    ``None`` or an empty list restores aioice's own choice.
+    """
     global _configured
     _check_version()
     if addresses:

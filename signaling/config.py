@@ -7,7 +7,6 @@ and a TOML key (``rate_limit``). Precedence: defaults < TOML file < environment 
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import logging
 import os
 import secrets
@@ -84,9 +83,7 @@ class Config:
 
     def ensure_jwt_secret(self) -> None:
         """Generate and persist a development secret when none is configured (loudly)."""
-        if self.jwt_secret or self.jwt_public_key:
-            if self.jwt_secret:
-                return
+        if self.jwt_secret:
             return
         path = Path(self.data_dir) / "dev-jwt-secret"
         if path.exists():
@@ -104,11 +101,11 @@ class Config:
 
 
 _FIELDS = {f.name: f for f in fields(Config)}
+_DEFAULTS = Config()
 
 
 def _coerce(name: str, value: Any) -> Any:
-    f = _FIELDS[name]
-    default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
+    default = getattr(_DEFAULTS, name)
     if isinstance(default, bool):
         return _bool(value)
     if isinstance(default, int):

@@ -65,9 +65,18 @@ MSG_COLS = (
 
 def msg_from_row(r: tuple[Any, ...]) -> Message:
     return Message(
-        conv=r[0], seq=int(r[1]), msg_id=r[2], sender=r[3], sender_device=r[4],
-        client_msg_id=r[5], kind=r[6], body=loads(r[7]), mentions=loads(r[8]), ts=int(r[9]),
-        recalled_by=r[10], recalled_at=None if r[11] is None else int(r[11]),
+        conv=r[0],
+        seq=int(r[1]),
+        msg_id=r[2],
+        sender=r[3],
+        sender_device=r[4],
+        client_msg_id=r[5],
+        kind=r[6],
+        body=loads(r[7]),
+        mentions=loads(r[8]),
+        ts=int(r[9]),
+        recalled_by=r[10],
+        recalled_at=None if r[11] is None else int(r[11]),
     )
 
 
@@ -79,21 +88,31 @@ MEMBER_COLS = (
 
 def member_from_row(r: tuple[Any, ...]) -> Member:
     return Member(
-        conv=r[0], user=r[1], role=r[2], joined_seq=int(r[3]),
-        left_seq=None if r[4] is None else int(r[4]), read_seq=int(r[5]),
-        delivered_seq=int(r[6]), mention_seq=int(r[7]), muted_until=int(r[8]),
+        conv=r[0],
+        user=r[1],
+        role=r[2],
+        joined_seq=int(r[3]),
+        left_seq=None if r[4] is None else int(r[4]),
+        read_seq=int(r[5]),
+        delivered_seq=int(r[6]),
+        mention_seq=int(r[7]),
+        muted_until=int(r[8]),
         conv_muted=bool(r[9]),
     )
 
 
 # ---------------------------------------------------------------- users
 
+
 def create_user(user: str, name: str, password_hash: str | None, now: int) -> Op[bool]:
     """Create an account; False when the id is taken."""
     n = yield count(
         "INSERT INTO users (id, name, password_hash, created_at) VALUES (?, ?, ?, ?) "
         "ON CONFLICT (id) DO NOTHING",
-        user, name, password_hash, now,
+        user,
+        name,
+        password_hash,
+        now,
     )
     return bool(n)
 
@@ -107,6 +126,7 @@ def get_user(user: str) -> Op[User | None]:
 
 # ---------------------------------------------------------------- messages
 
+
 def append_message(req: SendRequest, now: int) -> Op[tuple[Message, bool]]:
     """Append a message with the next sequence number, atomically with its posting rule.
 
@@ -116,7 +136,8 @@ def append_message(req: SendRequest, now: int) -> Op[tuple[Message, bool]]:
     if req.client_msg_id is not None:
         r = yield one(
             f"SELECT {MSG_COLS} FROM messages WHERE sender = ? AND client_msg_id = ?",
-            req.sender, req.client_msg_id,
+            req.sender,
+            req.client_msg_id,
         )
         if r is not None:
             return msg_from_row(r), False
@@ -133,7 +154,8 @@ def append_message(req: SendRequest, now: int) -> Op[tuple[Message, bool]]:
             raise NotFound("no such group")
         m = yield one(
             "SELECT role, left_seq, muted_until FROM conv_members WHERE conv = ? AND user_id = ?",
-            req.conv, req.sender,
+            req.conv,
+            req.sender,
         )
         if m is None or m[1] is not None:
             raise Forbidden("you are not a member of this group")
@@ -147,7 +169,9 @@ def append_message(req: SendRequest, now: int) -> Op[tuple[Message, bool]]:
         "INSERT INTO conversations (conv, kind, last_seq, created_at) VALUES (?, ?, 1, ?) "
         "ON CONFLICT (conv) DO UPDATE SET last_seq = conversations.last_seq + 1 "
         "RETURNING last_seq",
-        req.conv, kind, now,
+        req.conv,
+        kind,
+        now,
     )
     seq = int(r[0])
     if kind == "dm" and seq == 1:
@@ -155,36 +179,60 @@ def append_message(req: SendRequest, now: int) -> Op[tuple[Message, bool]]:
             yield execute(
                 "INSERT INTO conv_members (conv, user_id, joined_seq, joined_at) "
                 "VALUES (?, ?, 1, ?) ON CONFLICT (conv, user_id) DO NOTHING",
-                req.conv, user, now,
+                req.conv,
+                user,
+                now,
             )
     msg = Message(
-        conv=req.conv, seq=seq, msg_id=new_id(), sender=req.sender,
-        sender_device=req.sender_device, ts=now, kind=req.kind, body=req.body,
-        client_msg_id=req.client_msg_id, mentions=req.mentions or None,
+        conv=req.conv,
+        seq=seq,
+        msg_id=new_id(),
+        sender=req.sender,
+        sender_device=req.sender_device,
+        ts=now,
+        kind=req.kind,
+        body=req.body,
+        client_msg_id=req.client_msg_id,
+        mentions=req.mentions or None,
     )
     yield execute(
         f"INSERT INTO messages ({MSG_COLS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, NULL, NULL)",
-        msg.conv, msg.seq, msg.msg_id, msg.sender, msg.sender_device, msg.client_msg_id,
-        msg.kind, dumps(msg.body), dumps(msg.mentions) if msg.mentions else None, msg.ts,
+        msg.conv,
+        msg.seq,
+        msg.msg_id,
+        msg.sender,
+        msg.sender_device,
+        msg.client_msg_id,
+        msg.kind,
+        dumps(msg.body),
+        dumps(msg.mentions) if msg.mentions else None,
+        msg.ts,
     )
     # Whoever writes a message has read the conversation up to it.
     yield execute(
         "UPDATE conv_members SET read_seq = ?, delivered_seq = ? WHERE conv = ? AND user_id = ?",
-        seq, seq, req.conv, req.sender,
+        seq,
+        seq,
+        req.conv,
+        req.sender,
     )
     if req.mentions and kind == "group":
         if "@all" in req.mentions:
             yield execute(
                 "UPDATE conv_members SET mention_seq = ? "
                 "WHERE conv = ? AND left_seq IS NULL AND user_id <> ?",
-                seq, req.conv, req.sender,
+                seq,
+                req.conv,
+                req.sender,
             )
         else:
             for user in set(req.mentions):
                 yield execute(
                     "UPDATE conv_members SET mention_seq = ? "
                     "WHERE conv = ? AND user_id = ? AND left_seq IS NULL",
-                    seq, req.conv, user,
+                    seq,
+                    req.conv,
+                    user,
                 )
     return msg, True
 
@@ -206,7 +254,11 @@ def history(
         rs = yield rows(
             f"SELECT {MSG_COLS} FROM messages WHERE conv = ? AND seq > ? AND seq >= ? "
             "AND seq <= ? ORDER BY seq ASC LIMIT ?",
-            conv, after, lo, upper, limit + 1,
+            conv,
+            after,
+            lo,
+            upper,
+            limit + 1,
         )
         msgs = [msg_from_row(r) for r in rs]
         return msgs[:limit], len(msgs) > limit
@@ -214,7 +266,10 @@ def history(
     rs = yield rows(
         f"SELECT {MSG_COLS} FROM messages WHERE conv = ? AND seq <= ? AND seq >= ? "
         "ORDER BY seq DESC LIMIT ?",
-        conv, top, lo, limit + 1,
+        conv,
+        top,
+        lo,
+        limit + 1,
     )
     msgs = [msg_from_row(r) for r in rs]
     has_more = len(msgs) > limit
@@ -231,9 +286,7 @@ def get_member(conv: str, user: str) -> Op[Member | None]:
 
 
 def current_members(conv: str) -> Op[list[str]]:
-    rs = yield rows(
-        "SELECT user_id FROM conv_members WHERE conv = ? AND left_seq IS NULL", conv
-    )
+    rs = yield rows("SELECT user_id FROM conv_members WHERE conv = ? AND left_seq IS NULL", conv)
     return [r[0] for r in rs]
 
 
@@ -261,9 +314,15 @@ def conv_list(user: str) -> Op[list[ConvSummary]]:
         msg = msg_from_row(r[7:]) if r[7] is not None else None
         out.append(
             ConvSummary(
-                conv=r[0], last_seq=last, read_seq=read, delivered_seq=int(r[3]),
-                unread=max(0, last - read), mentioned=int(r[4]) > read, muted=bool(r[6]),
-                left=r[5] is not None, last_message=msg,
+                conv=r[0],
+                last_seq=last,
+                read_seq=read,
+                delivered_seq=int(r[3]),
+                unread=max(0, last - read),
+                mentioned=int(r[4]) > read,
+                muted=bool(r[6]),
+                left=r[5] is not None,
+                last_message=msg,
             )
         )
     out.sort(key=lambda s: s.last_message.ts if s.last_message else 0, reverse=True)
@@ -278,7 +337,8 @@ def mark(conv: str, user: str, kind: str, seq: int) -> Op[int | None]:
     m = yield one(
         "SELECT m.left_seq, c.last_seq FROM conv_members m JOIN conversations c "
         "ON c.conv = m.conv WHERE m.conv = ? AND m.user_id = ?",
-        conv, user,
+        conv,
+        user,
     )
     if m is None:
         raise NotFound("no such conversation")
@@ -289,13 +349,21 @@ def mark(conv: str, user: str, kind: str, seq: int) -> Op[int | None]:
             "UPDATE conv_members SET read_seq = ?, delivered_seq = "
             "(CASE WHEN delivered_seq < ? THEN ? ELSE delivered_seq END) "
             "WHERE conv = ? AND user_id = ? AND read_seq < ?",
-            seq, seq, seq, conv, user, seq,
+            seq,
+            seq,
+            seq,
+            conv,
+            user,
+            seq,
         )
     else:
         n = yield count(
             "UPDATE conv_members SET delivered_seq = ? "
             "WHERE conv = ? AND user_id = ? AND delivered_seq < ?",
-            seq, conv, user, seq,
+            seq,
+            conv,
+            user,
+            seq,
         )
     return seq if n else None
 
@@ -313,7 +381,8 @@ def recall(conv: str, seq: int, by: str, now: int, window_ms: int) -> Op[Message
     if not allowed and conv.startswith("g:"):
         m = yield one(
             "SELECT role FROM conv_members WHERE conv = ? AND user_id = ? AND left_seq IS NULL",
-            conv, by,
+            conv,
+            by,
         )
         allowed = m is not None and m[0] in ("owner", "admin")
     if not allowed:
@@ -322,7 +391,11 @@ def recall(conv: str, seq: int, by: str, now: int, window_ms: int) -> Op[Message
         raise Forbidden("you may not recall this message")
     yield execute(
         "UPDATE messages SET recalled_by = ?, recalled_at = ?, body = ? WHERE conv = ? AND seq = ?",
-        by, now, "{}", conv, seq,
+        by,
+        now,
+        "{}",
+        conv,
+        seq,
     )
     msg.recalled_by, msg.recalled_at, msg.body = by, now, {}
     return msg
@@ -331,7 +404,9 @@ def recall(conv: str, seq: int, by: str, now: int, window_ms: int) -> Op[Message
 def set_conv_muted(conv: str, user: str, on: bool) -> Op[None]:
     n = yield count(
         "UPDATE conv_members SET conv_muted = ? WHERE conv = ? AND user_id = ?",
-        1 if on else 0, conv, user,
+        1 if on else 0,
+        conv,
+        user,
     )
     if not n:
         raise NotFound("no such conversation")
@@ -339,11 +414,14 @@ def set_conv_muted(conv: str, user: str, on: bool) -> Op[None]:
 
 # ---------------------------------------------------------------- blocks
 
+
 def block_add(user: str, blocked: str, now: int) -> Op[None]:
     yield execute(
         "INSERT INTO blocks (user_id, blocked, created_at) VALUES (?, ?, ?) "
         "ON CONFLICT (user_id, blocked) DO NOTHING",
-        user, blocked, now,
+        user,
+        blocked,
+        now,
     )
 
 

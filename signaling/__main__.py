@@ -1,0 +1,5 @@
+"""``python -m signaling serve …``."""
+
+from signaling.cli import main
+
+raise SystemExit(main())

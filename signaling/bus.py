@@ -1,0 +1,57 @@
+"""The Bus port: deliver an encoded event to a user's devices wherever they are connected.
+
+``MemoryBus`` (embedded default) hands it to this node's hub. The Redis implementation
+(scale-out) publishes to the channels of the nodes the presence registry names.
+"""
+
+from __future__ import annotations
+
+import abc
+from collections.abc import Sequence
+
+from signaling.hub import Hub
+
+
+class Bus(abc.ABC):
+    """Route events to users' devices across nodes."""
+
+    @abc.abstractmethod
+    async def publish_users(
+        self, users: Sequence[str], data: bytes, exclude_session: str | None = None
+    ) -> None:
+        """Deliver ``data`` to every online device of ``users`` (minus one session)."""
+
+    @abc.abstractmethod
+    async def publish_device(self, user: str, device: str, data: bytes) -> None:
+        """Deliver ``data`` to one device of a user."""
+
+    @abc.abstractmethod
+    async def online_devices(self, user: str) -> list[str]:
+        """The user's connected devices on any node (the presence registry)."""
+
+    async def start(self) -> None:
+        return None
+
+    async def close(self) -> None:
+        return None
+
+    async def ping(self) -> bool:
+        return True
+
+
+class MemoryBus(Bus):
+    """One process: delivery and presence are the local hub."""
+
+    def __init__(self, hub: Hub) -> None:
+        self.hub = hub
+
+    async def publish_users(
+        self, users: Sequence[str], data: bytes, exclude_session: str | None = None
+    ) -> None:
+        self.hub.deliver_local(users, data, exclude_session)
+
+    async def publish_device(self, user: str, device: str, data: bytes) -> None:
+        self.hub.deliver_local_device(user, device, data)
+
+    async def online_devices(self, user: str) -> list[str]:
+        return self.hub.online_devices(user)

@@ -1,0 +1,58 @@
+"""Publishing stored messages and other events to the devices that should see them."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+from im_bridge.models import Message
+from im_bridge.push import PushNotification
+from signaling.codec import encode
+from signaling.state import AppState
+
+
+def preview(msg: Message) -> str:
+    """A short text for a push notification."""
+    if msg.kind == "text":
+        text = str(msg.body.get("text", ""))
+        return text[:120]
+    return f"[{msg.kind}]"
+
+
+async def publish(
+    state: AppState, users: Sequence[str], event: dict[str, Any], exclude_session: str | None = None
+) -> None:
+    """Encode ``event`` once and deliver it to every online device of ``users``."""
+    await state.bus.publish_users(users, encode(event), exclude_session)
+
+
+async def deliver_message(
+    state: AppState,
+    msg: Message,
+    members: Sequence[str],
+    exclude_session: str | None = None,
+    push: bool = True,
+) -> None:
+    """Send ``msg.new`` to every member's devices (but the sending one); push the offline."""
+    await state.bus.publish_users(
+        members, encode({"type": "msg.new", **msg.to_wire()}), exclude_session
+    )
+    if not push:
+        return
+    mentioned_all = bool(msg.mentions and "@all" in msg.mentions)
+    for user in members:
+        if user == msg.sender:
+            continue  # never push to the sender's own devices
+        if await state.bus.online_devices(user):
+            continue
+        await state.pusher.push(
+            PushNotification(
+                user=user,
+                kind="message",
+                conv=msg.conv,
+                sender=msg.sender,
+                preview=preview(msg),
+                mentioned=mentioned_all or bool(msg.mentions and user in msg.mentions),
+                data={"seq": msg.seq, "msg_id": msg.msg_id, "kind": msg.kind},
+            )
+        )

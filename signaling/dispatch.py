@@ -1,0 +1,53 @@
+"""Request dispatch: a registry from frame type to handler.
+
+A handler is ``async def h(ctx, req) -> dict | None``; what it returns is the reply's
+``data``. It raises a TalkbridgeError for an error reply. Feature modules register with
+``@handler("type")``; modules named ``*handlers*`` in this package are imported at start-up
+(see :func:`load_handler_modules`), and may define ``async def setup(state)`` and
+``async def teardown(state)``.
+"""
+
+from __future__ import annotations
+
+import importlib
+import pkgutil
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from types import ModuleType
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from signaling.session import Session
+    from signaling.state import AppState
+
+
+@dataclass(slots=True)
+class RequestContext:
+    """Who sent a request, and the node's services."""
+
+    state: AppState
+    session: Session
+
+
+Handler = Callable[[RequestContext, dict[str, Any]], Awaitable[dict[str, Any] | None]]
+HANDLERS: dict[str, Handler] = {}
+
+
+def handler(name: str) -> Callable[[Handler], Handler]:
+    """Register ``fn`` as the handler of request type ``name``."""
+
+    def register(fn: Handler) -> Handler:
+        if name in HANDLERS and HANDLERS[name] is not fn:
+            raise RuntimeError(f"two handlers for {name!r}")
+        HANDLERS[name] = fn
+        return fn
+
+    return register
+
+
+def load_handler_modules() -> list[ModuleType]:
+    """Import every ``signaling/*handlers*.py`` module (sorted, so start-up is deterministic)."""
+    import signaling
+
+    names = sorted(m.name for m in pkgutil.iter_modules(signaling.__path__) if "handlers" in m.name)
+    return [importlib.import_module(f"signaling.{n}") for n in names]

@@ -1,0 +1,222 @@
+"""The WebSocket edge: authenticate, then read frames, dispatch requests, send replies.
+
+Requests of one connection run as concurrent tasks (bounded), started in arrival order;
+sends from one device therefore enter the store's group commit in the order they were
+sent. Only an authentication failure closes the socket; every other problem is answered
+with an error frame.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import re
+import secrets
+import time
+from typing import Any
+
+from aiohttp import WSMsgType, web
+
+from im_bridge.errors import (
+    BadRequest,
+    Internal,
+    RateLimited,
+    TalkbridgeError,
+    TooLarge,
+    Unauthorized,
+    Unsupported,
+)
+from im_bridge.ids import now_ms
+from signaling.auth import Claims
+from signaling.codec import decode_frame, encode
+from signaling.dispatch import HANDLERS, RequestContext
+from signaling.keys import STATE
+from signaling.ratelimit import TokenBucket
+from signaling.session import CLOSE_AUTH_FAILED, Session
+from signaling.state import AppState
+
+log = logging.getLogger(__name__)
+
+DEVICE_RE = re.compile(r"[A-Za-z0-9_.:-]{1,64}")
+MAX_IN_FLIGHT = 64  # concurrent requests per connection before we stop reading
+
+
+def _error_frame(err: TalkbridgeError, rid: Any = None) -> bytes:
+    frame: dict[str, Any] = {"type": "error", **err.to_wire()}
+    if rid is not None:
+        frame["id"] = rid
+    return encode(frame)
+
+
+def _reply(rid: Any, data: dict[str, Any] | None) -> bytes:
+    return encode({"type": "reply", "id": rid, "ok": True, "data": data or {}})
+
+
+def _reply_error(rid: Any, err: TalkbridgeError) -> bytes:
+    return encode({"type": "reply", "id": rid, "ok": False, "error": err.to_wire()})
+
+
+async def _refuse(ws: web.WebSocketResponse, state: AppState, err: TalkbridgeError) -> None:
+    state.metrics.auth_failures.inc()
+    await ws.send_frame(_error_frame(err), WSMsgType.TEXT)
+    await ws.close(code=CLOSE_AUTH_FAILED, message=b"unauthorized")
+
+
+def _pick_device(claims: Claims, asked: object) -> str:
+    if asked is not None and (not isinstance(asked, str) or not DEVICE_RE.fullmatch(asked)):
+        raise Unauthorized("'device' must match [A-Za-z0-9_.:-]{1,64}")
+    if claims.device and asked and asked != claims.device:
+        raise Unauthorized("the token is bound to another device")
+    return (
+        claims.device or (asked if isinstance(asked, str) else None) or "d-" + secrets.token_hex(6)
+    )
+
+
+async def _authenticate(
+    request: web.Request, ws: web.WebSocketResponse, state: AppState
+) -> tuple[Claims, str] | None:
+    header = request.headers.get("Authorization", "")
+    try:
+        if header:
+            scheme, _, token = header.partition(" ")
+            if scheme.lower() != "bearer":
+                raise Unauthorized("Authorization must be 'Bearer <token>'")
+            claims = state.verifier.verify(token.strip())
+            asked = request.query.get("device") or request.headers.get("X-Device-Id")
+            return claims, _pick_device(claims, asked)
+        try:
+            msg = await ws.receive(timeout=state.config.auth_timeout)
+        except TimeoutError:
+            raise Unauthorized("no auth frame within the time allowed") from None
+        if msg.type != WSMsgType.TEXT:
+            raise Unauthorized("the first frame must be an auth frame")
+        if len(msg.data) > state.config.max_frame:
+            raise Unauthorized("auth frame too large")
+        try:
+            frame = decode_frame(msg.data)
+        except BadRequest as exc:
+            raise Unauthorized(f"the first frame must be an auth frame ({exc.message})") from None
+        if frame.get("type") != "auth":
+            raise Unauthorized('the first frame must be {"type":"auth","token":…}')
+        claims = state.verifier.verify(frame.get("token"))
+        return claims, _pick_device(claims, frame.get("device"))
+    except Unauthorized as err:
+        await _refuse(ws, state, err)
+        return None
+
+
+async def websocket_handler(request: web.Request) -> web.StreamResponse:
+    """``GET /ws``: one device's connection."""
+    state: AppState = request.app[STATE]
+    cfg = state.config
+    # aiohttp closes the socket itself (1009) above max_msg_size; keep that far above our
+    # limit so an oversized frame normally gets a `too_large` error and the socket stays.
+    ws = web.WebSocketResponse(
+        heartbeat=30.0, max_msg_size=max(cfg.max_frame * 16, 1 << 20), compress=False
+    )
+    await ws.prepare(request)
+    auth = await _authenticate(request, ws, state)
+    if auth is None:
+        return ws
+    claims, device = auth
+    session = Session(
+        ws, claims.user, device, name=claims.name, admin=claims.admin, queue_limit=cfg.send_queue
+    )
+    session.start()
+    session.send_obj(
+        {
+            "type": "auth.ok",
+            "user": claims.user,
+            "device": device,
+            "session": session.session_id,
+            "server_time": now_ms(),
+            "ice_servers": state.ice_servers(claims.user),
+            "name": session.name,
+            "node": cfg.node_id,
+        }
+    )
+    await state.hub.register(session)
+    state.metrics.connections.inc()
+    try:
+        await _read_loop(state, session, ws)
+    finally:
+        state.metrics.connections.dec()
+        await state.hub.unregister(session)
+        session.close_soon(1000, "bye")
+    return ws
+
+
+async def _read_loop(state: AppState, session: Session, ws: web.WebSocketResponse) -> None:
+    cfg = state.config
+    bucket = TokenBucket(cfg.rate_limit, cfg.rate_burst)
+    slots = asyncio.Semaphore(MAX_IN_FLIGHT)
+    tasks: set[asyncio.Task[None]] = state.extras.setdefault("inflight", set())
+    ctx = RequestContext(state, session)
+    async for msg in ws:
+        if msg.type == WSMsgType.TEXT:
+            data: str = msg.data
+        elif msg.type == WSMsgType.BINARY:
+            session.send(
+                _error_frame(BadRequest("binary frames are not supported; send JSON text"))
+            )
+            continue
+        else:
+            break
+        if len(data) > cfg.max_frame:
+            session.send(_error_frame(TooLarge(f"frame larger than {cfg.max_frame} bytes")))
+            continue
+        try:
+            frame = decode_frame(data)
+        except BadRequest as err:
+            session.send(_error_frame(err))
+            continue
+        ftype = frame["type"]
+        rid = frame.get("id")
+        if not bucket.take():
+            limited = RateLimited(f"more than {cfg.rate_limit:g} frames per second")
+            session.send(_reply_error(rid, limited) if _valid_id(rid) else _error_frame(limited))
+            continue
+        if ftype == "ping":
+            session.send(
+                encode({"type": "pong", "id": rid} if rid is not None else {"type": "pong"})
+            )
+            continue
+        if not _valid_id(rid):
+            session.send(_error_frame(BadRequest("a request needs an 'id' (string or integer)")))
+            continue
+        state.metrics.frames_in.labels(ftype if ftype in HANDLERS else "unknown").inc()
+        fn = HANDLERS.get(ftype)
+        if fn is None:
+            state.metrics.errors.labels("unsupported").inc()
+            session.send(_reply_error(rid, Unsupported(f"unknown request type {ftype!r}")))
+            continue
+        await slots.acquire()
+        task = asyncio.get_running_loop().create_task(_run(ctx, fn, frame, rid, slots))
+        tasks.add(task)
+        task.add_done_callback(tasks.discard)
+
+
+def _valid_id(rid: Any) -> bool:
+    if isinstance(rid, str):
+        return 0 < len(rid) <= 128
+    return isinstance(rid, int) and not isinstance(rid, bool)
+
+
+async def _run(
+    ctx: RequestContext, fn: Any, frame: dict[str, Any], rid: Any, slots: asyncio.Semaphore
+) -> None:
+    state = ctx.state
+    t0 = time.perf_counter()
+    try:
+        data = await fn(ctx, frame)
+        ctx.session.send(_reply(rid, data))
+    except TalkbridgeError as err:
+        state.metrics.errors.labels(err.code).inc()
+        ctx.session.send(_reply_error(rid, err))
+    except Exception:
+        log.exception("handler for %s failed", frame.get("type"))
+        state.metrics.errors.labels("internal").inc()
+        ctx.session.send(_reply_error(rid, Internal("internal error")))
+    finally:
+        slots.release()
+        state.metrics.request_seconds.labels(frame["type"]).observe(time.perf_counter() - t0)

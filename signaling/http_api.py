@@ -1,0 +1,131 @@
+"""HTTP routes: demo accounts, ICE servers, health, readiness, metrics, the demo page."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any
+
+from aiohttp import web
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+from im_bridge.errors import BadRequest, NotFound, TalkbridgeError, Unauthorized
+from signaling.codec import encode
+from signaling.ice import ice_ttl
+from signaling.keys import STATE
+from signaling.state import AppState
+
+WEB_DEMO = Path(__file__).resolve().parent.parent / "web_demo"
+_STATUS = {
+    "bad_request": 400,
+    "unauthorized": 401,
+    "forbidden": 403,
+    "not_found": 404,
+    "conflict": 409,
+    "too_large": 413,
+    "rate_limited": 429,
+    "unsupported": 400,
+    "internal": 500,
+}
+
+
+def _json(data: Any, status: int = 200) -> web.Response:
+    return web.Response(body=encode(data), status=status, content_type="application/json")
+
+
+def _error(err: TalkbridgeError) -> web.Response:
+    return _json({"error": err.to_wire()}, _STATUS.get(err.code, 500))
+
+
+async def _body(request: web.Request) -> dict[str, Any]:
+    if request.content_length and request.content_length > 16_384:
+        raise BadRequest("request body too large")
+    try:
+        data = await request.json()
+    except ValueError:
+        raise BadRequest("body must be a JSON object") from None
+    if not isinstance(data, dict):
+        raise BadRequest("body must be a JSON object")
+    return data
+
+
+async def register(request: web.Request) -> web.Response:
+    state: AppState = request.app[STATE]
+    try:
+        if not state.config.allow_registration:
+            raise NotFound("registration is turned off on this server")
+        body = await _body(request)
+        user = await state.users.register(body.get("user"), body.get("password"), body.get("name"))
+        token, exp = state.verifier.mint(user.id, name=user.name)
+        return _json({"user": user.id, "name": user.name, "token": token, "expires_at": exp})
+    except TalkbridgeError as err:
+        return _error(err)
+
+
+async def login(request: web.Request) -> web.Response:
+    state: AppState = request.app[STATE]
+    try:
+        if not state.config.allow_registration:
+            raise NotFound("password login is turned off on this server")
+        body = await _body(request)
+        user = await state.users.authenticate(body.get("user"), body.get("password"))
+        token, exp = state.verifier.mint(user.id, name=user.name)
+        return _json({"user": user.id, "name": user.name, "token": token, "expires_at": exp})
+    except TalkbridgeError as err:
+        return _error(err)
+
+
+async def ice_servers(request: web.Request) -> web.Response:
+    state: AppState = request.app[STATE]
+    try:
+        scheme, _, token = request.headers.get("Authorization", "").partition(" ")
+        if scheme.lower() != "bearer":
+            raise Unauthorized("Authorization: Bearer <token> required")
+        claims = state.verifier.verify(token.strip())
+        return _json({"ice_servers": state.ice_servers(claims.user), "ttl": ice_ttl(state.config)})
+    except TalkbridgeError as err:
+        return _error(err)
+
+
+async def healthz(request: web.Request) -> web.Response:
+    return _json({"ok": True, "time": int(time.time() * 1000)})
+
+
+async def readyz(request: web.Request) -> web.Response:
+    state: AppState = request.app[STATE]
+    store_ok = await state.store.ping()
+    bus_ok = await state.bus.ping()
+    ok = store_ok and bus_ok and not state.extras.get("shutting_down")
+    return _json({"ok": ok, "store": store_ok, "bus": bus_ok}, 200 if ok else 503)
+
+
+async def metrics(request: web.Request) -> web.Response:
+    state: AppState = request.app[STATE]
+    stats = state.store.stats()
+    state.metrics.store_batches.set(stats.get("batches", 0))
+    state.metrics.store_ops.set(stats.get("ops", 0))
+    body = generate_latest(state.metrics.registry)
+    return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
+
+
+async def index(request: web.Request) -> web.StreamResponse:
+    page = WEB_DEMO / "index.html"
+    if not page.exists():
+        return web.Response(text="talkbridge is running; the demo page is not installed.")
+    return web.FileResponse(page, headers={"Cache-Control": "no-cache"})
+
+
+def add_routes(app: web.Application) -> None:
+    """Register the HTTP API, the WebSocket endpoint and the demo page's static files."""
+    from signaling.gateway import websocket_handler
+
+    app.router.add_get("/ws", websocket_handler)
+    app.router.add_post("/api/register", register)
+    app.router.add_post("/api/login", login)
+    app.router.add_get("/api/ice-servers", ice_servers)
+    app.router.add_get("/healthz", healthz)
+    app.router.add_get("/readyz", readyz)
+    app.router.add_get("/metrics", metrics)
+    app.router.add_get("/", index)
+    if WEB_DEMO.is_dir():
+        app.router.add_static("/", WEB_DEMO, append_version=False)

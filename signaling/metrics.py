@@ -1,0 +1,32 @@
+"""Prometheus metrics of one node (a registry per app, so tests can run several apps)."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+
+class Metrics:
+    """The counters and histograms /metrics exposes."""
+
+    def __init__(self) -> None:
+        r = self.registry = CollectorRegistry()
+        self.connections = Gauge(
+            "talkbridge_connections", "Open authenticated WebSockets", registry=r
+        )
+        self.frames_in = Counter("talkbridge_frames_in", "Frames received", ["type"], registry=r)
+        self.errors = Counter("talkbridge_errors", "Error replies sent", ["code"], registry=r)
+        self.auth_failures = Counter(
+            "talkbridge_auth_failures", "Refused authentications", registry=r
+        )
+        self.messages = Counter(
+            "talkbridge_messages_stored", "Messages stored", ["kind"], registry=r
+        )
+        self.request_seconds = Histogram(
+            "talkbridge_request_seconds",
+            "Time from request to reply",
+            ["type"],
+            registry=r,
+            buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5),
+        )
+        self.store_batches = Gauge("talkbridge_store_batches", "Group-commit batches", registry=r)
+        self.store_ops = Gauge("talkbridge_store_ops", "Ops committed in batches", registry=r)

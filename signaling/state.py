@@ -1,0 +1,42 @@
+"""The services of one running node, shared by the gateway, HTTP routes and handlers."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from im_bridge.messages import ChatService
+from im_bridge.push import Pusher
+from im_bridge.store import Store
+from im_bridge.users import UserService
+from signaling.auth import TokenVerifier
+from signaling.bus import Bus
+from signaling.config import Config
+from signaling.hub import Hub
+from signaling.ice import ice_servers_for
+from signaling.metrics import Metrics
+
+
+@dataclass
+class AppState:
+    """Everything a handler may need. Feature modules attach their services in ``setup``."""
+
+    config: Config
+    store: Store
+    chat: ChatService
+    users: UserService
+    hub: Hub
+    bus: Bus
+    pusher: Pusher
+    verifier: TokenVerifier
+    metrics: Metrics
+    # Filled by feature modules' setup(state): the call manager, group service, rooms.
+    calls: Any = None
+    groups: Any = None
+    rooms: Any = None
+    extras: dict[str, Any] = field(default_factory=dict)
+
+    def ice_servers(self, user: str) -> list[dict[str, Any]]:
+        """ICE servers (with fresh TURN credentials) for a user's device."""
+        return ice_servers_for(self.config, user, time.time())
