@@ -284,6 +284,7 @@ class CallManager:
         self._calls: dict[str, Call] = {}
         self._live: dict[str, set[str]] = {}  # user -> ids of their calls not yet ended
         self._lock = asyncio.Lock()
+        self._pending: dict[str, asyncio.Future[None]] = {}  # invites being checked
         self._out: list[tuple[str, str, Event]] = []
         self._logs: list[CallLog] = []
 
@@ -311,6 +312,20 @@ class CallManager:
         offer = parse_sdp(req.get("sdp"), ("offer",))
         if callee == user:
             raise BadRequest("cannot call yourself", field="to")
+        if call_id in self._calls or call_id in self._pending:
+            raise Conflict("call_id already in use: pick a new random one", field="call_id")
+        # Requests for this call that arrive while we ask the bridge wait for the answer
+        # (a caller trickles candidates right after its invite).
+        settled = asyncio.get_running_loop().create_future()
+        self._pending[call_id] = settled
+        try:
+            return await self._invite(user, device, call_id, callee, media, offer)
+        finally:
+            del self._pending[call_id]
+            settled.set_result(None)
+
+    async def _invite(self, user: str, device: str, call_id: str, callee: str,
+                      media: dict[str, bool], offer: dict[str, str]) -> Event:
         await self.env.check_may_call(user, callee)
         push: Event | None = None
         async with self._lock:
@@ -362,6 +377,7 @@ class CallManager:
 
     async def ringing(self, user: str, device: str, req: Mapping[str, Any]) -> Event:
         """``call.ringing`` from a callee device: tell the caller which device rings."""
+        await self._settled(req)
         async with self._lock:
             call = self._call_for(user, req)
             self._require_callee_device(call, user, device)
@@ -373,6 +389,7 @@ class CallManager:
 
     async def accept(self, user: str, device: str, req: Mapping[str, Any]) -> Event:
         """``call.accept``: the first answer wins; the callee's other devices stop ringing."""
+        await self._settled(req)
         async with self._lock:
             call = self._call_for(user, req)
             answer = parse_sdp(req.get("sdp"), ("answer",))
@@ -418,6 +435,7 @@ class CallManager:
 
     async def ice(self, user: str, device: str, req: Mapping[str, Any]) -> Event:
         """``call.ice``: trickle a candidate to the other party's chosen device."""
+        await self._settled(req)
         async with self._lock:
             call = self._call_for(user, req)
             cand = parse_candidate(req)
@@ -442,6 +460,7 @@ class CallManager:
 
     async def sdp(self, user: str, device: str, req: Mapping[str, Any]) -> Event:
         """``call.sdp``: renegotiation (adding video, ICE restart) once connected."""
+        await self._settled(req)
         async with self._lock:
             call = self._call_for(user, req)
             desc = parse_sdp(req.get("sdp"), ("offer", "answer"))
@@ -464,6 +483,7 @@ class CallManager:
         Events held for it while it was away are delivered now; the reply says where the call
         stands (``peer`` is the other party's device once connected).
         """
+        await self._settled(req)
         async with self._lock:
             call = self._call_for(user, req)
             self._require_participant(call, user, device)
@@ -517,6 +537,7 @@ class CallManager:
 
     async def _finish(self, user: str, device: str, req: Mapping[str, Any],
                       op: Literal["reject", "cancel", "hangup"], reason: EndReason) -> Event:
+        await self._settled(req)
         async with self._lock:
             call = self._call_for(user, req)
             if op == "reject":
@@ -543,6 +564,12 @@ class CallManager:
             logs = self._take_logs()
         await self._write_logs(logs)
         return reply
+
+    async def _settled(self, req: Mapping[str, Any]) -> None:
+        call_id = req.get("call_id")
+        pending = self._pending.get(call_id) if isinstance(call_id, str) else None
+        if pending is not None:
+            await asyncio.shield(pending)
 
     def _call_for(self, user: str, req: Mapping[str, Any]) -> Call:
         call = self._calls.get(parse_call_id(req))

@@ -6,6 +6,7 @@ was sent, pushes, call logs, blocks, and a manual clock whose timers fire on ``a
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Awaitable, Callable, Collection
 from dataclasses import dataclass, field
 from typing import Any
@@ -38,6 +39,7 @@ class RecordingEnv:
     logs: list[CallLog] = field(default_factory=list)
     blocks: set[tuple[str, str]] = field(default_factory=set)  # (blocker, blocked)
     timers: list[ManualTimer] = field(default_factory=list)
+    slow_checks: int = 0  # event-loop turns check_may_call takes (a store round trip)
     _seq: int = 0
 
     # CallEnv
@@ -62,6 +64,8 @@ class RecordingEnv:
         self.pushes.append((user, invite))
 
     async def check_may_call(self, caller: str, callee: str) -> None:
+        for _ in range(self.slow_checks):
+            await asyncio.sleep(0)
         if (callee, caller) in self.blocks:
             raise Forbidden("you cannot call this user")
 

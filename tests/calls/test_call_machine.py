@@ -5,6 +5,7 @@ alice calls from device a1 (she also has a2); bob has phone and laptop; carol is
 
 from __future__ import annotations
 
+import asyncio
 from typing import Any
 
 import pytest
@@ -430,6 +431,20 @@ async def test_candidates_after_the_answer_reach_only_the_other_partys_chosen_de
     assert env.take("alice", "a1") == [
         {"type": "call.ice", "call_id": "call-1", "from_device": "phone", "candidate": cand(4)}]
     assert env.all_events() == []
+
+
+async def test_candidates_sent_right_behind_the_invite_wait_for_it(calls, env):
+    # The gateway runs one connection's requests as concurrent tasks in arrival order.
+    env.slow_checks = 5
+    results = await asyncio.gather(
+        invite(calls),
+        calls.ice("alice", "a1", {"call_id": "call-1", "candidate": cand(1)}),
+        calls.ice("alice", "a1", {"call_id": "call-1", "candidate": cand(2)}),
+    )
+    assert results[0]["state"] == "ringing"
+    await calls.accept("bob", "phone", {"call_id": "call-1", "sdp": ANSWER})
+    assert [e["candidate"] for e in env.take("bob", "phone") if e["type"] == "call.ice"] == [
+        cand(1), cand(2)]
 
 
 async def test_callee_candidates_before_accepting_are_refused(calls, env):
