@@ -1,0 +1,237 @@
+"""The one place that touches aiortc internals (written against aiortc 1.16).
+
+aiortc has no public hook for encoded frames on the receive side, no way to see a
+subscriber's keyframe requests or bitrate estimates on the send side, and its
+``createOffer`` resets negotiated payload types and header-extension ids. The relay needs
+all of these, so this module reaches into exactly these private names:
+
+- ``RTCRtpReceiver._RTCRtpReceiver__jitter_buffer``: replaced by a :class:`PacketTap` so
+  depayloaded packets come to the relay instead of the decoder (which then idles);
+- ``RTCRtpReceiver._send_rtcp_pli``: sends a keyframe request to the publisher;
+- ``RTCRtpSender._send_keyframe`` and ``._handle_rtcp_packet``: wrapped per instance to see
+  a subscriber's PLI/FIR and REMB;
+- ``RTCRtpSender._stream_id``: the ``msid`` stream, so a publisher's audio and video share one;
+- ``RTCRtpTransceiver._codecs`` / ``._headerExtensions``: restored after ``createOffer``.
+
+Senders already accept encoded ``av.Packet`` objects from a track (the ``Encoder.pack``
+path), so the send side needs no more than the above. :func:`check_aiortc` verifies the
+version and every name, and tests/media/test_aiortc_adapter.py fails loudly on an upgrade.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+import logging
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import aiortc
+from aiortc import RTCPeerConnection, RTCRtpReceiver, RTCRtpSender, RTCSessionDescription
+from aiortc import sdp as aiortc_sdp
+from aiortc.rtcrtptransceiver import RTCRtpTransceiver
+from aiortc.rtp import RTCP_PSFB_APP, RtcpPsfbPacket, RtcpRrPacket, RtcpSrPacket, unpack_remb_fci
+
+logger = logging.getLogger(__name__)
+
+SUPPORTED_AIORTC = ("1.16.",)
+
+RECEIVER_JITTER_BUFFER = "_RTCRtpReceiver__jitter_buffer"
+RECEIVER_SEND_PLI = "_send_rtcp_pli"
+SENDER_KEYFRAME = "_send_keyframe"
+SENDER_HANDLE_RTCP = "_handle_rtcp_packet"
+SENDER_STREAM_ID = "_stream_id"
+TRANSCEIVER_CODECS = "_codecs"
+TRANSCEIVER_EXTENSIONS = "_headerExtensions"
+
+# Source fragments whose presence proves the receive path still feeds the jitter buffer
+# with depayloaded packets and still honours the (pli_flag, frame) return value.
+_RECEIVER_SOURCE_NEEDLES = (
+    "packet._data = depayload(codec, packet.payload)",
+    "self.__jitter_buffer.add(packet)",
+    "if encoded_frame is not None and self.__decoder_thread:",
+)
+# ... and that senders pack non-Frame data (our av.Packets) instead of encoding it.
+_SENDER_SOURCE_NEEDLES = ("self.__encoder.pack(data)", "self._send_keyframe()")
+
+
+class UnsupportedAiortcVersion(RuntimeError):
+    """The installed aiortc is not one whose internals this adapter was written against."""
+
+
+def check_aiortc() -> None:
+    """Raise :class:`UnsupportedAiortcVersion` unless aiortc's internals are the ones we use."""
+    version = getattr(aiortc, "__version__", "")
+    if not version.startswith(SUPPORTED_AIORTC):
+        raise UnsupportedAiortcVersion(
+            f"aiortc {version!r} is not supported by media.aiortc_adapter "
+            f"(written against {SUPPORTED_AIORTC}); re-read rtcrtpreceiver.py and rtcrtpsender.py"
+        )
+    missing = [
+        f"RTCRtpReceiver.{name}"
+        for name in (RECEIVER_SEND_PLI, "_handle_rtp_packet")
+        if not callable(getattr(RTCRtpReceiver, name, None))
+    ] + [
+        f"RTCRtpSender.{name}"
+        for name in (SENDER_KEYFRAME, SENDER_HANDLE_RTCP, "_next_encoded_frame")
+        if not callable(getattr(RTCRtpSender, name, None))
+    ]
+    receive_src = inspect.getsource(RTCRtpReceiver._handle_rtp_packet)
+    missing += [f"receiver source: {n}" for n in _RECEIVER_SOURCE_NEEDLES if n not in receive_src]
+    send_src = inspect.getsource(RTCRtpSender._next_encoded_frame) + inspect.getsource(
+        RTCRtpSender._handle_rtcp_packet
+    )
+    missing += [f"sender source: {n}" for n in _SENDER_SOURCE_NEEDLES if n not in send_src]
+    if missing:
+        raise UnsupportedAiortcVersion(f"aiortc {version}: internals changed: {missing}")
+
+
+def _require(obj: object, name: str) -> Any:
+    try:
+        return getattr(obj, name)
+    except AttributeError:
+        raise UnsupportedAiortcVersion(
+            f"aiortc {aiortc.__version__}: {type(obj).__name__} has no {name}"
+        ) from None
+
+
+class PacketTap:
+    """Stands in for a receiver's jitter buffer: hands each depayloaded RTP packet to a callback.
+
+    The receiver calls ``add(packet)`` with ``packet._data`` set to the depayloaded payload
+    (after RTX unwrapping and NACK generation) and expects ``(pli_flag, frame)`` back. We
+    return ``(False, None)``: keyframe requests are the relay's (coalesced) decision and no
+    frame ever reaches the decoder thread.
+    """
+
+    capacity = 1 << 15  # read by nothing here, kept for code that inspects jitter buffers
+
+    def __init__(self, on_packet: Callable[[Any, bytes], None]) -> None:
+        self._on_packet = on_packet
+
+    def add(self, packet: Any) -> tuple[bool, None]:
+        """Called by aiortc for every media packet."""
+        try:
+            self._on_packet(packet, packet._data)
+        except Exception:  # never let relay bugs kill aiortc's receive loop
+            logger.exception("relay packet handler failed")
+        return False, None
+
+
+def tap_receiver(receiver: RTCRtpReceiver, on_packet: Callable[[Any, bytes], None]) -> PacketTap:
+    """Route ``receiver``'s depayloaded packets to ``on_packet(packet, data)``, not the decoder."""
+    _require(receiver, RECEIVER_JITTER_BUFFER)
+    tap = PacketTap(on_packet)
+    setattr(receiver, RECEIVER_JITTER_BUFFER, tap)
+    return tap
+
+
+def send_pli(receiver: RTCRtpReceiver, media_ssrc: int) -> Awaitable[None]:
+    """Ask the publisher of ``media_ssrc`` for a keyframe (RTCP PLI) through ``receiver``."""
+    send: Callable[[int], Awaitable[None]] = _require(receiver, RECEIVER_SEND_PLI)
+    return send(media_ssrc)
+
+
+def hook_sender(
+    sender: RTCRtpSender,
+    *,
+    on_keyframe_request: Callable[[], None],
+    on_remb: Callable[[int], None] | None = None,
+    on_loss: Callable[[int], None] | None = None,
+) -> None:
+    """Call ``on_keyframe_request`` on the subscriber's PLI/FIR, ``on_remb(bps)`` on its REMB
+    and ``on_loss(fraction_lost/256)`` on its receiver reports for this sender."""
+    _require(sender, SENDER_KEYFRAME)
+    original = _require(sender, SENDER_HANDLE_RTCP)
+
+    async def handle_rtcp(packet: Any) -> None:
+        is_remb = isinstance(packet, RtcpPsfbPacket) and packet.fmt == RTCP_PSFB_APP
+        if on_remb is not None and is_remb:
+            try:
+                bitrate, ssrcs = unpack_remb_fci(packet.fci)
+            except ValueError:
+                bitrate, ssrcs = 0, []
+            if sender._ssrc in ssrcs:
+                on_remb(bitrate)
+        elif on_loss is not None and isinstance(packet, (RtcpRrPacket, RtcpSrPacket)):
+            for report in packet.reports:
+                if report.ssrc == sender._ssrc:
+                    on_loss(report.fraction_lost)
+        await original(packet)
+
+    setattr(sender, SENDER_KEYFRAME, on_keyframe_request)
+    setattr(sender, SENDER_HANDLE_RTCP, handle_rtcp)
+
+
+def set_stream_id(sender: RTCRtpSender, stream_id: str) -> None:
+    """Set the ``msid`` stream id the next offer announces for ``sender``."""
+    _require(sender, SENDER_STREAM_ID)
+    setattr(sender, SENDER_STREAM_ID, stream_id)
+
+
+def track_id(sender: RTCRtpSender) -> str:
+    """The ``msid`` track id announced for ``sender``."""
+    return str(_require(sender, "_track_id"))
+
+
+def negotiated_codec(transceiver: RTCRtpTransceiver) -> Any:
+    """The first (sending) codec negotiated on ``transceiver``, or ``None`` before negotiation."""
+    codecs = _require(transceiver, TRANSCEIVER_CODECS)
+    return codecs[0] if codecs else None
+
+
+def keep_only_codec(transceiver: RTCRtpTransceiver, mime_type: str) -> bool:
+    """Restrict a transceiver's negotiated codecs to ``mime_type`` (and its RTX) before an answer.
+
+    Returns False when that codec was not negotiated at all.
+    """
+    codecs = _require(transceiver, TRANSCEIVER_CODECS)
+    main = [c for c in codecs if c.mimeType.lower() == mime_type.lower()]
+    if not main:
+        return False
+    pts = {c.payloadType for c in main[:1]}
+    rtx = [
+        c for c in codecs if c.mimeType.lower().endswith("/rtx") and c.parameters.get("apt") in pts
+    ]
+    setattr(transceiver, TRANSCEIVER_CODECS, main[:1] + rtx)
+    return True
+
+
+async def create_stable_offer(pc: RTCPeerConnection) -> RTCSessionDescription:
+    """``pc.createOffer()`` that keeps the payload types and header-extension ids already
+    negotiated on every transceiver (aiortc resets them to its defaults, which makes a remote
+    that offered first switch payload types or reject the re-offer)."""
+    saved: dict[str, tuple[list[Any], list[Any]]] = {}
+    for t in pc.getTransceivers():
+        codecs = _require(t, TRANSCEIVER_CODECS)
+        if t.mid is not None and t.currentDirection is not None and codecs:
+            saved[t.mid] = (list(codecs), list(_require(t, TRANSCEIVER_EXTENSIONS)))
+    offer = await pc.createOffer()
+    if not saved:
+        return offer
+    description = aiortc_sdp.SessionDescription.parse(offer.sdp)
+    description.type = offer.type
+    changed = False
+    for media in description.media:
+        kept = saved.get(media.rtp.muxId)
+        if kept is None:
+            continue
+        codecs, extensions = kept
+        if [c.payloadType for c in media.rtp.codecs] != [c.payloadType for c in codecs] or [
+            (e.id, e.uri) for e in media.rtp.headerExtensions
+        ] != [(e.id, e.uri) for e in extensions]:
+            media.rtp.codecs = codecs
+            media.rtp.headerExtensions = extensions
+            media.fmt = [c.payloadType for c in codecs]
+            changed = True
+        t = next(t for t in pc.getTransceivers() if t.mid == media.rtp.muxId)
+        setattr(t, TRANSCEIVER_CODECS, codecs)
+        setattr(t, TRANSCEIVER_EXTENSIONS, extensions)
+    if not changed:
+        return offer
+    return RTCSessionDescription(sdp=str(description), type=offer.type)
+
+
+def loop_time() -> float:
+    """The running loop's clock (used for coalescing timers)."""
+    return asyncio.get_running_loop().time()

@@ -1,0 +1,171 @@
+"""Group calls through the relay with real aiortc participants on loopback."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+
+import pytest
+
+from im_bridge.errors import BadRequest, Conflict, Forbidden, Unsupported
+from media.relay import Relay
+from tests.media.peers import HEIGHT, WIDTH, Peer, wait_for
+
+pytestmark = pytest.mark.netns
+
+
+@pytest.fixture
+async def relay() -> AsyncIterator[Relay]:
+    r = Relay(["127.0.0.1"], [], ice_timeout=4.0)
+    try:
+        yield r
+    finally:
+        await r.close()
+
+
+async def _start(relay: Relay, names: list[str], room: str = "r1") -> list[Peer]:
+    peers = [Peer(relay, room, n) for n in names]
+    for p in peers:
+        await p.join()
+    return peers
+
+
+def _receives_all(peer: Peer, others: list[str], at_least: int = 20) -> bool:
+    return all(
+        peer.frames[(o, kind)] >= at_least for o in others for kind in ("audio", "video")
+    )
+
+
+async def test_three_participants_each_receive_the_other_two(relay: Relay) -> None:
+    peers = await _start(relay, ["alice", "bob", "carol"])
+    try:
+        names = [p.name for p in peers]
+        ok = await wait_for(
+            lambda: all(_receives_all(p, [n for n in names if n != p.name]) for p in peers), 15
+        )
+        report = {p.name: dict(p.frames) for p in peers}
+        assert ok, f"frames received: {report}, relay stats {relay.stats('r1')}"
+        for p in peers:
+            for other in names:
+                if other != p.name:
+                    assert p.sizes[other] == (WIDTH, HEIGHT)
+            assert (p.name, "video") not in p.frames, "nobody gets their own media back"
+            tracks = p.of_kind("room.tracks")[-1]["tracks"]
+            assert sorted((t["user"], t["kind"]) for t in tracks) == sorted(
+                (o, k) for o in names if o != p.name for k in ("audio", "video")
+            )
+    finally:
+        for p in peers:
+            await p.close()
+
+
+async def test_late_joiner_gets_video_within_a_second(relay: Relay) -> None:
+    peers = await _start(relay, ["alice", "bob", "carol"])
+    late = Peer(relay, "r1", "dave")
+    try:
+        assert await wait_for(lambda: all(_receives_all(p, [], 0) for p in peers), 1)
+        assert await wait_for(lambda: peers[0].frames[("bob", "video")] > 30, 15)
+        # Let the publishers run well past their first keyframe: the late joiner can only
+        # start on a keyframe the relay asks for.
+        await asyncio.sleep(1.5)
+        await late.join()
+        assert await wait_for(
+            lambda: all(late.frames[(o, "video")] > 0 for o in ("alice", "bob", "carol")), 10
+        ), f"late joiner got {dict(late.frames)}"
+        connected = late.pc.connectionState == "connected"
+        assert connected
+        # Time from its connection coming up to its first decoded frame of each publisher.
+        up = _connected_at(late)
+        for o in ("alice", "bob", "carol"):
+            waited = late.first_frame_at[(o, "video")] - up
+            assert waited < 1.0, f"first video from {o} {waited:.2f}s after connecting"
+            assert late.sizes[o] == (WIDTH, HEIGHT)
+    finally:
+        await late.close()
+        for p in peers:
+            await p.close()
+
+
+def _connected_at(peer: Peer) -> float:
+    assert peer.connected_at is not None
+    return peer.connected_at
+
+
+async def test_others_keep_receiving_after_one_leaves(relay: Relay) -> None:
+    peers = await _start(relay, ["alice", "bob", "carol"])
+    alice, bob, carol = peers
+    try:
+        assert await wait_for(lambda: _receives_all(alice, ["bob", "carol"]), 15)
+        await carol.leave()
+        assert [p["participant"] for p in relay.participants("r1")] == ["alice", "bob"]
+        assert await wait_for(lambda: any(e["type"] == "room.left" for e in alice.events), 3)
+        before_a, before_b = alice.frames[("bob", "video")], bob.frames[("alice", "video")]
+        await asyncio.sleep(2.0)
+        assert alice.frames[("bob", "video")] - before_a > 30
+        assert bob.frames[("alice", "video")] - before_b > 30
+        assert alice.frames[("bob", "audio")] > 0
+        tracks = alice.of_kind("room.tracks")[-1]["tracks"]
+        assert {t["user"] for t in tracks} == {"bob"}
+    finally:
+        for p in (alice, bob):
+            await p.close()
+
+
+async def test_participant_that_never_completes_ice_is_dropped(relay: Relay) -> None:
+    dropped: list[tuple[str, str, str]] = []
+    relay._on_dropped = lambda room, pid, reason: dropped.append((room, pid, reason))
+    peers = await _start(relay, ["alice", "bob"])
+    ghost = Peer(relay, "r1", "ghost", answer=False)
+    try:
+        await ghost.join()
+        assert await wait_for(lambda: _receives_all(peers[0], ["bob"]), 15)
+        assert await wait_for(lambda: bool(dropped), 8), "ghost was never dropped"
+        assert dropped == [("r1", "ghost", "ice_timeout")]
+        assert [p["participant"] for p in relay.participants("r1")] == ["alice", "bob"]
+        assert ghost.of_kind("room.dropped")[0]["reason"] == "ice_timeout"
+        before = peers[0].frames[("bob", "video")]
+        await asyncio.sleep(1.0)
+        assert peers[0].frames[("bob", "video")] - before > 15
+    finally:
+        await ghost.close()
+        for p in peers:
+            await p.close()
+
+
+async def test_offer_with_unsupported_codec_is_refused(relay: Relay) -> None:
+    peer = Peer(relay, "r2", "alice", answer=False)
+    try:
+        await peer.join()
+        await wait_for(lambda: bool(peer.of_kind("room.sdp")), 5)
+        offer = peer.of_kind("room.sdp")[0]["sdp"]["sdp"]
+        h265_only = _replace_video_codecs(offer)
+        with pytest.raises(Unsupported) as err:
+            await relay.on_sdp("r2", "alice", {"type": "answer", "sdp": h265_only})
+        assert "VP8" in err.value.message and "H265" in err.value.message
+        with pytest.raises(BadRequest):
+            await relay.on_sdp("r2", "alice", {"type": "answer", "sdp": "hello"})
+        with pytest.raises(Conflict):
+            await relay.on_sdp("r2", "alice", {"type": "offer", "sdp": offer})
+        with pytest.raises(Forbidden):
+            await relay.on_sdp("r2", "mallory", {"type": "answer", "sdp": offer})
+    finally:
+        await peer.close()
+
+
+def _replace_video_codecs(sdp: str) -> str:
+    out = []
+    for line in sdp.splitlines():
+        if line.startswith("a=rtpmap:") and "VP8/90000" in line:
+            line = line.replace("VP8/90000", "H265/90000")
+        out.append(line)
+    return "\r\n".join(out) + "\r\n"
+
+
+async def test_speaker_event_names_the_one_who_talks(relay: Relay) -> None:
+    peers = await _start(relay, ["alice", "bob"])
+    try:
+        assert await wait_for(lambda: bool(peers[1].of_kind("room.speaker")), 10)
+        assert peers[1].of_kind("room.speaker")[0]["user"] in ("alice", "bob")
+    finally:
+        for p in peers:
+            await p.close()
