@@ -1,0 +1,390 @@
+"""An async Python client for the talkbridge wire protocol.
+
+    async with Client("ws://127.0.0.1:8080/ws", token) as c:
+        data = await c.request("msg.send", to={"user": "bob"}, kind="text", body={"text": "hi"})
+        event = await c.next_event("msg.new")
+
+It authenticates (bearer header or first ``auth`` frame), matches replies to requests with
+timeouts, queues events, and — unless told not to — reconnects by itself (trying each URL
+in turn with backoff) and syncs: after a reconnect it asks ``conv.list`` and pages
+``msg.history after_seq`` for every conversation that moved, and hands the missed messages
+to the event queue as ``msg.new`` events with ``"synced": true``. A gap in a conversation's
+sequence seen live (seq 7 arrives after 5) is filled the same way. Messages are handed out
+once per (conv, seq) however they arrive. On its first connect the client takes what is
+already stored as seen (``backlog=True`` hands it all out as synced events instead).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import logging
+import random
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from typing import Any
+
+import aiohttp
+import msgspec
+
+log = logging.getLogger(__name__)
+
+_enc = msgspec.json.Encoder()
+_dec = msgspec.json.Decoder()
+
+TokenSource = str | Callable[[], Awaitable[str]]
+
+
+class ClientError(Exception):
+    """An ``ok: false`` reply or an ``error`` frame: ``code`` is the protocol error code."""
+
+    def __init__(self, code: str, message: str, data: dict[str, Any] | None = None) -> None:
+        super().__init__(f"{code}: {message}")
+        self.code = code
+        self.message = message
+        self.data = data or {}
+
+
+class ConnectionLost(ClientError):
+    """The connection dropped before the reply came (retry with the same client_msg_id)."""
+
+    def __init__(self, message: str = "connection lost") -> None:
+        super().__init__("connection_lost", message)
+
+
+class AuthFailed(ClientError):
+    """The server refused the token (close code 4401); the client does not retry."""
+
+
+class Client:
+    """One device's connection to talkbridge."""
+
+    def __init__(
+        self,
+        urls: str | Sequence[str],
+        token: TokenSource,
+        device: str | None = None,
+        *,
+        auth: str = "header",
+        request_timeout: float = 10.0,
+        reconnect: bool = True,
+        sync: bool = True,
+        max_backoff: float = 5.0,
+        backlog: bool = False,
+    ) -> None:
+        self.urls = [urls] if isinstance(urls, str) else list(urls)
+        self._token = token
+        self.device = device
+        self.auth_mode = auth
+        self.request_timeout = request_timeout
+        self.reconnect_enabled = reconnect
+        self.sync_enabled = sync
+        self.max_backoff = max_backoff
+        self.backlog = backlog
+        self._baselined = False
+        self.auth_ok: dict[str, Any] = {}
+        self.last_seq: dict[str, int] = {}
+        self.reconnects = 0
+        self._url_index = 0
+        self._ids = itertools.count(1)
+        self._pending: dict[str, asyncio.Future[dict[str, Any]]] = {}
+        self._events: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
+        self._session: aiohttp.ClientSession | None = None
+        self._ws: aiohttp.ClientWebSocketResponse | None = None
+        self._reader: asyncio.Task[None] | None = None
+        self._closed = False
+        self._connected = asyncio.Event()
+        # Per conversation: every seq <= watermark was handed out; `_seen` holds those above.
+        self.watermark: dict[str, int] = {}
+        self._seen: dict[str, set[int]] = {}
+        self._filling: set[str] = set()
+
+    # ------------------------------------------------------------ lifecycle
+
+    async def __aenter__(self) -> Client:
+        await self.connect()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    @property
+    def user(self) -> str:
+        return str(self.auth_ok.get("user", ""))
+
+    @property
+    def connected(self) -> bool:
+        return self._connected.is_set()
+
+    async def _token_value(self) -> str:
+        return self._token if isinstance(self._token, str) else await self._token()
+
+    async def connect(self) -> dict[str, Any]:
+        """Open the WebSocket and authenticate; returns the ``auth.ok`` frame."""
+        if self._session is None:
+            self._session = aiohttp.ClientSession()
+        self.auth_ok = await self._open(self.urls[self._url_index])
+        self._reader = asyncio.get_running_loop().create_task(self._read_forever())
+        if self.sync_enabled and not self._baselined:
+            self._baselined = True
+            if self.backlog:
+                await self.sync()
+            else:
+                await self.start_sync_from_now()
+        return self.auth_ok
+
+    async def _open(self, url: str) -> dict[str, Any]:
+        assert self._session is not None
+        token = await self._token_value()
+        headers = {}
+        params = {}
+        if self.auth_mode == "header":
+            headers["Authorization"] = f"Bearer {token}"
+            if self.device:
+                params["device"] = self.device
+        ws = await self._session.ws_connect(url, headers=headers, params=params, heartbeat=30)
+        if self.auth_mode != "header":
+            frame: dict[str, Any] = {"type": "auth", "token": token}
+            if self.device:
+                frame["device"] = self.device
+            await ws.send_str(_enc.encode(frame).decode())
+        msg = await ws.receive(timeout=15)
+        if msg.type != aiohttp.WSMsgType.TEXT:
+            await ws.close()
+            raise AuthFailed("unauthorized", f"connection closed during auth ({ws.close_code})")
+        first = _dec.decode(msg.data)
+        if first.get("type") != "auth.ok":
+            await ws.close()
+            raise AuthFailed(first.get("code", "unauthorized"), first.get("message", "refused"))
+        self._ws = ws
+        self.device = first.get("device", self.device)
+        self._connected.set()
+        return dict(first)
+
+    async def close(self) -> None:
+        """Close for good (no reconnect); pending requests fail with ConnectionLost."""
+        self._closed = True
+        if self._ws is not None:
+            await self._ws.close()
+        if self._reader is not None:
+            self._reader.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await self._reader
+        self._fail_pending("client closed")
+        if self._session is not None:
+            await self._session.close()
+            self._session = None
+
+    def _fail_pending(self, why: str) -> None:
+        for fut in self._pending.values():
+            if not fut.done():
+                fut.set_exception(ConnectionLost(why))
+        self._pending.clear()
+
+    # ------------------------------------------------------------ reading
+
+    async def _read_forever(self) -> None:
+        while True:
+            ws = self._ws
+            assert ws is not None
+            try:
+                async for msg in ws:
+                    if msg.type == aiohttp.WSMsgType.TEXT:
+                        self._on_frame(_dec.decode(msg.data))
+                    elif msg.type in (aiohttp.WSMsgType.CLOSED, aiohttp.WSMsgType.ERROR):
+                        break
+            except (aiohttp.ClientError, ConnectionError):
+                pass
+            self._connected.clear()
+            code = ws.close_code
+            self._fail_pending(f"connection closed ({code})")
+            self._events.put_nowait({"type": "client.disconnected", "code": code})
+            if self._closed or not self.reconnect_enabled or code == 4401:
+                return
+            await self._reconnect()
+
+    def _on_frame(self, frame: dict[str, Any]) -> None:
+        ftype = frame.get("type")
+        if ftype in ("reply", "pong") and "id" in frame:
+            fut = self._pending.pop(str(frame["id"]), None)
+            if fut is not None and not fut.done():
+                fut.set_result(frame)
+                return
+        if ftype == "error" and "id" in frame:
+            fut = self._pending.pop(str(frame["id"]), None)
+            if fut is not None and not fut.done():
+                fut.set_result({"ok": False, "error": frame})
+                return
+        if ftype == "msg.new" and not self._note_message(frame):
+            return  # already handed out (e.g. both live and by sync)
+        self._events.put_nowait(frame)
+
+    def _note_message(self, m: dict[str, Any]) -> bool:
+        """Record a message; False if already handed out. Starts a gap fill when one shows."""
+        conv, seq = m.get("conv"), m.get("seq")
+        if not isinstance(conv, str) or not isinstance(seq, int):
+            return True
+        seen = self._seen.setdefault(conv, set())
+        mark = self.watermark.get(conv, 0)
+        if seq <= mark or seq in seen:
+            return False
+        seen.add(seq)
+        if seq > self.last_seq.get(conv, 0):
+            self.last_seq[conv] = seq
+        while mark + 1 in seen:  # advance over the contiguous run
+            mark += 1
+            seen.discard(mark)
+        self.watermark[conv] = mark
+        if seen and self.sync_enabled and conv not in self._filling and self._connected.is_set():
+            self._filling.add(conv)
+            asyncio.get_running_loop().create_task(self._fill(conv))
+        return True
+
+    async def _fill(self, conv: str) -> None:
+        try:
+            await self._sync_conv(conv, self.last_seq.get(conv, 0))
+        except ClientError as exc:
+            log.warning("gap fill of %s failed: %s", conv, exc)
+        finally:
+            self._filling.discard(conv)
+
+    async def _reconnect(self) -> None:
+        delay = 0.1
+        while not self._closed:
+            self._url_index = (self._url_index + 1) % len(self.urls) if len(self.urls) > 1 else 0
+            try:
+                self.auth_ok = await self._open(self.urls[self._url_index])
+            except AuthFailed:
+                log.error("reconnect refused: token not accepted")
+                self._closed = True
+                return
+            except (aiohttp.ClientError, OSError, TimeoutError) as exc:
+                log.debug("reconnect to %s failed: %s", self.urls[self._url_index], exc)
+                await asyncio.sleep(delay * (1 + random.random()))
+                delay = min(delay * 2, self.max_backoff)
+                continue
+            self.reconnects += 1
+            self._events.put_nowait(
+                {"type": "client.reconnected", "node": self.auth_ok.get("node")}
+            )
+            if self.sync_enabled:
+                asyncio.get_running_loop().create_task(self._sync_safely())
+            return
+
+    async def _sync_safely(self) -> None:
+        try:
+            await self.sync()
+        except ClientError as exc:
+            log.warning("sync after reconnect failed: %s", exc)
+
+    async def sync(self) -> int:
+        """Fetch every message missed since the last contiguous one seen; returns how many."""
+        data = await self.request("conv.list")
+        n = 0
+        for conv in data["conversations"]:
+            n += await self._sync_conv(conv["conv"], conv["last_seq"])
+        return n
+
+    async def _sync_conv(self, conv: str, last: int) -> int:
+        n = 0
+        after = self.watermark.get(conv, 0)
+        while after < last:
+            page = await self.request("msg.history", conv=conv, after_seq=after, limit=100)
+            msgs = page["messages"]
+            for m in msgs:
+                if self._note_message(m):
+                    n += 1
+                    self._events.put_nowait({"type": "msg.new", "synced": True, **m})
+            if not msgs or not page["has_more"]:
+                break
+            after = msgs[-1]["seq"]
+        return n
+
+    async def start_sync_from_now(self) -> None:
+        """Treat everything already stored as seen (a fresh device that wants no backlog)."""
+        data = await self.request("conv.list")
+        for conv in data["conversations"]:
+            self.watermark.setdefault(conv["conv"], conv["last_seq"])
+            self.last_seq.setdefault(conv["conv"], conv["last_seq"])
+
+    # ------------------------------------------------------------ requests
+
+    async def request(
+        self, type: str, timeout: float | None = None, **fields: Any
+    ) -> dict[str, Any]:
+        """Send a request and return the reply's ``data``; raise ClientError on ``ok: false``."""
+        if not self._connected.is_set():
+            await asyncio.wait_for(self._connected.wait(), timeout or self.request_timeout)
+        rid = f"r{next(self._ids)}"
+        fut: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
+        self._pending[rid] = fut
+        assert self._ws is not None
+        try:
+            await self._ws.send_str(_enc.encode({"type": type, "id": rid, **fields}).decode())
+            reply = await asyncio.wait_for(fut, timeout or self.request_timeout)
+        except (aiohttp.ClientError, ConnectionError) as exc:
+            raise ConnectionLost(str(exc)) from None
+        finally:
+            self._pending.pop(rid, None)
+        if reply.get("ok"):
+            data: dict[str, Any] = reply.get("data") or {}
+            if type == "msg.send" and "conv" in data and "seq" in data:
+                self._note_own(data)
+            return data
+        err = reply.get("error") or {}
+        raise ClientError(err.get("code", "internal"), err.get("message", ""), err)
+
+    def _note_own(self, data: dict[str, Any]) -> None:
+        self._note_message(data)
+
+    async def send_raw(self, text: str) -> None:
+        """Send a raw text frame (for tests of bad input)."""
+        assert self._ws is not None
+        await self._ws.send_str(text)
+
+    async def send_text(
+        self,
+        text: str,
+        *,
+        user: str | None = None,
+        group: str | None = None,
+        client_msg_id: str | None = None,
+        **extra: Any,
+    ) -> dict[str, Any]:
+        """Send a text message to a user or a group; returns {conv, seq, msg_id, ts}."""
+        to = {"user": user} if user is not None else {"group": group}
+        return await self.request(
+            "msg.send",
+            to=to,
+            kind="text",
+            body={"text": text},
+            client_msg_id=client_msg_id or f"c{random.getrandbits(64):x}",
+            **extra,
+        )
+
+    # ------------------------------------------------------------ events
+
+    async def next_event(
+        self,
+        type: str | None = None,
+        timeout: float = 5.0,
+        where: Callable[[dict[str, Any]], bool] | None = None,
+    ) -> dict[str, Any]:
+        """The next event of ``type`` (matching ``where``); others before it are dropped."""
+        async with asyncio.timeout(timeout):
+            while True:
+                ev = await self._events.get()
+                if (type is None or ev.get("type") == type) and (where is None or where(ev)):
+                    return ev
+
+    def pending_events(self) -> list[dict[str, Any]]:
+        """Everything queued now, without waiting."""
+        out = []
+        while not self._events.empty():
+            out.append(self._events.get_nowait())
+        return out
+
+    async def events(self) -> AsyncIterator[dict[str, Any]]:
+        """Iterate over events as they come (forever, until cancelled)."""
+        while True:
+            yield await self._events.get()
