@@ -129,24 +129,14 @@ class ServerProcess:
     def url(self) -> str:
         return f"http://127.0.0.1:{self.port}"
 
+    def _spawn(self) -> subprocess.Popen[bytes]:
+        cmd = [sys.executable, "-m", "signaling", "serve", "--port", str(self.port)]
+        cmd += ["--data-dir", str(self.data_dir)]
+        with open(self.data_dir / "server.log", "ab") as log:
+            return subprocess.Popen(cmd, env=self.env, stdout=log, stderr=log, cwd=REPO)
+
     async def start(self) -> None:
-        log = open(self.data_dir / "server.log", "ab")  # noqa: SIM115 - lives with the process
-        self.proc = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "signaling",
-                "serve",
-                "--port",
-                str(self.port),
-                "--data-dir",
-                str(self.data_dir),
-            ],
-            env=self.env,
-            stdout=log,
-            stderr=log,
-            cwd=REPO,
-        )
+        self.proc = self._spawn()
         deadline = time.monotonic() + 20
         while time.monotonic() < deadline:
             try:
