@@ -263,7 +263,7 @@ async def test_glare_leaves_one_call_and_nobody_ringing(server):
     async with connect(server.ws_url, server.token(a), "a1") as (alice, a_in), \
             connect(server.ws_url, server.token(b), "b1") as (bob, b_in):
         small, big = sorted([new_id(), new_id()])
-        r1, r2 = await asyncio.gather(invite(alice, big, b), invite(bob, small, a))
+        _, r2 = await asyncio.gather(invite(alice, big, b), invite(bob, small, a))
         assert r2["state"] == "ringing"
         assert (await b_in.wait("call.ended", lambda e: e["call_id"] == big))["replaced_by"] \
             == small
