@@ -167,8 +167,10 @@ async def test_a_third_user_gets_not_found_and_hears_nothing(server):
         cid = new_id()
         await invite(alice, cid, b)
         await bob.request("call.accept", call_id=cid, sdp=ANSWER)
-        for op, extra in [("call.hangup", {}), ("call.ice", {"candidate": cand(1)}),
-                          ("call.accept", {"sdp": ANSWER}), ("call.sdp", {"sdp": OFFER})]:
+        attempts: list[tuple[str, dict[str, Any]]] = [
+            ("call.hangup", {}), ("call.ice", {"candidate": cand(1)}),
+            ("call.accept", {"sdp": ANSWER}), ("call.sdp", {"sdp": OFFER})]
+        for op, extra in attempts:
             with pytest.raises(ClientError) as err:
                 await carol.request(op, call_id=cid, **extra)
             assert (err.value.code, err.value.message) == ("not_found", "no such call")
@@ -263,8 +265,8 @@ async def test_glare_leaves_one_call_and_nobody_ringing(server):
     async with connect(server.ws_url, server.token(a), "a1") as (alice, a_in), \
             connect(server.ws_url, server.token(b), "b1") as (bob, b_in):
         small, big = sorted([new_id(), new_id()])
-        _, r2 = await asyncio.gather(invite(alice, big, b), invite(bob, small, a))
-        assert r2["state"] == "ringing"
+        replies = await asyncio.gather(invite(alice, big, b), invite(bob, small, a))
+        assert replies[1]["state"] == "ringing"
         assert (await b_in.wait("call.ended", lambda e: e["call_id"] == big))["replaced_by"] \
             == small
         assert (await a_in.wait("call.ended", lambda e: e["call_id"] == big))["replaced_by"] \
