@@ -224,6 +224,7 @@ class App {
 
   async _onOpen(ok) {
     this.iceList = ok.ice_servers || [];
+    this.restarting = false;
     if (ok.user && ok.user !== this.me) this.me = ok.user;
     this._banner(null);
     try {
@@ -240,6 +241,10 @@ class App {
       if (ev.type.startsWith("room.")) return void this.rooms.onEvent(ev);
       if (this.chat.onEvent(ev)) return;
       if (ev.type === "pong") return;
+      if (ev.type === "server.shutdown") {
+        this.restarting = true;
+        return;
+      }
       if (ev.type === "presence" || ev.type.startsWith("group.")) {
         // Optional extras of docs/PROTOCOL.md: groups re-read on their notices anyway.
         if (ev.group) this.groups.onNotice(ev.group, {});
@@ -257,11 +262,8 @@ class App {
     else if (s.state === "connecting") el.textContent = s.attempt ? "reconnecting…" : "connecting…";
     else if (s.state === "waiting") {
       el.textContent = `offline · retry in ${Math.ceil(s.delay / 1000)} s`;
-      this._banner(
-        navigator.onLine === false
-          ? "You are offline. Messages you send now go out when the network is back."
-          : `Lost the connection to the server (${s.why}). Reconnecting…`,
-      );
+      const why = this.restarting ? "the server is restarting" : navigator.onLine === false ? "this device reports no network" : s.why;
+      this._banner(`Lost the connection to the server (${why}). Reconnecting in ${Math.ceil(s.delay / 1000)} s… Messages you write now are sent once it is back.`);
     } else el.textContent = "signed out";
   }
 
@@ -302,7 +304,7 @@ class App {
       if ($("group-panel").hidden) this.groups.showPanel(c.group);
       else this.groups.hidePanel();
     };
-    window.addEventListener("offline", () => this._banner("You are offline. Messages you send now go out when the network is back."));
+    window.addEventListener("offline", () => this._banner("This device went offline. Messages you write now are sent when the network is back."));
     window.addEventListener("online", () => {
       this._banner(null);
       if (this.client) this.client.retryNow();

@@ -497,15 +497,16 @@ export class Chat {
       tick.dataset.state = st.cls;
       meta.append(tick);
     }
-    bubble.append(body, meta);
     if (!m.recalled && m.kind !== "call" && this._canRecall(c, m)) {
       const r = document.createElement("button");
       r.type = "button";
-      r.className = "recall ghost small";
+      r.className = "recall";
       r.textContent = "Recall";
+      r.title = "Recall this message for everyone";
       r.onclick = () => this.recall(c, m.seq);
-      bubble.append(r);
+      meta.prepend(r);
     }
+    bubble.append(body, meta);
     li.append(bubble);
     return li;
   }

@@ -106,6 +106,7 @@ export function toRtcIceServers(list) {
 
 /** Live peer connections by name ("call", "room:<id>"): read by the developer panel and tests. */
 export const peers = new Map();
+window.tbPeers = peers;
 
 export function registerPeer(name, pc, meta = {}) {
   peers.set(name, { pc, meta, created: Date.now() });

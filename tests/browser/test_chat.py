@@ -1,0 +1,135 @@
+"""Two people chatting in two browser contexts against the real server."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+from playwright.async_api import Browser, expect
+
+from tests.browser.pages import new_device, screenshot
+from tests.browser.server import Server
+
+pytestmark = pytest.mark.netns
+
+
+async def test_two_users_chat_see_receipts_and_keep_history_after_reload(
+    server: Server, browser: Browser
+) -> None:
+    alice = await new_device(browser, server.url, "alice", register=True)
+    bob = await new_device(browser, server.url, "bob", register=True)
+
+    await alice.open_dm("bob")
+    await alice.send("Hi Bob, are you there?")
+    sent = alice.message("Hi Bob, are you there?")
+    await expect(sent.locator(".tick")).to_have_attribute("data-state", "delivered")
+
+    # Bob's list shows the unread message before he opens it.
+    item = bob.conv_item(alice.dm_id("bob"))
+    await expect(item.locator(".unread")).to_have_text("1")
+    await expect(item.locator(".conv-last")).to_contain_text("Hi Bob, are you there?")
+    await item.click()
+    await expect(bob.message("Hi Bob, are you there?")).to_be_visible()
+    await expect(sent.locator(".tick")).to_have_attribute("data-state", "read")
+
+    # Typing shows on the other side, then the reply arrives.
+    await bob.page.type("#composer-input", "Yes", delay=30)
+    await expect(alice.page.locator("#typing")).to_have_text("bob is typing…")
+    await bob.page.fill("#composer-input", "Yes, hello Alice!")
+    await bob.page.press("#composer-input", "Enter")
+    await expect(alice.message("Yes, hello Alice!")).to_be_visible()
+    await expect(alice.page.locator("#typing")).to_be_hidden()
+    await expect(bob.message("Yes, hello Alice!").locator(".tick")).to_have_attribute("data-state", "read")
+    await screenshot(alice.page, "chat")
+
+    # A reload keeps the session (no sign-in form) and the history.
+    await alice.page.reload()
+    await expect(alice.page.locator("#conn-status")).to_have_text("connected")
+    await expect(alice.page.locator("#auth-view")).to_be_hidden()
+    await alice.conv_item(alice.dm_id("bob")).click()
+    await expect(alice.message("Hi Bob, are you there?")).to_be_visible()
+    await expect(alice.message("Yes, hello Alice!")).to_be_visible()
+    assert not alice.errors and not bob.errors, alice.errors + bob.errors
+
+
+async def test_sender_recalls_a_message_on_both_screens(server: Server, browser: Browser) -> None:
+    alice = await new_device(browser, server.url, "alice", register=True)
+    bob = await new_device(browser, server.url, "bob", register=True)
+    await alice.open_dm("bob")
+    await alice.send("oops, wrong chat")
+    await bob.open_dm("alice")
+    await expect(bob.message("oops, wrong chat")).to_be_visible()
+
+    mine = alice.message("oops, wrong chat")
+    await mine.locator("button.recall").click()
+    await expect(alice.page.locator("#messages .body.recalled")).to_have_text("You recalled this message")
+    await expect(bob.page.locator("#messages .body.recalled")).to_have_text("alice recalled a message")
+    await expect(bob.page.locator("#messages")).not_to_contain_text("oops, wrong chat")
+
+
+async def test_history_pages_back_when_scrolled_to_the_top(server: Server, browser: Browser) -> None:
+    alice = await new_device(browser, server.url, "alice", register=True)
+    bob = await new_device(browser, server.url, "bob", register=True)
+    await alice.open_dm("bob")
+    for i in range(1, 46):
+        await alice.page.evaluate(
+            """(i) => tb.client.request('msg.send', {to: {user: 'bob'}, client_msg_id: 'bulk-' + i,
+                 kind: 'text', body: {text: 'message number ' + i}})""",
+            i,
+        )
+    await bob.open_dm("alice")
+    await expect(bob.message("message number 45")).to_be_visible()
+    # The first page holds the latest messages only.
+    assert await bob.page.locator("#messages li.msg").count() < 45
+    for _ in range(10):
+        await bob.page.locator("#timeline").evaluate("el => { el.scrollTop = 0; }")
+        if await bob.page.get_by_text("message number 1", exact=True).count():
+            break
+        await asyncio.sleep(0.3)
+    await expect(bob.page.get_by_text("message number 1", exact=True)).to_be_attached()
+    assert await bob.page.locator("#messages li.msg").count() == 45
+    await expect(bob.page.locator("#history-top")).to_have_text("Beginning of the conversation")
+
+
+async def test_page_reconnects_after_server_restart_and_fills_the_gap(
+    server: Server, browser: Browser
+) -> None:
+    alice = await new_device(browser, server.url, "alice", register=True)
+    bob = await new_device(browser, server.url, "bob", register=True)
+    await alice.open_dm("bob")
+    await alice.send("before the restart")
+    await bob.open_dm("alice")
+    await expect(bob.message("before the restart")).to_be_visible()
+
+    await asyncio.to_thread(server.stop)
+    await expect(alice.page.locator("#banner")).to_contain_text("Reconnecting")
+    # Written while the server is down: kept in the outbox, sent after the reconnect.
+    await alice.send("written while offline")
+    await expect(alice.message("written while offline").locator(".tick")).to_have_attribute("data-state", "sending")
+    await asyncio.to_thread(server.start)
+
+    await expect(alice.page.locator("#conn-status")).to_have_text("connected", timeout=30000)
+    await expect(bob.page.locator("#conn-status")).to_have_text("connected", timeout=30000)
+    await expect(bob.message("written while offline")).to_be_visible()
+    await expect(alice.message("written while offline").locator(".tick")).to_have_attribute("data-state", "read")
+    await expect(alice.page.locator("#banner")).to_be_hidden()
+    # Exactly once on both sides: the retry with the same client_msg_id made no duplicate.
+    assert await bob.message("written while offline").count() == 1
+    assert await alice.message("written while offline").count() == 1
+
+
+async def test_sign_out_returns_to_the_sign_in_form_and_sign_in_works(
+    server: Server, browser: Browser
+) -> None:
+    alice = await new_device(browser, server.url, "alice", register=True)
+    await alice.page.click("#signout")
+    await expect(alice.page.locator("#auth-view")).to_be_visible()
+    await alice.page.reload()
+    await expect(alice.page.locator("#auth-view")).to_be_visible()
+    await alice.page.fill("#auth-user", "alice")
+    await alice.page.fill("#auth-password", "wrong-password")
+    await alice.page.click("#auth-login")
+    await expect(alice.page.locator("#auth-error")).to_have_text("Wrong user id or password.")
+    await alice.page.fill("#auth-password", "password-123")
+    await alice.page.click("#auth-login")
+    await expect(alice.page.locator("#conn-status")).to_have_text("connected")
