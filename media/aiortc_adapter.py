@@ -20,9 +20,9 @@ version and every name, and tests/media/test_aiortc_adapter.py fails loudly on a
 
 from __future__ import annotations
 
-import asyncio
 import inspect
 import logging
+import weakref
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -197,15 +197,28 @@ def keep_only_codec(transceiver: RTCRtpTransceiver, mime_type: str) -> bool:
     return True
 
 
+_negotiated: weakref.WeakKeyDictionary[RTCPeerConnection, dict[str, tuple[list[Any], list[Any]]]]
+_negotiated = weakref.WeakKeyDictionary()
+
+
+def remember_negotiated(pc: RTCPeerConnection) -> None:
+    """Record the payload types and extension ids of every negotiated transceiver of ``pc``.
+
+    Call after each completed offer/answer; :func:`create_stable_offer` re-offers them.
+    """
+    kept = _negotiated.setdefault(pc, {})
+    for t in pc.getTransceivers():
+        codecs = _require(t, TRANSCEIVER_CODECS)
+        if t.mid is not None and t.currentDirection is not None and codecs:
+            kept.setdefault(t.mid, (list(codecs), list(_require(t, TRANSCEIVER_EXTENSIONS))))
+
+
 async def create_stable_offer(pc: RTCPeerConnection) -> RTCSessionDescription:
     """``pc.createOffer()`` that keeps the payload types and header-extension ids already
     negotiated on every transceiver (aiortc resets them to its defaults, which makes a remote
     that offered first switch payload types or reject the re-offer)."""
-    saved: dict[str, tuple[list[Any], list[Any]]] = {}
-    for t in pc.getTransceivers():
-        codecs = _require(t, TRANSCEIVER_CODECS)
-        if t.mid is not None and t.currentDirection is not None and codecs:
-            saved[t.mid] = (list(codecs), list(_require(t, TRANSCEIVER_EXTENSIONS)))
+    remember_negotiated(pc)
+    saved = _negotiated.get(pc, {})
     offer = await pc.createOffer()
     if not saved:
         return offer
@@ -230,8 +243,3 @@ async def create_stable_offer(pc: RTCPeerConnection) -> RTCSessionDescription:
     if not changed:
         return offer
     return RTCSessionDescription(sdp=str(description), type=offer.type)
-
-
-def loop_time() -> float:
-    """The running loop's clock (used for coalescing timers)."""
-    return asyncio.get_running_loop().time()

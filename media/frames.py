@@ -155,8 +155,9 @@ class Vp8Assembler:
                 for s, entry in list(self._pending.items()):
                     if now - entry[2] > self._loss_timeout:
                         del self._pending[s]
-        elif self._need_keyframe and not out:
-            want_keyframe = True
+        elif self._need_keyframe and not out and vp8_descriptor_start(packet.payload):
+            # A delta frame starts while we wait: it will be dropped, so ask for a keyframe.
+            want_keyframe = not vp8_is_keyframe(data)
         return out, want_keyframe
 
     def _stalled(self, now: float) -> bool:

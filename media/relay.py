@@ -252,6 +252,7 @@ class Relay:
                     raise Conflict("no relay offer is waiting for an answer")
                 check_codecs(text, sending_only=False)
                 await self._set_remote(p, RTCSessionDescription(sdp=text, type="answer"))
+                adapter.remember_negotiated(p.pc)
                 again = p.needs_offer
             else:
                 if p.pc.signalingState == "have-local-offer":
@@ -265,6 +266,7 @@ class Relay:
                         adapter.keep_only_codec(t, FORWARDED_CODECS[t.kind])
                 answer = await p.pc.createAnswer()
                 await p.pc.setLocalDescription(answer)
+                adapter.remember_negotiated(p.pc)
                 self._start_ice_timer(p)
                 again = p.needs_offer
         if again:
