@@ -19,6 +19,31 @@ from loadtest.tokens import Users
 from loadtest.wire import ConnectError, SioConn, Target, WsConn, connect
 
 
+async def request(
+    conn: WsConn | SioConn, frame: dict[str, Any], timeout: float = 15.0
+) -> dict[str, Any]:
+    """Send a request and wait for its reply (set-up only: it wraps the connection's handler).
+
+    Frames that are not this reply still reach the handler that was in place.
+    """
+    fut: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
+    inner = conn.handler
+    rid = frame["id"]
+
+    def catch(f: dict[str, Any]) -> None:
+        if f.get("type") == "reply" and f.get("id") == rid and not fut.done():
+            fut.set_result(f)
+        else:
+            inner(f)
+
+    conn.handler = catch
+    try:
+        await conn.send(frame)
+        return await asyncio.wait_for(fut, timeout)
+    finally:
+        conn.handler = inner
+
+
 class Context:
     """A worker's shared means: recorder, HTTP session, target, users, options."""
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import time
-from typing import Any
+from typing import Any, ClassVar
 
 from loadtest.scenarios.base import Context, Scenario, register
 from loadtest.wire import ConnectError, Frame, SioConn, WsConn
@@ -87,6 +87,7 @@ class Pair:
                 rec.counts["acked"] += 1
                 rec.latency("send_reply", (time.monotonic_ns() - entry[0]) / 1000)
                 entry[1] = True
+                self.s.on_acked(self, frame, entry[0])
                 if entry[2]:
                     self._complete(k)
             else:
@@ -100,7 +101,7 @@ class Pair:
         elif kind == "msg.new":
             rec.counts["echo"] += 1  # our own message on our own device: not expected
         else:
-            rec.counts["other_events"] += 1
+            self.s.on_sender_event(self, frame)
 
     def on_receiver_frame(self, frame: Frame) -> None:
         """Deliveries to the receiver."""
@@ -110,7 +111,7 @@ class Pair:
             if kind == "error":
                 rec.error(f"error:{frame.get('code', 'unknown')}")
             else:
-                rec.counts["other_events"] += 1
+                self.s.on_receiver_frame(self, frame)
             return
         now = time.monotonic_ns()
         try:
@@ -156,7 +157,7 @@ class Chat(Scenario):
     name = "chat"
     help = "N sender/receiver pairs; closed-loop window or open-loop rate"
     clients_per_unit = 2
-    transports = ("ws", "socketio")
+    transports: ClassVar[tuple[str, ...]] = ("ws", "socketio")
     baseline_ok = True
     headline = ("delivered", "send_deliver")
 
@@ -216,7 +217,18 @@ class Chat(Scenario):
         }
 
     def on_delivered(self, pair: Pair, frame: Frame) -> None:
-        """Hook for subclasses (receipts answers every delivery)."""
+        """Hook: a new message reached the receiver (receipts answers it)."""
+
+    def on_acked(self, pair: Pair, frame: Frame, t_ns: int) -> None:
+        """Hook: the sender got an ok reply for a message stamped ``t_ns``."""
+
+    def on_sender_event(self, pair: Pair, frame: Frame) -> None:
+        """Hook: any other frame to the sender."""
+        self.rec.counts["other_events"] += 1
+
+    def on_receiver_frame(self, pair: Pair, frame: Frame) -> None:
+        """Hook: any frame to the receiver other than msg.new and error."""
+        self.rec.counts["other_events"] += 1
 
     async def setup(self) -> None:
         """Connect both sides of every pair."""
