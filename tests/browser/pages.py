@@ -59,6 +59,10 @@ class User:
         await self.page.fill("#composer-input", text)
         await self.page.press("#composer-input", "Enter")
 
+    def tick(self, text: str) -> Any:
+        """The tick of my message ``text``: data-state sending, sent, delivered or read."""
+        return self.message(text).locator(".tick")
+
     def message(self, text: str) -> Any:
         return self.page.locator("#messages li.msg", has_text=text)
 
@@ -86,7 +90,9 @@ async def new_device(browser: Browser, base_url: str, name: str, *, register: bo
 
 async def launch(playwright: Any) -> Browser:
     """Debian's Chromium with fake media devices (never a downloaded browser)."""
-    browser: Browser = await playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+    browser: Browser = await playwright.chromium.launch(
+        executable_path=CHROMIUM, args=CHROMIUM_ARGS
+    )
     return browser
 
 
@@ -110,7 +116,9 @@ async def video_stats(page: Page, selector: str) -> dict[str, Any]:
           const recv = pc.getReceivers().find((r) => r.track === track);
           if (!recv) continue;
           const stats = await recv.getStats();
-          stats.forEach((s) => { if (s.type === 'inbound-rtp' && s.kind === 'video') frames = s.framesDecoded || 0; });
+          stats.forEach((s) => {
+            if (s.type === 'inbound-rtp' && s.kind === 'video') frames = s.framesDecoded || 0;
+          });
         }
       }
       return {width: v.videoWidth, height: v.videoHeight, frames};

@@ -21,8 +21,8 @@ async def test_two_users_chat_see_receipts_and_keep_history_after_reload(
 
     await alice.open_dm("bob")
     await alice.send("Hi Bob, are you there?")
-    sent = alice.message("Hi Bob, are you there?")
-    await expect(sent.locator(".tick")).to_have_attribute("data-state", "delivered")
+    sent = alice.tick("Hi Bob, are you there?")
+    await expect(sent).to_have_attribute("data-state", "delivered")
 
     # Bob's list shows the unread message before he opens it.
     item = bob.conv_item(alice.dm_id("bob"))
@@ -30,7 +30,7 @@ async def test_two_users_chat_see_receipts_and_keep_history_after_reload(
     await expect(item.locator(".conv-last")).to_contain_text("Hi Bob, are you there?")
     await item.click()
     await expect(bob.message("Hi Bob, are you there?")).to_be_visible()
-    await expect(sent.locator(".tick")).to_have_attribute("data-state", "read")
+    await expect(sent).to_have_attribute("data-state", "read")
 
     # Typing shows on the other side, then the reply arrives.
     await bob.page.type("#composer-input", "Yes", delay=30)
@@ -39,7 +39,7 @@ async def test_two_users_chat_see_receipts_and_keep_history_after_reload(
     await bob.page.press("#composer-input", "Enter")
     await expect(alice.message("Yes, hello Alice!")).to_be_visible()
     await expect(alice.page.locator("#typing")).to_be_hidden()
-    await expect(bob.message("Yes, hello Alice!").locator(".tick")).to_have_attribute("data-state", "read")
+    await expect(bob.tick("Yes, hello Alice!")).to_have_attribute("data-state", "read")
     await screenshot(alice.page, "chat")
 
     # A reload keeps the session (no sign-in form) and the history.
@@ -62,12 +62,15 @@ async def test_sender_recalls_a_message_on_both_screens(server: Server, browser:
 
     mine = alice.message("oops, wrong chat")
     await mine.locator("button.recall").click()
-    await expect(alice.page.locator("#messages .body.recalled")).to_have_text("You recalled this message")
-    await expect(bob.page.locator("#messages .body.recalled")).to_have_text("alice recalled a message")
+    recalled = "#messages .body.recalled"
+    await expect(alice.page.locator(recalled)).to_have_text("You recalled this message")
+    await expect(bob.page.locator(recalled)).to_have_text("alice recalled a message")
     await expect(bob.page.locator("#messages")).not_to_contain_text("oops, wrong chat")
 
 
-async def test_history_pages_back_when_scrolled_to_the_top(server: Server, browser: Browser) -> None:
+async def test_history_pages_back_when_scrolled_to_the_top(
+    server: Server, browser: Browser
+) -> None:
     alice = await new_device(browser, server.url, "alice", register=True)
     bob = await new_device(browser, server.url, "bob", register=True)
     await alice.open_dm("bob")
@@ -105,13 +108,13 @@ async def test_page_reconnects_after_server_restart_and_fills_the_gap(
     await expect(alice.page.locator("#banner")).to_contain_text("Reconnecting")
     # Written while the server is down: kept in the outbox, sent after the reconnect.
     await alice.send("written while offline")
-    await expect(alice.message("written while offline").locator(".tick")).to_have_attribute("data-state", "sending")
+    await expect(alice.tick("written while offline")).to_have_attribute("data-state", "sending")
     await asyncio.to_thread(server.start)
 
     await expect(alice.page.locator("#conn-status")).to_have_text("connected", timeout=30000)
     await expect(bob.page.locator("#conn-status")).to_have_text("connected", timeout=30000)
     await expect(bob.message("written while offline")).to_be_visible()
-    await expect(alice.message("written while offline").locator(".tick")).to_have_attribute("data-state", "read")
+    await expect(alice.tick("written while offline")).to_have_attribute("data-state", "read")
     await expect(alice.page.locator("#banner")).to_be_hidden()
     # Exactly once on both sides: the retry with the same client_msg_id made no duplicate.
     assert await bob.message("written while offline").count() == 1
