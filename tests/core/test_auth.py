@@ -1,0 +1,215 @@
+"""Authentication: bearer header, first auth frame, token checks, demo accounts."""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import hmac
+import json
+import time
+from pathlib import Path
+
+import aiohttp
+import jwt
+import pytest
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec, rsa
+
+from signaling.client import AuthFailed, Client
+from tests.support import SECRET, Node, start_node, token
+
+
+async def _refusal(ws_url: str, frame: dict | None = None, headers: dict | None = None):
+    """Connect, optionally send a frame, and return (first frame, close code)."""
+    async with aiohttp.ClientSession() as s, s.ws_connect(ws_url, headers=headers or {}) as ws:
+        if frame is not None:
+            await ws.send_str(json.dumps(frame))
+        msg = await ws.receive(timeout=5)
+        first = json.loads(msg.data) if msg.type == aiohttp.WSMsgType.TEXT else None
+        closing = await ws.receive(timeout=5)
+        assert closing.type in (aiohttp.WSMsgType.CLOSE, aiohttp.WSMsgType.CLOSED)
+        return first, ws.close_code
+
+
+def _unsigned(payload: dict) -> str:
+    def b64(d: dict) -> str:
+        return base64.urlsafe_b64encode(json.dumps(d).encode()).rstrip(b"=").decode()
+
+    return f"{b64({'alg': 'none', 'typ': 'JWT'})}.{b64(payload)}."
+
+
+async def test_bearer_header_authenticates(node: Node):
+    c = Client(node.ws_url, token("alice", name="Alice"), device="phone")
+    ok = await c.connect()
+    assert (ok["type"], ok["user"], ok["device"], ok["name"]) == (
+        "auth.ok",
+        "alice",
+        "phone",
+        "Alice",
+    )
+    assert ok["session"] and abs(ok["server_time"] - time.time() * 1000) < 5000
+    assert ok["ice_servers"] == []  # nothing configured: never a public STUN server
+    await c.close()
+
+
+async def test_first_auth_frame_authenticates(node: Node):
+    c = Client(node.ws_url, token("alice"), device="browser", auth="frame")
+    ok = await c.connect()
+    assert (ok["user"], ok["device"]) == ("alice", "browser")
+    await c.close()
+
+
+@pytest.mark.parametrize(
+    "bad_token, reason",
+    [
+        (token("alice", ttl=-60), "expired"),
+        (token("alice", secret="not-the-secret-but-long-enough-000000"), "invalid"),
+        (_unsigned({"sub": "alice", "exp": int(time.time()) + 60}), "algorithm"),
+        (jwt.encode({"sub": "alice"}, SECRET, algorithm="HS256"), "exp"),
+        (token("al ice"), "sub"),
+        (
+            jwt.encode({"sub": "alice", "exp": int(time.time()) + 60}, SECRET, algorithm="HS512"),
+            "algorithm",
+        ),
+        ("not.a.token", "malformed"),
+    ],
+)
+async def test_bad_tokens_get_unauthorized_and_close_4401(node: Node, bad_token: str, reason: str):
+    for frame, headers in (
+        ({"type": "auth", "token": bad_token}, None),
+        (None, {"Authorization": f"Bearer {bad_token}"}),
+    ):
+        first, code = await _refusal(node.ws_url, frame, headers)
+        assert first["type"] == "error" and first["code"] == "unauthorized"
+        assert reason in first["message"]
+        assert code == 4401
+
+
+async def test_first_frame_that_is_not_auth_is_refused(node: Node):
+    first, code = await _refusal(node.ws_url, {"type": "msg.send", "id": "1"})
+    assert (first["code"], code) == ("unauthorized", 4401)
+
+
+async def test_silent_connection_is_refused_after_auth_timeout(tmp_path: Path):
+    n = await start_node(f"sqlite:///{tmp_path / 's.db'}", tmp_path, auth_timeout=0.3)
+    try:
+        first, code = await _refusal(n.ws_url)
+        assert (first["code"], code) == ("unauthorized", 4401)
+    finally:
+        await n.stop()
+
+
+async def test_token_bound_to_a_device_refuses_another_device(node: Node):
+    c = Client(node.ws_url, token("alice", dev="d1"), device="d2")
+    with pytest.raises(AuthFailed):
+        await c.connect()
+    await c.close()
+
+
+def _keypair(kind: str, tmp_path: Path):
+    if kind == "RS256":
+        key: rsa.RSAPrivateKey | ec.EllipticCurvePrivateKey = rsa.generate_private_key(65537, 2048)
+    else:
+        key = ec.generate_private_key(ec.SECP256R1())
+    pem = key.public_key().public_bytes(
+        serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
+    )
+    path = tmp_path / f"{kind}-{id(key)}.pem"
+    path.write_bytes(pem)
+    return key, path, pem
+
+
+@pytest.mark.parametrize("alg", ["RS256", "ES256"])
+async def test_tokens_minted_by_an_app_backend_with_a_public_key(tmp_path: Path, alg: str):
+    key, path, pem = _keypair(alg, tmp_path)
+    n = await start_node(f"sqlite:///{tmp_path / 's.db'}", tmp_path, jwt_public_key=str(path))
+    try:
+        good = jwt.encode({"sub": "carol", "exp": int(time.time()) + 60}, key, algorithm=alg)
+        c = Client(n.ws_url, good)
+        assert (await c.connect())["user"] == "carol"
+        await c.close()
+        # Algorithm confusion: an HS256 token whose HMAC key is the public key's PEM.
+        header = base64.urlsafe_b64encode(b'{"alg":"HS256","typ":"JWT"}').rstrip(b"=")
+        claims = json.dumps({"sub": "carol", "exp": int(time.time()) + 60}).encode()
+        body = base64.urlsafe_b64encode(claims).rstrip(b"=")
+        mac = hmac.new(pem, header + b"." + body, hashlib.sha256).digest()
+        confused = b".".join([header, body, base64.urlsafe_b64encode(mac).rstrip(b"=")]).decode()
+        first, code = await _refusal(n.ws_url, {"type": "auth", "token": confused})
+        assert (first["code"], code) == ("unauthorized", 4401)
+        # A token signed by another key of the same kind.
+        wrong, _, _ = _keypair(alg, tmp_path)
+        bad = jwt.encode({"sub": "carol", "exp": int(time.time()) + 60}, wrong, algorithm=alg)
+        first, code = await _refusal(n.ws_url, {"type": "auth", "token": bad})
+        assert (first["code"], code) == ("unauthorized", 4401)
+    finally:
+        await n.stop()
+
+
+async def test_register_then_login_returns_a_token_that_connects(node: Node):
+    async with aiohttp.ClientSession() as s:
+        r = await s.post(
+            f"{node.url}/api/register", json={"user": "dave", "password": "correct horse"}
+        )
+        assert r.status == 200
+        r = await s.post(
+            f"{node.url}/api/register", json={"user": "dave", "password": "correct horse"}
+        )
+        assert r.status == 409 and (await r.json())["error"]["code"] == "conflict"
+        r = await s.post(
+            f"{node.url}/api/login", json={"user": "dave", "password": "wrong password"}
+        )
+        assert r.status == 401
+        r = await s.post(f"{node.url}/api/login", json={"user": "nobody", "password": "whatever1"})
+        assert r.status == 401
+        r = await s.post(
+            f"{node.url}/api/login", json={"user": "dave", "password": "correct horse"}
+        )
+        assert r.status == 200
+        body = await r.json()
+        assert body["expires_at"] > time.time()
+        r = await s.post(f"{node.url}/api/register", json={"user": "x", "password": "short"})
+        assert r.status == 400
+    c = Client(node.ws_url, body["token"])
+    assert (await c.connect())["user"] == "dave"
+    await c.close()
+
+
+async def test_password_is_stored_as_argon2_hash(node: Node):
+    async with aiohttp.ClientSession() as s:
+        await s.post(
+            f"{node.url}/api/register", json={"user": "erin", "password": "hunter2hunter2"}
+        )
+    user = await node.state.users.get("erin")
+    assert user is not None and user.password_hash.startswith("$argon2id$")
+    assert "hunter2" not in user.password_hash
+
+
+async def test_registration_can_be_turned_off(tmp_path: Path):
+    n = await start_node(f"sqlite:///{tmp_path / 's.db'}", tmp_path, allow_registration=False)
+    try:
+        async with aiohttp.ClientSession() as s:
+            r = await s.post(
+                f"{n.url}/api/register", json={"user": "dave", "password": "correct horse"}
+            )
+            assert r.status == 404
+    finally:
+        await n.stop()
+
+
+async def test_ice_servers_endpoint_needs_a_valid_token(node: Node):
+    async with aiohttp.ClientSession() as s:
+        r = await s.get(f"{node.url}/api/ice-servers")
+        assert r.status == 401
+        r = await s.get(
+            f"{node.url}/api/ice-servers", headers={"Authorization": f"Bearer {token('alice')}"}
+        )
+        assert r.status == 200 and (await r.json())["ice_servers"] == []
+
+
+async def test_a_second_connection_of_the_same_device_replaces_the_first(node: Node):
+    first = await node.client("alice", "phone", reconnect=False)
+    await node.client("alice", "phone")
+    ev = await first.next_event("session.replaced")
+    assert ev["type"] == "session.replaced"
+    closed = await first.next_event("client.disconnected")
+    assert closed["code"] == 4409
