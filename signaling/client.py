@@ -10,8 +10,9 @@ in turn with backoff) and syncs: after a reconnect it asks ``conv.list`` and pag
 ``msg.history after_seq`` for every conversation that moved, and hands the missed messages
 to the event queue as ``msg.new`` events with ``"synced": true``. A gap in a conversation's
 sequence seen live (seq 7 arrives after 5) is filled the same way. Messages are handed out
-once per (conv, seq) however they arrive. On its first connect the client takes what is
-already stored as seen (``backlog=True`` hands it all out as synced events instead).
+once per (conv, seq) however they arrive. On its first connect the client syncs the
+conversations whose ``watermark`` the app restored from local storage and takes the rest
+as seen (``backlog=True`` hands everything out as synced events instead).
 """
 
 from __future__ import annotations
@@ -127,10 +128,7 @@ class Client:
         self._reader = asyncio.get_running_loop().create_task(self._read_forever())
         if self.sync_enabled and not self._baselined:
             self._baselined = True
-            if self.backlog:
-                await self.sync()
-            else:
-                await self.start_sync_from_now()
+            await self._first_sync()
         return self.auth_ok
 
     async def _open(self, url: str) -> dict[str, Any]:
@@ -300,12 +298,17 @@ class Client:
             after = msgs[-1]["seq"]
         return n
 
-    async def start_sync_from_now(self) -> None:
-        """Treat everything already stored as seen (a fresh device that wants no backlog)."""
+    async def _first_sync(self) -> None:
+        """On the first connect: sync conversations the caller restored a ``watermark`` for;
+        take the others as seen up to now (``backlog=True``: hand everything out instead)."""
         data = await self.request("conv.list")
         for conv in data["conversations"]:
-            self.watermark.setdefault(conv["conv"], conv["last_seq"])
-            self.last_seq.setdefault(conv["conv"], conv["last_seq"])
+            cid, last = conv["conv"], conv["last_seq"]
+            if self.backlog or cid in self.watermark:
+                await self._sync_conv(cid, last)
+            else:
+                self.watermark[cid] = last
+                self.last_seq[cid] = last
 
     # ------------------------------------------------------------ requests
 
