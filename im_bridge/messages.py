@@ -6,6 +6,7 @@ layer publishes the events (see signaling/delivery.py).
 
 from __future__ import annotations
 
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -55,6 +56,8 @@ class ChatService:
     def __init__(self, store: Store, recall_window_s: int = 120) -> None:
         self.store = store
         self.recall_window_ms = recall_window_s * 1000
+        # Set by the group service: its cached member lists (fan-out reads one per message).
+        self.group_members: Callable[[str], Awaitable[list[str]]] | None = None
 
     # ------------------------------------------------------------ membership
 
@@ -63,6 +66,8 @@ class ChatService:
         kind, parts = parse_conv(conv)
         if kind == "dm":
             return sorted(set(parts))
+        if self.group_members is not None:
+            return await self.group_members(conv)
         return await self.store.read(ops.current_members(conv))
 
     async def member_view(self, conv: str, user: str) -> Member | None:
