@@ -72,4 +72,10 @@ MIGRATIONS: list[list[str]] = [
             created_at BIGINT NOT NULL,
             PRIMARY KEY (group_id, user_id))""",
     ],
+    # 2: groups: who filed a join request on someone's behalf (a plain member's invite to an
+    # approval group), and pending requests listed oldest first.
+    [
+        "ALTER TABLE group_requests ADD COLUMN invited_by TEXT",
+        "CREATE INDEX group_requests_time ON group_requests (group_id, created_at)",
+    ],
 ]
