@@ -40,12 +40,12 @@ ROLES = ("admin", "member")
 def _text(value: Any, field: str, max_len: int, *, required: bool) -> str:
     if not isinstance(value, str):
         raise BadRequest(f"'{field}' must be a string", field=field)
-    value = value.strip()
-    if required and not value:
+    text: str = value.strip()
+    if required and not text:
         raise BadRequest(f"'{field}' must not be empty", field=field)
-    if len(value) > max_len:
+    if len(text) > max_len:
         raise BadRequest(f"'{field}' is longer than {max_len} characters", field=field)
-    return value
+    return text
 
 
 def _policy(value: Any) -> str:
@@ -202,8 +202,10 @@ class GroupService:
 
     async def join(self, user: str, group: Any, message: Any = None) -> Change:
         gid = check_group_id(group)
-        text = "" if message is None else _text(
-            message, "message", MAX_REQUEST_MESSAGE, required=False
+        text = (
+            ""
+            if message is None
+            else _text(message, "message", MAX_REQUEST_MESSAGE, required=False)
         )
         return await self._write(gops.join(gid, user, text, now_ms(), self.member_limit))
 

@@ -172,9 +172,7 @@ def _target_role(g: Group, user: str) -> Op[str]:
 
 
 def member_count(conv: str) -> Op[int]:
-    r = yield one(
-        "SELECT COUNT(*) FROM conv_members WHERE conv = ? AND left_seq IS NULL", conv
-    )
+    r = yield one("SELECT COUNT(*) FROM conv_members WHERE conv = ? AND left_seq IS NULL", conv)
     return int(r[0])
 
 
@@ -286,23 +284,22 @@ def conv_muted_users(conv: str, users: list[str]) -> Op[set[str]]:
     """Which of ``users`` have muted the conversation (``conv.mute``)."""
     if not users:
         return set()
-    rs = yield rows(
-        "SELECT user_id FROM conv_members WHERE conv = ? AND conv_muted <> 0", conv
-    )
+    rs = yield rows("SELECT user_id FROM conv_members WHERE conv = ? AND conv_muted <> 0", conv)
     wanted = set(users)
     return {r[0] for r in rs if r[0] in wanted}
 
 
-def senders_between(conv: str, lo: int, hi: int) -> Op[list[str]]:
-    """Distinct senders of client messages with lo < seq <= hi (receipt recipients)."""
+def senders_between(conv: str, lo: int, hi: int) -> Op[dict[str, int]]:
+    """Senders of client messages with lo < seq <= hi, each with their earliest such seq
+    (who a coalesced read receipt concerns, and from which position on)."""
     rs = yield rows(
-        "SELECT DISTINCT sender FROM messages WHERE conv = ? AND seq > ? AND seq <= ? "
-        "AND kind NOT IN ('notice', 'call')",
+        "SELECT sender, MIN(seq) FROM messages WHERE conv = ? AND seq > ? AND seq <= ? "
+        "AND kind NOT IN ('notice', 'call') GROUP BY sender",
         conv,
         lo,
         hi,
     )
-    return [r[0] for r in rs]
+    return {r[0]: int(r[1]) for r in rs}
 
 
 # ---------------------------------------------------------------- writes
@@ -321,13 +318,12 @@ def _notice(g: Group, actor: str, body: dict[str, Any], now: int) -> Op[Message]
     return msg
 
 
-def _add_member(
-    conv: str, user: str, role: str, seq: int, read_seq: int, now: int
-) -> Op[None]:
+def _add_member(conv: str, user: str, role: str, seq: int, read_seq: int, now: int) -> Op[None]:
     """Insert a member, or bring a former member back (their visible range restarts at seq)."""
     yield execute(
         "INSERT INTO conv_members (conv, user_id, role, joined_seq, left_seq, read_seq, "
-        "delivered_seq, mention_seq, muted_until, joined_at) VALUES (?, ?, ?, ?, NULL, ?, ?, 0, 0, ?) "
+        "delivered_seq, mention_seq, muted_until, joined_at) "
+        "VALUES (?, ?, ?, ?, NULL, ?, ?, 0, 0, ?) "
         "ON CONFLICT (conv, user_id) DO UPDATE SET role = excluded.role, "
         "joined_seq = excluded.joined_seq, left_seq = NULL, read_seq = excluded.read_seq, "
         "delivered_seq = excluded.delivered_seq, mention_seq = 0, muted_until = 0, "
@@ -397,9 +393,7 @@ def create(
     )
     body: dict[str, Any] = {"event": "created", "actor": owner, "name": name, "users": others}
     msg = yield from _notice(g, owner, body, now)
-    return Change(
-        group=g, notice=msg, audience=[owner, *others], members_changed=True
-    )
+    return Change(group=g, notice=msg, audience=[owner, *others], members_changed=True)
 
 
 def update(group: str, actor: str, fields: dict[str, Any], now: int) -> Op[Change]:
@@ -433,16 +427,12 @@ def invite(group: str, actor: str, users: list[str], now: int, limit: int) -> Op
         if r is not None:
             present.append(u)
     if present:
-        raise Conflict(
-            f"already members: {', '.join(present)}", field="users", users=present
-        )
+        raise Conflict(f"already members: {', '.join(present)}", field="users", users=present)
     privileged = role in PRIVILEGED
     if not privileged and g.join_policy == "invite_only":
         raise Forbidden("only the owner or an admin may invite to this group")
     if not privileged and g.join_policy == "approval":
-        pending = yield rows(
-            "SELECT user_id FROM group_requests WHERE group_id = ?", group
-        )
+        pending = yield rows("SELECT user_id FROM group_requests WHERE group_id = ?", group)
         already = {r[0] for r in pending} & set(users)
         if already:
             raise Conflict(
@@ -466,12 +456,12 @@ def invite(group: str, actor: str, users: list[str], now: int, limit: int) -> Op
             group=g, notice=msg, audience=audience, data={"added": [], "requested": users}
         )
     yield from _room_for(g, len(users), limit)
-    msg = yield from _notice(g, actor, {"event": "member_invited", "actor": actor, "users": users}, now)
+    msg = yield from _notice(
+        g, actor, {"event": "member_invited", "actor": actor, "users": users}, now
+    )
     for u in users:
         yield from _add_member(g.conv, u, "member", msg.seq, msg.seq - 1, now)
-        yield execute(
-            "DELETE FROM group_requests WHERE group_id = ? AND user_id = ?", group, u
-        )
+        yield execute("DELETE FROM group_requests WHERE group_id = ? AND user_id = ?", group, u)
     audience = yield from current_members(g.conv)
     return Change(
         group=g,
@@ -538,7 +528,10 @@ def approve(group: str, actor: str, user: str, now: int, limit: int) -> Op[Chang
     yield from _room_for(g, 1, limit)
     yield execute("DELETE FROM group_requests WHERE group_id = ? AND user_id = ?", group, user)
     msg = yield from _notice(
-        g, actor, {"event": "member_joined", "actor": actor, "users": [user], "via": "approval"}, now
+        g,
+        actor,
+        {"event": "member_joined", "actor": actor, "users": [user], "via": "approval"},
+        now,
     )
     yield from _add_member(g.conv, user, "member", msg.seq, msg.seq - 1, now)
     audience = yield from current_members(g.conv)
@@ -691,9 +684,7 @@ def mute_all(group: str, actor: str, on: bool, now: int) -> Op[Change]:
     yield from _privileged(g, actor)
     if g.mute_all == on:
         raise Conflict("the group is already " + ("muted" if on else "unmuted"))
-    n = yield count(
-        "UPDATE chat_groups SET mute_all = ? WHERE group_id = ?", 1 if on else 0, group
-    )
+    n = yield count("UPDATE chat_groups SET mute_all = ? WHERE group_id = ?", 1 if on else 0, group)
     assert n == 1
     g.mute_all = on
     msg = yield from _notice(g, actor, {"event": "mute_all", "actor": actor, "on": on}, now)
