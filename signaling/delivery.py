@@ -7,6 +7,7 @@ from typing import Any
 
 from im_bridge.models import Message
 from im_bridge.push import PushNotification
+from im_bridge.store import group_ops
 from signaling.codec import encode
 from signaling.state import AppState
 
@@ -40,10 +41,20 @@ async def deliver_message(
     if not push:
         return
     mentioned_all = bool(msg.mentions and "@all" in msg.mentions)
+    offline = []
     for user in members:
         if user == msg.sender:
             continue  # never push to the sender's own devices
         if await state.bus.online_devices(user):
+            continue
+        offline.append(user)
+    if not offline:
+        return
+    # A member who muted the conversation (conv.mute) is still pushed when mentioned.
+    muted = await state.store.read(group_ops.conv_muted_users(msg.conv, offline))
+    for user in offline:
+        mentioned = mentioned_all or bool(msg.mentions and user in msg.mentions)
+        if user in muted and not mentioned:
             continue
         await state.pusher.push(
             PushNotification(
@@ -52,7 +63,7 @@ async def deliver_message(
                 conv=msg.conv,
                 sender=msg.sender,
                 preview=preview(msg),
-                mentioned=mentioned_all or bool(msg.mentions and user in msg.mentions),
+                mentioned=mentioned,
                 data={"seq": msg.seq, "msg_id": msg.msg_id, "kind": msg.kind},
             )
         )

@@ -2,13 +2,113 @@
 
 from __future__ import annotations
 
+import asyncio
+import logging
 from typing import Any
 
 from im_bridge.errors import BadRequest
 from im_bridge.ids import parse_conv
+from im_bridge.store import group_ops
 from signaling.codec import opt_int, opt_str, req_bool, req_int, req_str, str_list
 from signaling.delivery import deliver_message, publish
 from signaling.dispatch import RequestContext, handler
+from signaling.state import AppState
+
+log = logging.getLogger(__name__)
+
+RECEIPT_WINDOW_S = 1.0
+# How far back (in seqs) a coalesced receipt looks for the senders it concerns.
+RECEIPT_LOOKBACK = 1000
+
+
+class ReceiptCoalescer:
+    """Group receipts, coalesced: at most one ``receipt`` event per conversation per kind
+    per window to each sender of a message the receipts cover (no members x members storm).
+
+    The event lists every reader's new position: ``{type: "receipt", conv, kind,
+    receipts: [{user, seq}]}`` (with ``user`` and ``seq`` also at top level when there is
+    exactly one, the shape of a 1:1 receipt).
+    """
+
+    def __init__(self, state: AppState, window: float = RECEIPT_WINDOW_S) -> None:
+        self.state = state
+        self.window = window
+        self._pending: dict[str, dict[tuple[str, str], int]] = {}
+        self._timers: dict[str, asyncio.TimerHandle] = {}
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    def add(self, conv: str, user: str, kind: str, seq: int) -> None:
+        pending = self._pending.get(conv)
+        if pending is None:
+            pending = self._pending[conv] = {}
+            loop = asyncio.get_running_loop()
+            self._timers[conv] = loop.call_later(self.window, self._due, conv)
+        if pending.get((kind, user), 0) < seq:
+            pending[(kind, user)] = seq
+
+    def _due(self, conv: str) -> None:
+        self._timers.pop(conv, None)
+        task = asyncio.get_running_loop().create_task(self.flush(conv))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def flush(self, conv: str) -> None:
+        """Send what is pending for ``conv`` now."""
+        pending = self._pending.pop(conv, None)
+        if not pending:
+            return
+        by_kind: dict[str, dict[str, int]] = {}
+        for (kind, user), seq in pending.items():
+            by_kind.setdefault(kind, {})[user] = seq
+        try:
+            members = set(await self.state.chat.members(conv))
+            for kind, entries in by_kind.items():
+                hi = max(entries.values())
+                senders = await self.state.store.read(
+                    group_ops.senders_between(conv, max(0, hi - RECEIPT_LOOKBACK), hi)
+                )
+                for sender, first in senders.items():
+                    if sender not in members:
+                        continue
+                    rec = [
+                        {"user": u, "seq": s}
+                        for u, s in entries.items()
+                        if u != sender and s >= first
+                    ]
+                    if not rec:
+                        continue
+                    ev: dict[str, Any] = {
+                        "type": "receipt",
+                        "conv": conv,
+                        "kind": kind,
+                        "receipts": rec,
+                    }
+                    if len(rec) == 1:
+                        ev.update(rec[0])
+                    await publish(self.state, [sender], ev)
+        except Exception:
+            log.exception("coalesced receipts of %s failed", conv)
+
+    async def close(self) -> None:
+        """Send everything pending (at shutdown)."""
+        for timer in self._timers.values():
+            timer.cancel()
+        self._timers.clear()
+        for conv in list(self._pending):
+            await self.flush(conv)
+        if self._tasks:
+            await asyncio.gather(*self._tasks, return_exceptions=True)
+
+
+async def setup(state: AppState) -> None:
+    """Attach the receipt coalescer."""
+    state.extras["receipts"] = ReceiptCoalescer(state)
+
+
+async def teardown(state: AppState) -> None:
+    coalescer: ReceiptCoalescer | None = state.extras.get("receipts")
+    if coalescer is not None:
+        await coalescer.close()
 
 
 def _conv(req: dict[str, Any]) -> str:
@@ -80,8 +180,18 @@ async def _receipt(ctx: RequestContext, req: dict[str, Any], kind: str) -> dict[
     conv, seq = _conv(req), req_int(req, "seq", minimum=0)
     user = ctx.session.user
     new, members = await ctx.state.chat.mark(user, conv, kind, seq)
-    if new is not None:
-        # The other members learn the position; the user's other devices too (unread sync).
+    if new is not None and conv.startswith("g:"):
+        # The user's other devices learn it at once (unread counts); senders get it coalesced.
+        await publish(
+            ctx.state,
+            [user],
+            {"type": "receipt", "conv": conv, "user": user, "kind": kind, "seq": new},
+            exclude_session=ctx.session.session_id,
+        )
+        coalescer: ReceiptCoalescer = ctx.state.extras["receipts"]
+        coalescer.add(conv, user, kind, new)
+    elif new is not None:
+        # The other member learns the position; the user's other devices too (unread sync).
         await publish(
             ctx.state,
             members,
