@@ -37,8 +37,8 @@ typecheck: dev-deps
 ## Unit and integration tests on the host network (real SQLite, PostgreSQL, Redis), then the
 ## WebRTC and browser tests inside a loopback-only network namespace.
 pytest: dev-deps
-	$(PY) -m pytest -m "not netns" -q
-	scripts/netns-run $(PY) -m pytest -m netns -q
+	$(PY) -m pytest -m "not netns" -q -p no:cacheprovider
+	scripts/netns-run $(PY) -m pytest -m netns -q -p no:cacheprovider
 
 test: dev-deps
 	scripts/system-deps
