@@ -227,6 +227,7 @@ class App {
     this.restarting = false;
     if (ok.user && ok.user !== this.me) this.me = ok.user;
     this._banner(null);
+    this.calls.resume();
     try {
       await this.chat.sync();
       await this.groups.loadAll();

@@ -105,6 +105,7 @@ export class CallManager {
   // ---- incoming calls -------------------------------------------------------------------
 
   _onInvite(ev) {
+    if (this.call && this.call.id === ev.call_id) return; // re-sent after a reconnect
     if (this.call) {
       // This device is busy: say so, so the caller hears "busy" rather than ringing forever.
       this.app.client.request("call.reject", { call_id: ev.call_id, reason: "busy" }).catch(() => {});
@@ -164,6 +165,9 @@ export class CallManager {
     const media = { audio: !!(inv.media && inv.media.audio), video: !!(inv.media && inv.media.video) && !audioOnly };
     const call = this._newCall({ id: callId, role: "callee", peer: inv.from, media });
     call.peerDevice = inv.from_device;
+    // The chat with the caller opens underneath, so the call log shows up where expected.
+    const conv = this.app.chat.dmId(inv.from);
+    if (!this.app.chat.openConv || this.app.chat.openConv.conv !== conv) this.app.chat.open(conv);
     this._show(`Connecting to ${this.app.nameOf(inv.from)}…`);
     try {
       try {
@@ -292,6 +296,16 @@ export class CallManager {
     const btn = kind === "audio" ? this.el.mic : this.el.cam;
     btn.classList.toggle("off", !on);
     btn.textContent = kind === "audio" ? (on ? "Mute mic" : "Unmute mic") : on ? "Camera off" : "Camera on";
+  }
+
+  /** The signaling connection is back: collect what the server held for this device. */
+  resume() {
+    const call = this.call;
+    if (!call || call.ended || !call.ready) return;
+    this.app.client.request("call.resume", { call_id: call.id }).catch((err) => {
+      if (err.code === "not_found" || err.code === "conflict") this._end(call, "The call ended while the connection was down.", true);
+      else this.app.toast(err.message, "error");
+    });
   }
 
   /** The network came back: restart ICE so media finds a path again. */
