@@ -115,10 +115,21 @@ async def test_member_cannot_approve_or_reject(world: World):
 
 async def test_muted_member_cannot_send_until_unmuted(world: World):
     await world.req("bob", "group.mute", group=world.group, user="carol", until_ts=FUTURE)
-    await world.fails("carol", "msg.send", "forbidden", to={"group": world.group},
-                      kind="text", body={"text": "hi"})
-    await world.req("dave", "msg.send", to={"group": world.group}, kind="text",
-                    body={"text": "others still talk"})
+    await world.fails(
+        "carol",
+        "msg.send",
+        "forbidden",
+        to={"group": world.group},
+        kind="text",
+        body={"text": "hi"},
+    )
+    await world.req(
+        "dave",
+        "msg.send",
+        to={"group": world.group},
+        kind="text",
+        body={"text": "others still talk"},
+    )
     await world.req("bob", "group.mute", group=world.group, user="carol", until_ts=0)
     await world.c["carol"].send_text("back", group=world.group)
 
@@ -126,8 +137,14 @@ async def test_muted_member_cannot_send_until_unmuted(world: World):
 async def test_mute_all_silences_members_but_not_owner_or_admins(world: World):
     await world.req("bob", "group.mute_all", group=world.group, on=True)
     for member in ("carol", "dave"):
-        await world.fails(member, "msg.send", "forbidden", to={"group": world.group},
-                          kind="text", body={"text": "hi"})
+        await world.fails(
+            member,
+            "msg.send",
+            "forbidden",
+            to={"group": world.group},
+            kind="text",
+            body={"text": "hi"},
+        )
     await world.c["alice"].send_text("owner speaks", group=world.group)
     await world.c["bob"].send_text("admin speaks", group=world.group)
     await world.req("alice", "group.mute_all", group=world.group, on=False)
@@ -135,15 +152,29 @@ async def test_mute_all_silences_members_but_not_owner_or_admins(world: World):
 
 
 async def test_at_all_is_for_owner_and_admins(world: World):
-    await world.fails("carol", "msg.send", "forbidden", to={"group": world.group}, kind="text",
-                      body={"text": "@all hi"}, mentions=["@all"])
-    await world.req("bob", "msg.send", to={"group": world.group}, kind="text",
-                    body={"text": "@all hi"}, mentions=["@all"])
+    await world.fails(
+        "carol",
+        "msg.send",
+        "forbidden",
+        to={"group": world.group},
+        kind="text",
+        body={"text": "@all hi"},
+        mentions=["@all"],
+    )
+    await world.req(
+        "bob",
+        "msg.send",
+        to={"group": world.group},
+        kind="text",
+        body={"text": "@all hi"},
+        mentions=["@all"],
+    )
 
 
 async def test_outsider_cannot_send_read_or_list_members(world: World):
-    await world.fails("eve", "msg.send", "forbidden", to={"group": world.group}, kind="text",
-                      body={"text": "hi"})
+    await world.fails(
+        "eve", "msg.send", "forbidden", to={"group": world.group}, kind="text", body={"text": "hi"}
+    )
     await world.fails("eve", "msg.history", "forbidden", conv=world.conv)
     await world.fails("eve", "group.members", "forbidden", group=world.group)
 
@@ -159,10 +190,19 @@ async def test_kicked_member_reads_up_to_the_kick_only_and_cannot_send(world: Wo
     assert "after" not in [m["body"].get("text") for m in hist["messages"]]
     newer = await world.req("carol", "msg.history", conv=world.conv, after_seq=kick["seq"])
     assert newer["messages"] == []
-    await world.fails("carol", "msg.send", "forbidden", to={"group": world.group}, kind="text",
-                      body={"text": "let me back"})
-    conv = next(c for c in (await world.req("carol", "conv.list"))["conversations"]
-                if c["conv"] == world.conv)
+    await world.fails(
+        "carol",
+        "msg.send",
+        "forbidden",
+        to={"group": world.group},
+        kind="text",
+        body={"text": "let me back"},
+    )
+    conv = next(
+        c
+        for c in (await world.req("carol", "conv.list"))["conversations"]
+        if c["conv"] == world.conv
+    )
     assert conv["left"] and conv["last_seq"] == kick["seq"]
     await world.fails("carol", "group.members", "forbidden", group=world.group)
 
@@ -172,16 +212,23 @@ async def test_departed_member_reads_up_to_departure_only(world: World):
     await world.c["alice"].send_text("after", group=world.group)
     hist = await world.req("dave", "msg.history", conv=world.conv, limit=100)
     assert hist["messages"][-1]["seq"] == left["seq"]
-    await world.fails("dave", "msg.send", "forbidden", to={"group": world.group}, kind="text",
-                      body={"text": "hi"})
+    await world.fails(
+        "dave", "msg.send", "forbidden", to={"group": world.group}, kind="text", body={"text": "hi"}
+    )
 
 
 async def test_after_dissolve_nobody_sends_ops_are_not_found_history_stays(world: World):
     await world.c["carol"].send_text("last words", group=world.group)
     gone = await world.req("alice", "group.dissolve", group=world.group)
     for user in ("alice", "bob", "carol"):
-        await world.fails(user, "msg.send", "not_found", to={"group": world.group},
-                          kind="text", body={"text": "anyone?"})
+        await world.fails(
+            user,
+            "msg.send",
+            "not_found",
+            to={"group": world.group},
+            kind="text",
+            body={"text": "anyone?"},
+        )
     for frame, fields in [
         ("group.info", {}),
         ("group.members", {}),
@@ -196,6 +243,7 @@ async def test_after_dissolve_nobody_sends_ops_are_not_found_history_stays(world
         hist = await world.req(user, "msg.history", conv=world.conv, limit=100)
         assert hist["messages"][-1]["seq"] == gone["seq"]
         assert "last words" in [m["body"].get("text") for m in hist["messages"]]
-    assert world.group not in [g["group"] for g in
-                               (await world.req("carol", "group.list"))["groups"]]
+    assert world.group not in [
+        g["group"] for g in (await world.req("carol", "group.list"))["groups"]
+    ]
     await world.fails("eve", "msg.history", "forbidden", conv=world.conv)

@@ -33,6 +33,15 @@ class World:
         assert e.value.code == code, e.value
         return e.value
 
+    async def say(self, who: str, text: str, **extra: Any) -> dict[str, Any]:
+        """``who`` sends a text message to the group."""
+        return await self.c[who].send_text(text, group=self.group, **extra)
+
+    async def cannot_say(self, who: str, code: str, text: str = "hi", **extra: Any) -> None:
+        """``who``'s message to the group is refused with ``code``."""
+        fields = {"to": {"group": self.group}, "kind": "text", "body": {"text": text}, **extra}
+        await self.fails(who, "msg.send", code, **fields)
+
     async def last_seq(self, user: str = "alice") -> int:
         hist = await self.req(user, "msg.history", conv=self.conv, limit=1)
         return int(hist["messages"][-1]["seq"])
