@@ -185,7 +185,12 @@ def analyze(records: list[dict[str, Any]]) -> dict[str, Any]:
             "drain_s": meta["drain"],
             "options": meta["options"],
         },
-        "machine": {"cpus": meta["cpus"]},
+        "machine": {
+            "cpus": meta["cpus"],
+            "loadavg_1m_before": next(
+                (r.get("loadavg") for r in records if r["kind"] == "machine"), None
+            ),
+        },
         "phases_s": {
             "setup": round(setup_end - meta["t"], 3),
             "run": round(run_s, 3),
@@ -197,7 +202,7 @@ def analyze(records: list[dict[str, Any]]) -> dict[str, Any]:
             "peak": max((r.get("connections", 0) for r in _conn_series(snaps)), default=0),
         },
         "server": _server_summary(server, meta),
-        "generator": _generator_summary(snaps, server, meta),
+        "generator": _generator_summary(snaps, server, meta, records, go, run_end),
         "timeseries": _timeseries(snaps, server, go, meta),
         "failures": failures,
     }
@@ -271,7 +276,12 @@ def _server_summary(server: list[dict[str, Any]], meta: dict[str, Any]) -> dict[
 
 
 def _generator_summary(
-    snaps: list[dict[str, Any]], server: list[dict[str, Any]], meta: dict[str, Any]
+    snaps: list[dict[str, Any]],
+    server: list[dict[str, Any]],
+    meta: dict[str, Any],
+    records: list[dict[str, Any]],
+    go: float,
+    run_end: float,
 ) -> dict[str, Any]:
     run = [s for s in snaps if s["phase"] == "run"]
     per_worker: dict[int, list[float]] = defaultdict(list)
@@ -299,14 +309,36 @@ def _generator_summary(
                 f"server and generator together used {machine * 100:.0f}% of the machine's "
                 f"{meta['cpus']} cores: they compete, figures are a lower bound"
             )
+    other = _other_load(records, go, run_end, sum(cpu_avg.values()), srv_cpu)
+    if other is not None and other >= 0.25:
+        reasons.append(
+            f"other processes used {other:.2f} cores during the run: the figures are disturbed"
+        )
     return {
         "workers": meta["workers"],
         "cpu_avg_per_worker": {str(w): c for w, c in sorted(cpu_avg.items())},
+        "other_processes_cores": other,
         "loop_lag_ms": lag_summary,
         "machine_cpu_share": machine,
         "bottleneck": bool(reasons),
         "reasons": reasons,
     }
+
+
+def _other_load(
+    records: list[dict[str, Any]], go: float, run_end: float, gen: float, srv_cpu: list[float]
+) -> float | None:
+    """Cores busy during the run with neither the server nor the generator (noise)."""
+    machine = [r for r in records if r["kind"] == "machine" and go <= r["t"] <= run_end + 0.5]
+    if len(machine) < 2:
+        return None
+    span = machine[-1]["t"] - machine[0]["t"]
+    if span <= 0:
+        return None
+    busy = (machine[-1]["busy"] - machine[0]["busy"]) / span
+    # The coordinator itself is small but not nothing; it counts as generator.
+    srv = sum(srv_cpu) / len(srv_cpu) if srv_cpu else 0.0
+    return round(max(0.0, float(busy) - gen - srv), 3)
 
 
 def _timeseries(

@@ -32,6 +32,15 @@ def cpu_seconds(pid: int) -> float | None:
     return (int(fields[11]) + int(fields[12])) / _TICK
 
 
+def machine_busy_seconds() -> float:
+    """CPU seconds all cores spent busy since boot (everything but idle and iowait)."""
+    with open("/proc/stat") as f:
+        fields = f.readline().split()[1:]
+    ticks = [int(x) for x in fields]
+    # user nice system idle iowait irq softirq steal ...
+    return (sum(ticks[:8]) - ticks[3] - ticks[4]) / _TICK
+
+
 def listening_pid(port: int) -> int | None:
     """The PID of the local process listening on TCP ``port`` (needs /proc access), or None."""
     inodes: set[str] = set()

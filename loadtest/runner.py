@@ -120,6 +120,10 @@ class Run:
         self.records.append({"kind": "meta", **self.meta(), "t": time.time()})
         # Before any worker exists: the server's RSS with none of our connections.
         last_cpu = self._sample_server(time.time(), None, live)
+        self.records.append(
+            {"kind": "machine", "t": time.time(), "busy": procstat.machine_busy_seconds(),
+             "loadavg": os.getloadavg()[0]}
+        )
         ctx = multiprocessing.get_context("spawn")
         q = ctx.Queue()
         go = ctx.Event()
@@ -178,6 +182,9 @@ class Run:
                         failures.append(f"worker {msg[1]}:\n{msg[2]}")
                 if now - last_sample >= 1.0:
                     last_sample = now
+                    self.records.append(
+                        {"kind": "machine", "t": now, "busy": procstat.machine_busy_seconds()}
+                    )
                     last_cpu = self._sample_server(now, last_cpu, live)
                     self._progress(live, now)
                     for i, p in enumerate(procs):

@@ -1,0 +1,235 @@
+"""The core issue's benchmark in one command (issue 2, Performance).
+
+Starts, one after the other on loopback: talkbridge on SQLite (temp data dir), talkbridge on
+PostgreSQL (a fresh database created for the run and dropped after it), the bare aiohttp
+relay and the python-socketio relay. Runs the same chat load against each (default: 100
+sender/receiver pairs, 8 messages in flight per sender) and prints delivered msgs/s,
+send-to-deliver p50/p99/max and the ratios. Then holds 10,000 idle authenticated connections
+to talkbridge (SQLite) and reports server RSS per connection.
+
+    .venv/bin/python bench/chat_bench.py                      # everything
+    .venv/bin/python bench/chat_bench.py --only sqlite,bare --duration 10
+    .venv/bin/python bench/chat_bench.py --idle 0             # skip the idle-connection part
+
+Figures are only as good as the machine is quiet: each row says how many cores other
+processes used during it (``noise``), and whether the generator was the bottleneck.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import resource
+import secrets
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from loadtest import servers
+from loadtest.cli import build_parser, run_command
+
+PG_ADMIN = "postgresql://postgres@127.0.0.1:5432/postgres"
+
+
+def raise_fd_limit() -> int:
+    """Soft open-files limit up to the hard one; servers started after this inherit it."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < hard:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    return hard
+
+
+async def _pg(sql: str) -> None:
+    import asyncpg
+
+    conn = await asyncpg.connect(PG_ADMIN)
+    try:
+        await conn.execute(sql)
+    finally:
+        await conn.close()
+
+
+def create_pg_db() -> str:
+    """Create a fresh database; returns its name."""
+    name = f"tb_bench_{secrets.token_hex(4)}"
+    asyncio.run(_pg(f'CREATE DATABASE "{name}"'))
+    return name
+
+
+def drop_pg_db(name: str) -> None:
+    """Drop the benchmark database (connections are gone by now; FORCE in case)."""
+    asyncio.run(_pg(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+
+
+def load(args: argparse.Namespace, url: str, transport: str, pid: int, label: str,
+         extra: list[str]) -> dict[str, Any]:
+    """Run one load with the loadtest CLI's machinery; returns its report."""
+    argv = [
+        "run", "--url", url, "--transport", transport, "--server-pid", str(pid),
+        "--secret", args.secret, "--workers", str(args.workers), "--duration", str(args.duration),
+        "--ramp", str(args.ramp), "--out", os.path.join(args.out, label), "--quiet", *extra,
+    ]
+    opts = build_parser().parse_args(argv)
+    report = run_command(opts)
+    report["label"] = label
+    return report
+
+
+def chat_row(label: str, report: dict[str, Any]) -> dict[str, Any]:
+    """The figures one chat run contributes to the table."""
+    s = report["scenarios"]["chat"]
+    lat = s["headline"]["latency_ms"]
+    gen = report["generator"]
+    return {
+        "server": label,
+        "msgs_per_s": s["headline"]["per_s"],
+        "steady_msgs_per_s": s["headline"]["steady_per_s"],
+        "p50_ms": lat.get("p50"),
+        "p99_ms": lat.get("p99"),
+        "max_ms": lat.get("max"),
+        "reply_p99_ms": s["latency_ms"].get("send_reply", {}).get("p99"),
+        "delivered": s["counts"].get("delivered", 0),
+        "lost": s["checks"].get("lost"),
+        "duplicates": s["checks"].get("duplicates"),
+        "errors": sum(s["errors"].values()),
+        "ok": s["checks"].get("ok"),
+        "server_cpu": (report.get("server") or {}).get("cpu_avg"),
+        "generator_cpu": gen["cpu_avg_per_worker"],
+        "noise_cores": gen.get("other_processes_cores"),
+        "generator_limited": gen["bottleneck"],
+        "reasons": gen["reasons"],
+    }
+
+
+def run_chat(args: argparse.Namespace, which: list[str]) -> list[dict[str, Any]]:
+    """The chat load against each server in turn."""
+    rows = []
+    chat = ["chat", "--pairs", str(args.pairs), "--window", str(args.window),
+            "--size", str(args.size)]
+    for label in which:
+        db = None
+        try:
+            if label == "sqlite":
+                srv = servers.start_talkbridge(args.secret)
+            elif label == "postgres":
+                db = create_pg_db()
+                srv = servers.start_talkbridge(
+                    args.secret, store=f"postgresql://postgres@127.0.0.1:5432/{db}")
+            else:
+                srv = servers.start_baseline(label, args.secret)
+            try:
+                name = f"talkbridge-{label}" if label in ("sqlite", "postgres") else label
+                print(f"-- {name}: {args.pairs} pairs x {args.window} in flight, "
+                      f"{args.duration}s", file=sys.stderr, flush=True)
+                report = load(args, srv.url, srv.transport, srv.pid, name, chat)
+                if srv.proc.poll() is not None:
+                    raise RuntimeError(f"{name} exited during the run:\n{srv.log_tail()}")
+                rows.append(chat_row(name, report))
+            finally:
+                srv.stop()
+        finally:
+            if db:
+                drop_pg_db(db)
+    return rows
+
+
+def run_idle(args: argparse.Namespace) -> dict[str, Any]:
+    """Hold ``--idle`` authenticated connections to talkbridge (SQLite); RSS per connection."""
+    srv = servers.start_talkbridge(args.secret)
+    try:
+        print(f"-- idle: {args.idle} connections, hold {args.hold}s", file=sys.stderr, flush=True)
+        report = load(args, srv.url, "ws", srv.pid, "idle", [
+            "connect", "--connections", str(args.idle), "--hold", str(args.hold),
+            "--connect-rate", str(args.connect_rate), "--duration", "1",
+        ])
+    finally:
+        srv.stop()
+    s = report["scenarios"]["connect"]
+    server = report.get("server") or {}
+    return {
+        "connections": args.idle,
+        "connected": s["counts"].get("connected", 0),
+        "held": s["counts"].get("held", 0),
+        "errors": s["errors"],
+        "connect_p99_ms": s["latency_ms"].get("connect", {}).get("p99"),
+        "rss_mb_before": round(server.get("rss_kb_start", 0) / 1024, 1),
+        "rss_mb_at_peak": round(server.get("rss_kb_at_peak_connections", 0) / 1024, 1),
+        "peak_connections": server.get("peak_connections"),
+        "rss_per_connection_kb": server.get("rss_per_connection_kb"),
+        "ok": s["checks"].get("ok"),
+    }
+
+
+def print_table(rows: list[dict[str, Any]], idle: dict[str, Any] | None) -> None:
+    """The figures and ratios, as the issue asks for them."""
+    by = {r["server"]: r for r in rows}
+    print(f"\n{'server':20} {'msgs/s':>9} {'p50 ms':>8} {'p99 ms':>8} {'max ms':>8} "
+          f"{'lost':>5} {'dup':>4} {'err':>4} {'noise':>6}  notes")
+    for r in rows:
+        notes = "generator-limited" if r["generator_limited"] else ""
+        print(f"{r['server']:20} {r['msgs_per_s']:9,.0f} {r['p50_ms']!s:>8} {r['p99_ms']!s:>8} "
+              f"{r['max_ms']!s:>8} {r['lost']!s:>5} {r['duplicates']!s:>4} {r['errors']:>4} "
+              f"{r['noise_cores']!s:>6}  {notes}")
+    for tb in ("talkbridge-sqlite", "talkbridge-postgres"):
+        if tb not in by:
+            continue
+        for base in ("bare", "socketio"):
+            if base in by and by[base]["msgs_per_s"]:
+                ratio = by[tb]["msgs_per_s"] / by[base]["msgs_per_s"]
+                print(f"{tb} / {base}: throughput x{ratio:.2f}")
+    if idle:
+        print(f"\nidle: {idle['held']}/{idle['connections']} connections held, server RSS "
+              f"{idle['rss_mb_before']} -> {idle['rss_mb_at_peak']} MB: "
+              f"{idle['rss_per_connection_kb']} KB per connection "
+              f"(connect p99 {idle['connect_p99_ms']} ms)")
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the benchmark; exit 1 if any run lost, duplicated or failed messages."""
+    p = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    p.add_argument("--only", default="sqlite,postgres,bare,socketio",
+                   help="which servers: sqlite,postgres,bare,socketio")
+    p.add_argument("--pairs", type=int, default=100)
+    p.add_argument("--window", type=int, default=8)
+    p.add_argument("--size", type=int, default=64)
+    p.add_argument("--duration", type=float, default=15.0)
+    p.add_argument("--ramp", type=float, default=2.0)
+    p.add_argument("--workers", type=int, default=2, help="generator processes")
+    p.add_argument("--idle", type=int, default=10_000, help="idle connections (0 = skip)")
+    p.add_argument("--hold", type=float, default=5.0)
+    p.add_argument("--connect-rate", type=float, default=2000.0)
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    p.add_argument("--out", default=os.path.join("loadtest-out", f"bench-{stamp}"))
+    p.add_argument("--json", default=None, help="also write the figures to this file")
+    args = p.parse_args(argv)
+    args.secret = secrets.token_hex(16)
+    raise_fd_limit()
+    which = [w.strip() for w in args.only.split(",") if w.strip()]
+    rows = run_chat(args, which)
+    idle = run_idle(args) if args.idle else None
+    print_table(rows, idle)
+    result = {
+        "conditions": {
+            "cpus": os.cpu_count(), "pairs": args.pairs, "window": args.window,
+            "size": args.size, "duration_s": args.duration, "ramp_s": args.ramp,
+            "workers": args.workers, "loadavg": os.getloadavg(),
+        },
+        "chat": rows,
+        "idle": idle,
+    }
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(result, f, indent=1)
+    ok = all(r["ok"] for r in rows) and (idle is None or bool(idle["ok"]))
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
