@@ -552,7 +552,8 @@ def orchestrate(args: argparse.Namespace) -> None:
         print(json.dumps(r), flush=True)
     print()
     print(f"machine: {os.cpu_count()} cores; publisher {W}x{H} {FPS} fps VP8 "
-          f"~{args.bitrate // 1000} kbps + Opus; {args.seconds:.0f} s window after {args.warmup:.0f} s warm-up")
+          f"~{args.bitrate // 1000} kbps + Opus; {args.seconds:.0f} s window after "
+          f"{args.warmup:.0f} s warm-up")
     header = (f"{'mode':8} {'subs':>4} {'relay CPU':>9} {'marginal/sub':>12} {'fps mean':>8} "
               f"{'fps min1s':>9} {'audio pps':>9} {'delay p50':>9} {'p95 ms':>7}")
     print(header)
