@@ -106,7 +106,7 @@ class App {
       this.rooms.active.delete(c.group);
       this.onRoomChange(c.group);
     }
-    if (e === "updated" && ev.body.name) c.name = ev.body.name;
+    if ((e === "updated" || e === "created") && ev.body.name) c.name = ev.body.name;
     this.groups.onNotice(c.group, ev.body || {});
   }
 
@@ -123,7 +123,7 @@ class App {
     const inIt = this.rooms.room && this.rooms.room.group === c.group;
     banner.hidden = !a || inIt;
     if (a) $("room-banner-text").textContent = `A group call is running${a.by ? ` (started by ${this.nameOf(a.by)})` : ""}.`;
-    $("btn-room").textContent = inIt ? "🎥 In call" : a ? "🎥 Join call" : "🎥 Group call";
+    $("btn-room").textContent = inIt ? "In call" : a ? "Join call" : "Group call";
     this.chat.renderList();
   }
 
@@ -244,6 +244,19 @@ class App {
       if (ev.type === "pong") return;
       if (ev.type === "server.shutdown") {
         this.restarting = true;
+        return;
+      }
+      if (ev.type === "group.request") {
+        this.toast(`${this.nameOf(ev.user)} asks to join ${this.groupName(ev.group)}${ev.message ? `: “${ev.message}”` : ""}`, "info");
+        this.groups.onNotice(ev.group, {});
+        return;
+      }
+      if (ev.type === "group.request_resolved") {
+        if (ev.user === this.me) {
+          const ok = ev.outcome === "approved";
+          this.toast(`Your request to join ${this.groupName(ev.group)} was ${ok ? "approved" : "declined"}.`, ok ? "info" : "warn");
+          if (ok) this.chat.sync().then(() => this.groups.loadAll()).catch((err) => this.toast(err.message, "error"));
+        } else this.groups.onNotice(ev.group, {});
         return;
       }
       if (ev.type === "presence" || ev.type.startsWith("group.")) {

@@ -40,9 +40,12 @@ export function describeNotice(body, nameOf) {
   switch (b.event) {
     case "created":
     case "group_created":
-      return `${actor} created the group${b.name ? ` “${b.name}”` : ""}`;
+      return `${actor} created the group${b.name ? ` “${b.name}”` : ""}${users ? ` with ${users}` : ""}`;
     case "member_joined":
+      if (b.via === "approval") return `${users} joined (approved by ${actor})`;
       return users && users !== actor ? `${users} joined (added by ${actor})` : `${actor} joined`;
+    case "invite_requested":
+      return `${actor} invited ${users} (waiting for an admin's approval)`;
     case "member_invited":
     case "invited":
       return `${actor} invited ${users}`;
@@ -293,7 +296,7 @@ export class Chat {
       case "call":
         return describeCallLog(m.body || {}, this.app.me, m.from);
       case "file":
-        return `${who}📎 ${(m.body && (m.body.name || m.body.url)) || "file"}`;
+        return `${who}File: ${(m.body && (m.body.name || m.body.url)) || "file"}`;
       default:
         return `${who}[${m.kind}]`;
     }
@@ -470,13 +473,13 @@ export class Chat {
       this._renderText(body, (m.body && m.body.text) || "");
     } else if (m.kind === "call") {
       li.classList.add("call-log");
-      body.textContent = `${m.body && m.body.media && m.body.media.video ? "🎥" : "📞"} ${describeCallLog(m.body || {}, this.app.me, m.from)}`;
+      body.textContent = `${m.body && m.body.media && m.body.media.video ? "▶" : "☎"} ${describeCallLog(m.body || {}, this.app.me, m.from)}`;
     } else if (m.kind === "file") {
       const a = document.createElement("a");
       a.href = (m.body && m.body.url) || "#";
       a.target = "_blank";
       a.rel = "noopener";
-      a.textContent = `📎 ${(m.body && (m.body.name || m.body.url)) || "file"}`;
+      a.textContent = `File: ${(m.body && (m.body.name || m.body.url)) || "file"}`;
       body.append(a);
     } else {
       const pre = document.createElement("code");
@@ -537,7 +540,7 @@ export class Chat {
     const tick = document.createElement("span");
     tick.className = "tick sending";
     tick.dataset.state = p.failed ? "failed" : "sending";
-    tick.textContent = p.failed ? "⚠ not sent" : "🕓";
+    tick.textContent = p.failed ? "⚠ not sent" : "◷";
     tick.title = p.failed ? p.error || "not sent" : "Sending…";
     meta.append(tick);
     bubble.append(body, meta);

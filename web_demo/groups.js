@@ -159,7 +159,7 @@ export class Groups {
       return;
     }
     if (this.openGroup === group && !this.el.panel.hidden) this.renderPanel(group);
-    else this.refresh(group).catch(() => {});
+    else this.refresh(group).then(() => this.app.chat.renderList()).catch(() => {});
   }
 
   renderGone(group) {
@@ -212,7 +212,7 @@ export class Groups {
     if (g.announcement) {
       const a = document.createElement("p");
       a.className = "announcement";
-      a.textContent = `📣 ${g.announcement}`;
+      a.textContent = `Announcement: ${g.announcement}`;
       head.append(a);
     }
     frag.append(head);
@@ -234,7 +234,7 @@ export class Groups {
       role.textContent = m.role || "member";
       li.append(n, role);
       if (m.muted_until && m.muted_until > Date.now()) {
-        li.append(Object.assign(document.createElement("span"), { className: "muted-flag", textContent: "🔇", title: `muted until ${new Date(m.muted_until).toLocaleString()}` }));
+        li.append(Object.assign(document.createElement("span"), { className: "muted-flag", textContent: "muted", title: `muted until ${new Date(m.muted_until).toLocaleString()}` }));
       }
       if (admin && m.user !== this.app.me && m.role !== "owner") {
         const actions = document.createElement("span");

@@ -1,0 +1,91 @@
+"""Groups in the browser: create, join by id with approval, mentions, roles, mute, kick, leave."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import pytest
+from playwright.async_api import Browser, expect
+
+from tests.browser.pages import User, new_device
+from tests.browser.server import Server
+
+pytestmark = pytest.mark.netns
+
+
+def notice(user: User, text: str) -> Any:
+    return user.page.locator("#messages li.notice", has_text=text)
+
+
+def accept_confirms(user: User) -> None:
+    user.page.on("dialog", lambda d: asyncio.ensure_future(d.accept()))
+
+
+async def test_group_life_from_creation_to_dissolution(server: Server, browser: Browser) -> None:
+    alice = await new_device(browser, server.url, "alice", register=True)
+    bob = await new_device(browser, server.url, "bob", register=True)
+    carol = await new_device(browser, server.url, "carol", register=True)
+    for u in (alice, bob, carol):
+        accept_confirms(u)
+
+    # alice creates a group with bob; it asks for approval to join.
+    await alice.page.click("#open-create-group")
+    await alice.page.fill("#cg-name", "Weekend trip")
+    await alice.page.fill("#cg-members", "bob")
+    await alice.page.select_option("#cg-policy", "approval")
+    await alice.page.click("#create-group-form button[value=ok]")
+    await expect(alice.page.locator("#chat-title")).to_have_text("Weekend trip")
+    await expect(notice(alice, "alice created the group “Weekend trip” with bob")).to_be_visible()
+    group = await alice.state("tb.chat.openConv.group")
+
+    item = bob.page.locator("#conv-list li", has_text="Weekend trip")
+    await expect(item).to_be_visible()
+    await item.click()
+    await expect(notice(bob, "alice created the group")).to_be_visible()
+
+    # carol asks to join by id; alice approves from the group panel.
+    await carol.page.click("#open-join-group")
+    await carol.page.fill("#jg-group", group)
+    await carol.page.fill("#jg-message", "can I come?")
+    await carol.page.click("#join-group-form button[value=ok]")
+    await expect(carol.page.locator("#toasts")).to_contain_text("Request sent")
+    await alice.page.click("#btn-group-info")
+    request = alice.page.locator('#group-body .request[data-user="carol"]')
+    await expect(request).to_contain_text("can I come?")
+    await request.locator("button", has_text="Approve").click()
+    await expect(notice(alice, "carol joined (approved by alice)")).to_be_visible()
+    await expect(carol.page.locator("#toasts")).to_contain_text("was approved")
+    carol_item = carol.page.locator("#conv-list li", has_text="Weekend trip")
+    await expect(carol_item).to_be_visible()
+
+    # A mention flags the group in carol's list until she opens it.
+    await bob.send("@carol welcome aboard")
+    await expect(carol_item.locator(".mention-flag")).to_be_visible()
+    await carol_item.click()
+    await expect(carol.message("welcome aboard")).to_be_visible()
+    await expect(carol_item.locator(".mention-flag")).to_have_count(0)
+
+    # Roles and mutes, each with its notice in everyone's timeline.
+    bob_row = alice.page.locator('#group-body li[data-user="bob"]')
+    await bob_row.locator("button", has_text="Make admin").click()
+    await expect(notice(carol, "alice made bob an admin")).to_be_visible()
+    await expect(bob_row.locator(".role")).to_have_text("admin")
+    carol_row = alice.page.locator('#group-body li[data-user="carol"]')
+    await carol_row.locator("button", has_text="Mute 10 min").click()
+    await expect(notice(carol, "alice muted carol")).to_be_visible()
+    await carol.send("can anyone hear me?")
+    failed = carol.page.locator("#messages li.msg.failed")
+    await expect(failed).to_contain_text("can anyone hear me?")
+    await expect(carol.page.locator("#toasts")).to_contain_text("Message not sent")
+
+    # Kick, leave, dissolve.
+    await carol_row.locator("button", has_text="Kick").click()
+    await expect(notice(alice, "alice removed carol")).to_be_visible()
+    await expect(carol.page.locator("#toasts")).to_contain_text("You were removed")
+    await bob.page.click("#btn-group-info")
+    await bob.page.locator("#group-body button", has_text="Leave group").click()
+    await expect(notice(alice, "bob left")).to_be_visible()
+    await alice.page.locator("#group-body button", has_text="Dissolve group").click()
+    await expect(notice(alice, "alice dissolved the group")).to_be_visible()
+    assert not alice.errors and not bob.errors and not carol.errors
