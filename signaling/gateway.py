@@ -120,7 +120,13 @@ async def websocket_handler(request: web.Request) -> web.StreamResponse:
         return ws
     claims, device = auth
     session = Session(
-        ws, claims.user, device, name=claims.name, admin=claims.admin, queue_limit=cfg.send_queue
+        ws,
+        request.transport,
+        claims.user,
+        device,
+        name=claims.name,
+        admin=claims.admin,
+        queue_limit=cfg.send_queue,
     )
     session.start()
     session.send_obj(
@@ -184,8 +190,8 @@ async def _read_loop(state: AppState, session: Session, ws: web.WebSocketRespons
         if not _valid_id(rid):
             session.send(_error_frame(BadRequest("a request needs an 'id' (string or integer)")))
             continue
-        state.metrics.frames_in.labels(ftype if ftype in HANDLERS else "unknown").inc()
         fn = HANDLERS.get(ftype)
+        state.metrics.frame_in(ftype if fn is not None else "unknown")
         if fn is None:
             state.metrics.errors.labels("unsupported").inc()
             session.send(_reply_error(rid, Unsupported(f"unknown request type {ftype!r}")))
@@ -219,4 +225,4 @@ async def _run(
         ctx.session.send(_reply_error(rid, Internal("internal error")))
     finally:
         slots.release()
-        state.metrics.request_seconds.labels(frame["type"]).observe(time.perf_counter() - t0)
+        state.metrics.request_done(frame["type"], time.perf_counter() - t0)

@@ -11,7 +11,7 @@ import asyncio
 import logging
 from collections.abc import Awaitable, Callable, Iterable
 
-from signaling.session import CLOSE_REPLACED, Session
+from signaling.session import CLOSE_REPLACED, Session, frame_text
 
 log = logging.getLogger(__name__)
 
@@ -72,13 +72,14 @@ class Hub:
     ) -> int:
         """Queue ``data`` to every local device of ``users``; returns devices reached."""
         n = 0
+        frame = frame_text(data)  # framed once for every recipient
         by_user = self._by_user
         for user in users:
             devices = by_user.get(user)
             if not devices:
                 continue
             for s in devices.values():
-                if s.session_id != exclude_session and s.send(data):
+                if s.session_id != exclude_session and s.send_framed(frame):
                     n += 1
         return n
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 
@@ -30,3 +32,20 @@ class Metrics:
         )
         self.store_batches = Gauge("talkbridge_store_batches", "Group-commit batches", registry=r)
         self.store_ops = Gauge("talkbridge_store_ops", "Ops committed in batches", registry=r)
+        # labels() costs a lock and a tuple hash per call; keep the children per label.
+        self._frames: dict[str, Any] = {}
+        self._latency: dict[str, Any] = {}
+
+    def frame_in(self, ftype: str) -> None:
+        """Count a received request frame of a known type."""
+        child = self._frames.get(ftype)
+        if child is None:
+            child = self._frames[ftype] = self.frames_in.labels(ftype)
+        child.inc()
+
+    def request_done(self, ftype: str, seconds: float) -> None:
+        """Record the time a request of a known type took to its reply."""
+        child = self._latency.get(ftype)
+        if child is None:
+            child = self._latency[ftype] = self.request_seconds.labels(ftype)
+        child.observe(seconds)
