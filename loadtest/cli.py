@@ -235,6 +235,7 @@ def run_command(opts: argparse.Namespace, wrap: list[str] | None = None) -> dict
 
 def write_report(report: dict[str, Any], out_dir: str) -> None:
     """report.json and report.html in ``out_dir``."""
+    os.makedirs(out_dir, exist_ok=True)
     with open(os.path.join(out_dir, "report.json"), "w") as f:
         json.dump(report, f, indent=1)
     with open(os.path.join(out_dir, "report.html"), "w") as f:
