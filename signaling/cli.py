@@ -4,11 +4,19 @@ from __future__ import annotations
 
 import argparse
 import logging
+import resource
 import sys
 
 from aiohttp import web
 
 from signaling.config import add_config_flags, config_from_args
+
+
+def raise_fd_limit() -> None:
+    """Lift the soft open-files limit to the hard one: each connection is a descriptor."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < hard:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -39,6 +47,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     from signaling.app import create_app
 
+    raise_fd_limit()
     app = create_app(config)
     print(f"talkbridge serving on http://{config.host}:{config.port}/", file=sys.stderr, flush=True)
     web.run_app(
