@@ -52,7 +52,7 @@ export class RoomManager {
       ended: false,
       makingOffer: false,
       offerSerial: 0,
-      earlyIce: [],
+      early: [], // room events that arrived before the peer connection
     };
     r.queue = new SerialQueue((err) => this._report(r, err));
     this.room = r;
@@ -82,9 +82,8 @@ export class RoomManager {
       for (const p of data.participants || []) this._participant(r, p, true);
       if (Array.isArray(data.tracks)) this._tracks(r, data.tracks);
       this._createPc(r, data.ice_servers);
-      for (const t of r.local.getTracks()) r.pc.addTrack(t, r.local);
-      // Receive-only and late candidates before the first description wait in earlyIce.
-      for (const c of r.earlyIce.splice(0)) r.queue.push(() => addRemoteCandidate(r.pc, c));
+      // Our tracks go onto the sections the relay offers to receive (see _attachLocal).
+      for (const ev of r.early.splice(0)) if (ev.room === r.id) this.onEvent(ev);
       this._status("Connecting media…");
       this.app.onRoomChange(group);
     } catch (err) {
@@ -108,9 +107,8 @@ export class RoomManager {
         .request("room.ice", { room: r.id, candidate: candidateToWire(e.candidate) })
         .catch((err) => this._report(r, err));
     };
-    pc.onnegotiationneeded = () => {
-      r.queue.push(() => this._offer(r));
-    };
+    // No onnegotiationneeded: the relay makes the offers (it picks every leg's codec); the
+    // browser only answers. _offer remains for relays that expect the client to offer.
     pc.ontrack = (e) => this._onTrack(r, e);
     pc.onconnectionstatechange = () => {
       if (r.ended) return;
@@ -156,6 +154,7 @@ export class RoomManager {
         await pc.setLocalDescription({ type: "rollback" });
       }
       await pc.setRemoteDescription(sdp);
+      await this._attachLocal(r, sdp.sdp);
       await pc.setLocalDescription(await pc.createAnswer());
       const desc = pc.localDescription;
       await this.app.client.request("room.sdp", { room: r.id, sdp: { type: desc.type, sdp: desc.sdp } });
@@ -165,9 +164,47 @@ export class RoomManager {
     }
   }
 
+  /**
+   * Put local tracks on the sections the relay offered to receive (a=recvonly on its side).
+   * addTrack could pick a section that carries someone else's media to us, so match by mid.
+   */
+  async _attachLocal(r, offerSdp) {
+    const wanted = new Map(); // mid -> kind, for sections where the relay receives
+    let mid = null;
+    let kind = null;
+    for (const line of offerSdp.split(/\r?\n/)) {
+      if (line.startsWith("m=")) {
+        kind = line.slice(2).split(" ")[0];
+        mid = null;
+      } else if (line.startsWith("a=mid:")) mid = line.slice(6).trim();
+      else if (line === "a=recvonly" && mid != null) wanted.set(mid, kind);
+    }
+    const used = new Set();
+    for (const t of r.pc.getTransceivers()) {
+      if (!wanted.has(t.mid)) continue;
+      const k = wanted.get(t.mid);
+      if (t.sender.track) {
+        used.add(t.sender.track);
+        continue;
+      }
+      const track = r.local.getTracks().find((x) => x.kind === k && !used.has(x));
+      if (!track) continue;
+      used.add(track);
+      t.direction = "sendonly";
+      await t.sender.replaceTrack(track);
+      if (t.sender.setStreams) t.sender.setStreams(r.local);
+    }
+  }
+
   /** Handle room.* events. Returns true when it was one. */
   onEvent(ev) {
     const r = this.room;
+    if (r && !r.pc && !r.ended && ev.type !== "room.started" && ev.type !== "room.ended") {
+      // The relay's first offer can overtake the room.join reply: hold it until the
+      // peer connection exists, then replay in order.
+      r.early.push(ev);
+      return true;
+    }
     const mine = r && r.id && ev.room === r.id;
     switch (ev.type) {
       case "room.started":
@@ -188,7 +225,6 @@ export class RoomManager {
         return true;
       case "room.ice":
         if (mine && r.pc) r.queue.push(() => addRemoteCandidate(r.pc, ev.candidate));
-        else if (r && !r.pc) r.earlyIce.push(ev.candidate);
         return true;
       case "room.joined":
         if (mine) this._participant(r, ev, false);
@@ -204,6 +240,20 @@ export class RoomManager {
         return true;
       case "room.tracks":
         if (mine) this._tracks(r, ev.tracks || []);
+        return true;
+      case "room.speaker":
+        if (mine) {
+          for (const t of this.el.tiles.children) t.classList.toggle("speaking", t.dataset.user === ev.user);
+        }
+        return true;
+      case "room.audio_only":
+        if (mine) this.app.toast("Video paused: the network to the relay is losing too many packets. Audio continues.", "warn");
+        return true;
+      case "room.dropped":
+        if (mine) {
+          this.app.toast(`The relay dropped this device from the call (${ev.reason}).`, "error");
+          this._close(r);
+        }
         return true;
       default:
         return false;
