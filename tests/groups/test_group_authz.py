@@ -229,14 +229,15 @@ async def test_after_dissolve_nobody_sends_ops_are_not_found_history_stays(world
             kind="text",
             body={"text": "anyone?"},
         )
-    for frame, fields in [
+    after: list[tuple[str, dict[str, Any]]] = [
         ("group.info", {}),
         ("group.members", {}),
         ("group.update", {"name": "x"}),
         ("group.invite", {"users": ["eve"]}),
         ("group.kick", {"user": "carol"}),
         ("group.dissolve", {}),
-    ]:
+    ]
+    for frame, fields in after:
         await world.fails("alice", frame, "not_found", group=world.group, **fields)
     await world.fails("eve", "group.join", "not_found", group=world.group)
     for user in ("alice", "carol"):
