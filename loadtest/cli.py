@@ -202,7 +202,7 @@ def run_command(opts: argparse.Namespace, wrap: list[str] | None = None) -> dict
             transport = opts.transport or "ws"
             target = Target(opts.url, transport, opts.auth)
             pid = opts.server_pid or _local_pid(opts.url)
-        label = opts.start or "target"
+        label = getattr(opts, "label", None) or opts.start or "target"
         out_dir = _out_dir(opts, label)
         report = _one_run(opts, target, pid, label)
         if srv is not None and srv.proc.poll() is not None:
@@ -329,6 +329,7 @@ def profile_command(opts: argparse.Namespace) -> dict[str, Any]:
         inner.transport = srv.transport
         inner.server_pid = procstat.listening_pid(srv.port)
         inner.baseline = None
+        inner.label = f"{opts.start} (under {opts.profiler})"
         report = run_command(inner)
     finally:
         # SIGINT lets the profiler write its output before the server goes.

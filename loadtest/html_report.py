@@ -13,6 +13,11 @@ def _esc(v: Any) -> str:
     return html.escape(str(v))
 
 
+def _num(v: float) -> str:
+    """Axis label: thousands separated, a few significant digits for small values."""
+    return f"{v:,.0f}" if abs(v) >= 100 else f"{v:.3g}"
+
+
 def line_chart(
     title: str, xs: list[float], series: dict[str, list[float | None]], unit: str = ""
 ) -> str:
@@ -42,13 +47,13 @@ def line_chart(
         )
         out.append(
             f'<text x="{left - 4}" y="{py(y) + 4:.1f}" font-size="10" text-anchor="end">'
-            f"{y:,.3g}{_esc(unit)}</text>"
+            f"{_num(y)}{_esc(unit)}</text>"
         )
     for i in range(6):
         x = xmin + xspan * i / 5
         out.append(
             f'<text x="{px(x):.1f}" y="{h - 10}" font-size="10" '
-            f'text-anchor="middle">{x:.0f}s</text>'
+            f'text-anchor="middle">{x:.3g}s</text>'
         )
     for n, (name, vals) in enumerate(series.items()):
         color = PALETTE[n % len(PALETTE)]

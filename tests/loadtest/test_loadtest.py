@@ -287,3 +287,18 @@ def test_console_entry_lists_scenarios() -> None:
     assert out.returncode == 0
     names = {line.split()[0] for line in out.stdout.splitlines() if line.strip()}
     assert {"chat", "connect", "group", "receipts", "calls"} <= names
+
+
+@pytest.mark.skipif(servers.which("py-spy") is None, reason="py-spy not installed")
+def test_profile_saves_a_flame_graph_of_the_server(tmp_path: Path) -> None:
+    opts = build_parser().parse_args(
+        ["profile", "chat", "--pairs", "2", "--duration", "1", "--secret", SECRET,
+         "--out", str(tmp_path / "prof"), "--quiet"]
+    )
+    from loadtest.cli import profile_command
+
+    report = profile_command(opts)
+    assert_all_accounted(chat_of(report))
+    flame = tmp_path / "prof" / "flame.svg"
+    assert report["profile"]["exists"] and flame.exists()
+    assert "<svg" in flame.read_text()[:2000]
