@@ -170,14 +170,12 @@ export class RoomManager {
    */
   async _attachLocal(r, offerSdp) {
     const wanted = new Map(); // mid -> kind, for sections where the relay receives
-    let mid = null;
-    let kind = null;
-    for (const line of offerSdp.split(/\r?\n/)) {
-      if (line.startsWith("m=")) {
-        kind = line.slice(2).split(" ")[0];
-        mid = null;
-      } else if (line.startsWith("a=mid:")) mid = line.slice(6).trim();
-      else if (line === "a=recvonly" && mid != null) wanted.set(mid, kind);
+    // Attribute order inside a section varies (a=recvonly may come before a=mid).
+    for (const section of offerSdp.split(/\r?\nm=/).slice(1)) {
+      const lines = section.split(/\r?\n/);
+      const kind = lines[0].split(" ")[0];
+      const midLine = lines.find((l) => l.startsWith("a=mid:"));
+      if (midLine && lines.includes("a=recvonly")) wanted.set(midLine.slice(6).trim(), kind);
     }
     const used = new Set();
     for (const t of r.pc.getTransceivers()) {
