@@ -108,7 +108,11 @@ def _python() -> str:
 
 
 def start_baseline(
-    kind: str, secret: str = "", port: int | None = None, timeout: float = 20.0
+    kind: str,
+    secret: str = "",
+    port: int | None = None,
+    timeout: float = 20.0,
+    extra_args: list[str] | None = None,
 ) -> Server:
     """Start the ``bare`` or ``socketio`` relay on loopback and wait until it answers."""
     module = {"bare": "loadtest.baselines.bare", "socketio": "loadtest.baselines.sio"}[kind]
@@ -127,6 +131,7 @@ def start_baseline(
                 str(port),
                 "--secret",
                 secret,
+                *(extra_args or []),
             ],
             stdout=log,
             stderr=subprocess.STDOUT,

@@ -22,8 +22,13 @@ def _text(frame: dict[str, Any]) -> str:
     return _encode(frame).decode()
 
 
-def make_app(secret: str) -> web.Application:
-    """The relay as an aiohttp application serving ``GET /ws`` and ``GET /healthz``."""
+def make_app(secret: str, drop_every: int = 0, dup_every: int = 0) -> web.Application:
+    """The relay as an aiohttp application serving ``GET /ws`` and ``GET /healthz``.
+
+    ``drop_every``/``dup_every`` inject faults (acknowledge but never deliver, or deliver
+    twice, every Nth message) so the load tester's loss and duplicate detection can be
+    tested against a real server.
+    """
     auth = Auth(secret)
     relay = Relay()
     online: dict[str, set[web.WebSocketResponse]] = {}
@@ -83,10 +88,15 @@ def make_app(secret: str) -> web.Application:
                     recipient, reply, event = out
                     # Reply first, as talkbridge acks before it fans out.
                     await ws.send_str(_text(reply))
+                    n = relay.msg_ids
+                    if drop_every and n % drop_every == 0:
+                        continue
+                    copies = 2 if dup_every and n % dup_every == 0 else 1
                     text = _text(event)
                     for peer in tuple(online.get(recipient, ())):
-                        if not peer.closed:
-                            await peer.send_str(text)
+                        for _ in range(copies):
+                            if not peer.closed:
+                                await peer.send_str(text)
                 elif kind == "ping":
                     await ws.send_str('{"type":"pong"}')
                 else:
@@ -112,9 +122,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=9001)
     parser.add_argument("--secret", default=os.environ.get("TALKBRIDGE_JWT_SECRET", ""))
+    parser.add_argument("--drop-every", type=int, default=0, help="fault: never deliver every Nth")
+    parser.add_argument("--dup-every", type=int, default=0, help="fault: deliver every Nth twice")
     args = parser.parse_args(argv)
     web.run_app(
-        make_app(args.secret),
+        make_app(args.secret, args.drop_every, args.dup_every),
         host=args.host,
         port=args.port,
         print=None,

@@ -302,3 +302,37 @@ def test_profile_saves_a_flame_graph_of_the_server(tmp_path: Path) -> None:
     flame = tmp_path / "prof" / "flame.svg"
     assert report["profile"]["exists"] and flame.exists()
     assert "<svg" in flame.read_text()[:2000]
+
+
+def test_lost_and_duplicated_deliveries_are_caught(tmp_path: Path) -> None:
+    # A real relay with injected faults: every 7th message acked but never delivered,
+    # every 11th delivered twice. The tool must count exactly those.
+    srv = servers.start_baseline("bare", SECRET, extra_args=["--drop-every", "7",
+                                                            "--dup-every", "11"])
+    try:
+        report = run(tmp_path, "chat", "--url", srv.url, "--pairs", "1", "--rate", "200",
+                     "--duration", "1", "--drain", "2", "--msg-timeout", "0.5")
+    finally:
+        srv.stop()
+    s = chat_of(report)
+    c = s["counts"]
+    acked = c["acked"]
+    assert acked >= 150
+    assert c["lost"] == acked // 7
+    assert c["delivered"] == acked - acked // 7
+    dups = sum(1 for n in range(1, acked + 1) if n % 11 == 0 and n % 7 != 0)
+    assert c["duplicates"] == dups
+    assert s["checks"]["ok"] is False and report["ok"] is False
+
+
+def test_tokens_file_and_auth_frame(tmp_path: Path, talkbridge: servers.Server) -> None:
+    tokens = tmp_path / "tokens.txt"
+    lines = [f"tokfile-{i} {mint(SECRET, f'tokfile-{i}', 'd1', 2_000_000_000)}" for i in range(4)]
+    tokens.write_text("\n".join(lines) + "\n")
+    opts = build_parser().parse_args(
+        ["run", "chat", "--url", talkbridge.url, "--pairs", "2", "--duration", "1",
+         "--tokens-file", str(tokens), "--auth", "frame", "--out", str(tmp_path / "o"), "--quiet"]
+    )
+    report = run_command(opts)
+    assert_all_accounted(chat_of(report))
+    assert report["target"]["auth"] == "frame"
