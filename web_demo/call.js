@@ -447,8 +447,14 @@ export class CallManager {
     const msg = (err && err.message) || String(err);
     this.app.toast(msg, "error");
     // Tell the other side, so it does not wait for a call this device has given up on.
-    const type = call.role === "caller" && call.state !== "active" && call.state !== "connecting" ? "call.cancel" : "call.hangup";
-    if (this.app.client.isOpen) this.app.client.request(type, { call_id: call.id }).catch(() => {});
+    let req = null;
+    if (call.role === "caller") {
+      // Before the invite went out the server knows nothing of this call.
+      if (call.ready) req = call.state === "inviting" || call.state === "ringing" ? ["call.cancel", {}] : ["call.hangup", {}];
+    } else {
+      req = call.ready ? ["call.hangup", {}] : ["call.reject", { reason: "declined" }];
+    }
+    if (req && this.app.client.isOpen) this.app.client.request(req[0], { call_id: call.id, ...req[1] }).catch(() => {});
     this._end(call, msg, true);
   }
 

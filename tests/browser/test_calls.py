@@ -129,3 +129,29 @@ async def test_relay_only_call_connects_through_coturn(
     assert types and set(types) == {"relay"}, types
     await alice.page.click("#call-hangup")
     await call_log(bob, "Video call · completed")
+
+
+async def test_denied_camera_says_so_and_places_no_call(server: Server) -> None:
+    from playwright.async_api import async_playwright
+
+    from tests.browser.pages import CHROMIUM, CHROMIUM_ARGS
+
+    # A browser whose permission prompt always answers "block".
+    args = [a for a in CHROMIUM_ARGS if not a.startswith("--use-fake-ui-for-media-stream")]
+    async with async_playwright() as pw:
+        denying = await pw.chromium.launch(
+            executable_path=CHROMIUM, args=[*args, "--use-fake-ui-for-media-stream=deny"]
+        )
+        try:
+            alice = await new_device(denying, server.url, "alice", register=True)
+            server.register("bob")
+            await alice.open_dm("bob")
+            await alice.page.click("#btn-video")
+            await expect(alice.page.locator("#toasts")).to_contain_text(
+                "Access to the camera and microphone was denied"
+            )
+            await expect(alice.page.locator("#call-view")).to_be_hidden()
+            frames = await alice.state("tb.dev.frames.map((f) => f.frame.type)")
+            assert "call.invite" not in frames and "call.cancel" not in frames
+        finally:
+            await denying.close()
