@@ -98,7 +98,7 @@ class ForwardTrack(MediaStreamTrack):
         super().__init__()
         self.kind = kind
         self._request_keyframe = request_keyframe
-        self._queue: deque[AnyPacket] = deque()
+        self._queue: deque[tuple[AnyPacket, float]] = deque()
         self._max = max_frames or (30 if kind == "video" else 50)
         self._wakeup: asyncio.Future[None] | None = None
         self._waiting_keyframe = kind == "video"
@@ -108,6 +108,8 @@ class ForwardTrack(MediaStreamTrack):
         self.frames_out = 0
         self.overflows = 0
         self.first_sent_at: float | None = None
+        # Seconds from a frame completing at the relay to its sender taking it (recent ones).
+        self.delays: deque[float] = deque(maxlen=512)
 
     @property
     def started(self) -> bool:
@@ -130,7 +132,7 @@ class ForwardTrack(MediaStreamTrack):
                 self._waiting_keyframe = True
                 self._request_keyframe()
                 return
-        self._queue.append(packet)
+        self._queue.append((packet, frame.arrival))
         self.frames_in += 1
         if self._wakeup is not None and not self._wakeup.done():
             self._wakeup.set_result(None)
@@ -154,10 +156,13 @@ class ForwardTrack(MediaStreamTrack):
                 raise MediaStreamError
             self._wakeup = asyncio.get_running_loop().create_future()
             await self._wakeup
+        now = time.monotonic()
         if self.first_sent_at is None:
-            self.first_sent_at = time.monotonic()
+            self.first_sent_at = now
         self.frames_out += 1
-        return self._queue.popleft()
+        packet, arrival = self._queue.popleft()
+        self.delays.append(now - arrival)
+        return packet
 
     def stop(self) -> None:
         """End the track: aiortc's sender loop exits on the next ``recv``."""

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import fractions
+import time
 
 import av
 import pytest
@@ -14,7 +15,7 @@ from media.frames import EncodedFrame
 
 def _frame(n: int, key: bool) -> tuple[EncodedFrame, AnyPacket]:
     f = EncodedFrame(data=bytes([0 if key else 1]) + bytes(10), timestamp=n * 3000,
-                     keyframe=key, arrival=0.0)
+                     keyframe=key, arrival=time.monotonic())
     p = av.Packet(f.data)
     p.pts = f.timestamp
     p.time_base = fractions.Fraction(1, 90000)
