@@ -74,9 +74,10 @@ class App {
     if (kind === "error") console.warn(text);
   }
 
-  notify(title, body) {
+  /** Tell the person something happened elsewhere: the tab title, and a toast unless quiet. */
+  notify(title, body, { quiet = false } = {}) {
     if (document.visibilityState !== "visible") document.title = `• ${title} · talkbridge`;
-    this.toast(`${title}${body ? `: ${body}` : ""}`, "info");
+    if (!quiet) this.toast(`${title}${body ? `: ${body}` : ""}`, "info");
   }
 
   onOpen(c) {

@@ -127,7 +127,7 @@ export class CallManager {
       if (this.el.dialog.showModal) this.el.dialog.showModal();
       else this.el.dialog.setAttribute("open", "");
     }
-    this.app.notify(`${this.app.nameOf(ev.from)} is calling`, kind);
+    this.app.notify(`${this.app.nameOf(ev.from)} is calling`, kind, { quiet: true }); // the dialog says it
   }
 
   _closeIncoming(callId) {
