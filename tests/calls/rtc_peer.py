@@ -98,6 +98,8 @@ class CallPeer:
         self.ice_connected = asyncio.Event()
         self.media_flowing = asyncio.Event()
         self.t_ice_connected: float | None = None
+        self.t_sent: dict[str, float] = {}  # perf_counter when a request was sent
+        self.t_got: dict[str, float] = {}  # perf_counter when an event type first arrived
         self._tasks: list[asyncio.Task[None]] = []
         self._pump = asyncio.get_running_loop().create_task(self._run())
 
@@ -159,6 +161,7 @@ class CallPeer:
         self.call_id = call_id or uuid.uuid4().hex
         self.pc = self._new_pc()
         offer, cands = await self._local_description(self.pc, offer=True)
+        self.t_sent["call.invite"] = time.perf_counter()
         reply = await self.client.request(
             "call.invite", call_id=self.call_id, to={"user": callee},
             media={"audio": True, "video": self.video}, sdp=offer)
@@ -170,6 +173,7 @@ class CallPeer:
         self.pc = self._new_pc()
         await self.pc.setRemoteDescription(RTCSessionDescription(**invite["sdp"]))
         answer, cands = await self._local_description(self.pc, offer=False)
+        self.t_sent["call.accept"] = time.perf_counter()
         await self.client.request("call.accept", call_id=self.call_id, sdp=answer)
         await self._trickle(cands)
 
@@ -181,7 +185,8 @@ class CallPeer:
     async def _run(self) -> None:
         async for ev in self.client.events():
             self.events.append(ev)
-            kind = ev.get("type")
+            kind = str(ev.get("type"))
+            self.t_got.setdefault(kind, time.perf_counter())
             try:
                 if kind == "call.invite" and self.auto_answer:
                     await self._answer(ev)
