@@ -131,6 +131,29 @@ async def test_relay_only_call_connects_through_coturn(
     await call_log(bob, "Video call · completed")
 
 
+async def test_call_survives_a_dropped_signaling_socket(server: Server, browser: Browser) -> None:
+    alice = await new_device(browser, server.url, "alice", register=True)
+    bob = await new_device(browser, server.url, "bob", register=True)
+    await alice.open_dm("bob")
+    await alice.page.click("#btn-video")
+    await bob.page.click("#incoming-accept")
+    await wait_video_playing(alice.page, "#call-remote-video")
+
+    # alice's WebSocket drops (as on a flaky network); media goes on peer to peer and the
+    # page reconnects by itself, resuming its place in the call.
+    await alice.page.evaluate("tb.client.ws.close(4000, 'test: network blip')")
+    await expect(alice.page.locator("#conn-status")).not_to_have_text("connected")
+    await expect(alice.page.locator("#conn-status")).to_have_text("connected", timeout=15000)
+    await wait_video_playing(alice.page, "#call-remote-video")
+    await expect(alice.page.locator("#call-status")).to_contain_text("In call")
+
+    # The hangup still reaches alice after the reconnect.
+    await bob.page.click("#call-hangup")
+    await expect(alice.page.locator("#call-status")).to_have_text("Call ended")
+    await expect(alice.page.locator("#call-view")).to_be_hidden()
+    await call_log(alice, "Video call · completed")
+
+
 async def test_denied_camera_says_so_and_places_no_call(server: Server) -> None:
     from playwright.async_api import async_playwright
 
