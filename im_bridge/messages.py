@@ -150,7 +150,7 @@ class ChatService:
                 mentions=mentions,
                 check="group",
             )
-        msg, created = await self.store.write(ops.append_message(req, now_ms()))
+        msg, created = await self.store.write(ops.append_message(req, now_ms()), key=req.conv)
         members = await self.members(msg.conv) if created else []
         return Sent(msg, created, members)
 
@@ -174,7 +174,7 @@ class ChatService:
             client_msg_id=client_msg_id,
             check="system",
         )
-        msg, created = await self.store.write(ops.append_message(req, now_ms()))
+        msg, created = await self.store.write(ops.append_message(req, now_ms()), key=req.conv)
         members = await self.members(conv) if created else []
         return Sent(msg, created, members)
 
@@ -199,14 +199,16 @@ class ChatService:
     async def mark(self, user: str, conv: str, kind: str, seq: int) -> tuple[int | None, list[str]]:
         """Advance delivered/read to ``seq``; returns the new position (None if unchanged)."""
         await self.require_reader(conv, user)
-        new = await self.store.write(ops.mark(conv, user, kind, seq))
+        new = await self.store.write(ops.mark(conv, user, kind, seq), key=conv)
         if new is None:
             return None, []
         return new, await self.members(conv)
 
     async def recall(self, user: str, conv: str, seq: int) -> tuple[Message, list[str]]:
         await self.require_current(conv, user)
-        msg = await self.store.write(ops.recall(conv, seq, user, now_ms(), self.recall_window_ms))
+        msg = await self.store.write(
+            ops.recall(conv, seq, user, now_ms(), self.recall_window_ms), key=conv
+        )
         return msg, await self.members(conv)
 
     async def typing(self, user: str, conv: str) -> list[str]:
@@ -221,7 +223,7 @@ class ChatService:
             m = await self.store.read(ops.get_member(conv, user))
             if m is None:
                 raise NotFound("no messages in this conversation yet")
-        await self.store.write(ops.set_conv_muted(conv, user, on))
+        await self.store.write(ops.set_conv_muted(conv, user, on), key=conv)
 
     async def block(self, user: str, other: Any) -> None:
         other = check_user_id(other)

@@ -30,8 +30,12 @@ class Store(abc.ABC):
         """Finish in-flight writes, then disconnect."""
 
     @abc.abstractmethod
-    async def write(self, op: Op[T]) -> T:
-        """Run a write op in the next group-commit batch; return after it is committed."""
+    async def write(self, op: Op[T], key: str = "") -> T:
+        """Run a write op in the next group-commit batch; return after it is committed.
+
+        ``key`` (the conversation id, where there is one) keeps ops of one conversation in
+        order; ops with different keys may commit in parallel transactions.
+        """
 
     @abc.abstractmethod
     async def read(self, op: Op[T]) -> T:

@@ -2,12 +2,20 @@
 
 While one batch commits, new ops queue up and form the next batch, so the number of
 commits (fsyncs) per second stays bounded while throughput grows with concurrency.
+
+Ops carry a key (the conversation id for messages and receipts). With ``lanes > 1``
+(PostgreSQL) each key hashes to one lane and lanes commit in parallel: ops of one
+conversation stay in one FIFO lane, so their order and the gap-free sequence hold, while
+different conversations do not wait for each other's round trips. Inside a batch, ops run
+sorted by key (stably): every transaction takes row locks in the same order, so batches of
+different lanes, or of different nodes, cannot deadlock.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import zlib
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -19,47 +27,57 @@ log = logging.getLogger(__name__)
 BatchRunner = Callable[[list[Op[Any]]], Awaitable[list[Any]]]
 
 
-class GroupCommit:
-    """Queue of write ops drained by one task into batches of at most ``max_batch``."""
+class _Lane:
+    def __init__(self) -> None:
+        self.pending: list[tuple[str, Op[Any], asyncio.Future[Any]]] = []
+        self.wakeup = asyncio.Event()
+        self.task: asyncio.Task[None] | None = None
 
-    def __init__(self, run_batch: BatchRunner, max_batch: int = 1024) -> None:
+
+class GroupCommit:
+    """Queues of write ops, each drained by one task into batches of at most ``max_batch``."""
+
+    def __init__(self, run_batch: BatchRunner, max_batch: int = 1024, lanes: int = 1) -> None:
         self._run_batch = run_batch
         self._max_batch = max_batch
-        self._pending: list[tuple[Op[Any], asyncio.Future[Any]]] = []
-        self._wakeup = asyncio.Event()
-        self._task: asyncio.Task[None] | None = None
+        self._lanes = [_Lane() for _ in range(max(1, lanes))]
         self._closing = False
         self.batches = 0
         self.ops = 0
 
     def start(self) -> None:
-        self._task = asyncio.get_running_loop().create_task(self._drain(), name="group-commit")
+        loop = asyncio.get_running_loop()
+        for i, lane in enumerate(self._lanes):
+            lane.task = loop.create_task(self._drain(lane), name=f"group-commit-{i}")
 
-    async def submit(self, op: Op[Any]) -> Any:
+    async def submit(self, op: Op[Any], key: str = "") -> Any:
         """Queue an op; return its result once its batch has committed."""
         if self._closing:
             op.close()
             raise RuntimeError("store is closing")
+        lanes = self._lanes
+        lane = lanes[zlib.crc32(key.encode()) % len(lanes)] if len(lanes) > 1 else lanes[0]
         fut: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
-        self._pending.append((op, fut))
-        self._wakeup.set()
+        lane.pending.append((key, op, fut))
+        lane.wakeup.set()
         return await fut
 
-    async def _drain(self) -> None:
+    async def _drain(self, lane: _Lane) -> None:
         while True:
-            await self._wakeup.wait()
-            self._wakeup.clear()
-            while self._pending:
-                batch = self._pending[: self._max_batch]
-                del self._pending[: self._max_batch]
+            await lane.wakeup.wait()
+            lane.wakeup.clear()
+            while lane.pending:
+                batch = lane.pending[: self._max_batch]
+                del lane.pending[: self._max_batch]
+                batch.sort(key=lambda item: item[0])  # stable: FIFO within a key
                 try:
-                    results = await self._run_batch([op for op, _ in batch])
+                    results = await self._run_batch([op for _, op, _ in batch])
                 except Exception as exc:  # the runner failed as a whole: fail the batch
                     log.exception("group commit batch failed")
                     results = [exc] * len(batch)
                 self.batches += 1
                 self.ops += len(batch)
-                for (_, fut), res in zip(batch, results, strict=True):
+                for (_, _, fut), res in zip(batch, results, strict=True):
                     if fut.done():
                         continue
                     if isinstance(res, BaseException):
@@ -72,6 +90,6 @@ class GroupCommit:
     async def close(self) -> None:
         """Stop accepting ops and wait for the queued ones to commit."""
         self._closing = True
-        self._wakeup.set()
-        if self._task is not None:
-            await self._task
+        for lane in self._lanes:
+            lane.wakeup.set()
+        await asyncio.gather(*(lane.task for lane in self._lanes if lane.task is not None))

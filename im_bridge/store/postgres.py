@@ -64,11 +64,11 @@ async def drive(conn: asyncpg.Connection, op: Op[T]) -> T:
 class PostgresStore(Store):
     """Store over PostgreSQL."""
 
-    def __init__(self, url: str, pool_size: int = 8) -> None:
+    def __init__(self, url: str, pool_size: int = 8, lanes: int = 4) -> None:
         self.url = url
-        self._pool_size = pool_size
+        self._pool_size = max(pool_size, lanes + 2)  # each lane holds a connection per batch
         self._pool: asyncpg.Pool | None = None
-        self._commit = GroupCommit(self._run_batch)
+        self._commit = GroupCommit(self._run_batch, lanes=lanes)
 
     async def open(self) -> None:
         self._pool = await asyncpg.create_pool(
@@ -118,8 +118,8 @@ class PostgresStore(Store):
             log.exception("postgres batch of %d ops rolled back", len(ops))
             return [Internal("storage failure; nothing was stored")] * len(ops)
 
-    async def write(self, op: Op[T]) -> T:
-        result: T = await self._commit.submit(op)
+    async def write(self, op: Op[T], key: str = "") -> T:
+        result: T = await self._commit.submit(op, key)
         return result
 
     async def read(self, op: Op[T]) -> T:

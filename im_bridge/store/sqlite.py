@@ -129,8 +129,8 @@ class SqliteStore(Store):
             log.exception("sqlite batch of %d ops rolled back", len(ops))
             return [Internal("storage failure; nothing was stored")] * len(ops)
 
-    async def write(self, op: Op[T]) -> T:
-        result: T = await self._commit.submit(op)
+    async def write(self, op: Op[T], key: str = "") -> T:
+        result: T = await self._commit.submit(op, key)
         return result
 
     def _reader_conn(self) -> sqlite3.Connection:
