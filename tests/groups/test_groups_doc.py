@@ -54,9 +54,11 @@ async def test_worked_example_replays_exactly(any_node: Node):
         else:
             assert who is not None
             want = _steady(frame)
-            ev = await clients[who].next_event(
-                frame["type"], timeout=3, where=lambda e, want=want: _steady(e) == want
-            )
+
+            def same(e: dict[str, Any], want: Any = want) -> bool:
+                return bool(_steady(e) == want)
+
+            ev = await clients[who].next_event(frame["type"], timeout=3, where=same)
             assert ev["type"] == frame["type"]
 
 
