@@ -125,31 +125,20 @@ class ChatService:
             for m in mentions:
                 if m != "@all":
                     check_user_id(m, "mentions")
+        peer: str | None = None
         if "user" in to:
             peer = check_user_id(to["user"], "to.user")
-            req = SendRequest(
-                conv=dm_conv(sender, peer),
-                sender=sender,
-                sender_device=device,
-                kind=kind,
-                body=body,
-                client_msg_id=client_msg_id,
-                mentions=mentions,
-                check="dm",
-                peer=peer,
-            )
+            conv, check = dm_conv(sender, peer), "dm"
         else:
-            group = check_group_id(to["group"], "to.group")
-            req = SendRequest(
-                conv=group_conv(group),
-                sender=sender,
-                sender_device=device,
-                kind=kind,
-                body=body,
-                client_msg_id=client_msg_id,
-                mentions=mentions,
-                check="group",
+            conv, check = group_conv(check_group_id(to["group"], "to.group")), "group"
+        return await self._append(
+            SendRequest(
+                conv=conv, sender=sender, sender_device=device, kind=kind, body=body,
+                client_msg_id=client_msg_id, mentions=mentions, check=check, peer=peer,
             )
+        )
+
+    async def _append(self, req: SendRequest) -> Sent:
         msg, created = await self.store.write(ops.append_message(req, now_ms()), key=req.conv)
         members = await self.members(msg.conv) if created else []
         return Sent(msg, created, members)
@@ -165,18 +154,12 @@ class ChatService:
     ) -> Sent:
         """Store a server-written message (``notice``, ``call``) in a conversation."""
         parse_conv(conv)  # validates the id
-        req = SendRequest(
-            conv=conv,
-            sender=actor,
-            sender_device=device,
-            kind=kind,
-            body=body,
-            client_msg_id=client_msg_id,
-            check="system",
+        return await self._append(
+            SendRequest(
+                conv=conv, sender=actor, sender_device=device, kind=kind, body=body,
+                client_msg_id=client_msg_id, check="system",
+            )
         )
-        msg, created = await self.store.write(ops.append_message(req, now_ms()), key=req.conv)
-        members = await self.members(conv) if created else []
-        return Sent(msg, created, members)
 
     # ------------------------------------------------------------ reading
 

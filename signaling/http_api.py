@@ -49,30 +49,29 @@ async def _body(request: web.Request) -> dict[str, Any]:
     return data
 
 
-async def register(request: web.Request) -> web.Response:
+async def _account(request: web.Request, action: str) -> web.Response:
+    """``/api/register`` and ``/api/login``: a token for a demo account."""
     state: AppState = request.app[STATE]
     try:
         if not state.config.allow_registration:
-            raise NotFound("registration is turned off on this server")
+            raise NotFound("demo accounts are turned off on this server")
         body = await _body(request)
-        user = await state.users.register(body.get("user"), body.get("password"), body.get("name"))
+        if action == "register":
+            user = await state.users.register(body.get("user"), body.get("password"), body.get("name"))
+        else:
+            user = await state.users.authenticate(body.get("user"), body.get("password"))
         token, exp = state.verifier.mint(user.id, name=user.name)
         return _json({"user": user.id, "name": user.name, "token": token, "expires_at": exp})
     except TalkbridgeError as err:
         return _error(err)
+
+
+async def register(request: web.Request) -> web.Response:
+    return await _account(request, "register")
 
 
 async def login(request: web.Request) -> web.Response:
-    state: AppState = request.app[STATE]
-    try:
-        if not state.config.allow_registration:
-            raise NotFound("password login is turned off on this server")
-        body = await _body(request)
-        user = await state.users.authenticate(body.get("user"), body.get("password"))
-        token, exp = state.verifier.mint(user.id, name=user.name)
-        return _json({"user": user.id, "name": user.name, "token": token, "expires_at": exp})
-    except TalkbridgeError as err:
-        return _error(err)
+    return await _account(request, "login")
 
 
 async def ice_servers(request: web.Request) -> web.Response:
