@@ -57,7 +57,9 @@ async def _account(request: web.Request, action: str) -> web.Response:
             raise NotFound("demo accounts are turned off on this server")
         body = await _body(request)
         if action == "register":
-            user = await state.users.register(body.get("user"), body.get("password"), body.get("name"))
+            user = await state.users.register(
+                body.get("user"), body.get("password"), body.get("name")
+            )
         else:
             user = await state.users.authenticate(body.get("user"), body.get("password"))
         token, exp = state.verifier.mint(user.id, name=user.name)
