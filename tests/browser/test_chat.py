@@ -136,3 +136,40 @@ async def test_sign_out_returns_to_the_sign_in_form_and_sign_in_works(
     await alice.page.fill("#auth-password", "password-123")
     await alice.page.click("#auth-login")
     await expect(alice.page.locator("#conn-status")).to_have_text("connected")
+
+
+async def test_a_pasted_token_signs_in_and_survives_a_reload(
+    server: Server, browser: Browser
+) -> None:
+    import time
+
+    import jwt
+
+    from tests.browser.server import JWT_SECRET
+
+    # A token minted by "the app's own backend" with the shared HS256 secret.
+    token = jwt.encode({"sub": "dora", "name": "Dora", "exp": int(time.time()) + 600},
+                       JWT_SECRET, algorithm="HS256")
+    context = await browser.new_context()
+    page = await context.new_page()
+    await page.goto(server.url + "/")
+    await page.click("#auth-form details summary")
+    await page.fill("#auth-token", token)
+    await page.click("#auth-use-token")
+    await expect(page.locator("#conn-status")).to_have_text("connected")
+    await expect(page.locator("#me")).to_contain_text("Dora")
+    device = await page.evaluate("tb.device")
+    await page.reload()
+    await expect(page.locator("#conn-status")).to_have_text("connected")
+    # Same browser profile, same device id.
+    assert await page.evaluate("tb.device") == device
+
+    # A forged token is refused with a message, not a silent failure.
+    await page.click("#signout")
+    forged = jwt.encode({"sub": "dora", "exp": int(time.time()) + 600}, "not-the-secret" * 3,
+                        algorithm="HS256")
+    await page.click("#auth-form details summary")
+    await page.fill("#auth-token", forged)
+    await page.click("#auth-use-token")
+    await expect(page.locator("#auth-error")).to_contain_text("The server refused the session")
+    await expect(page.locator("#auth-view")).to_be_visible()
