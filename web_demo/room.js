@@ -1,6 +1,6 @@
 // Group calls through the server's media relay: room.join / room.sdp / room.ice / room.leave,
 // with room.tracks mapping each incoming track to the user it carries. The browser is the
-// polite side of perfect negotiation: on glare it rolls back its own offer.
+// polite side: the relay makes the offers and the browser answers them.
 
 import {
   SerialQueue,
@@ -50,8 +50,6 @@ export class RoomManager {
       participants: new Map(), // `${user}/${device}` -> {user, device}
       pendingTracks: [], // remote tracks whose owner room.tracks has not named yet
       ended: false,
-      makingOffer: false,
-      offerSerial: 0,
       early: [], // room events that arrived before the peer connection
     };
     r.queue = new SerialQueue((err) => this._report(r, err));
@@ -107,8 +105,8 @@ export class RoomManager {
         .request("room.ice", { room: r.id, candidate: candidateToWire(e.candidate) })
         .catch((err) => this._report(r, err));
     };
-    // No onnegotiationneeded: the relay makes the offers (it picks every leg's codec); the
-    // browser only answers. _offer remains for relays that expect the client to offer.
+    // No onnegotiationneeded: the relay makes the offers (it picks every leg's codec) and
+    // the browser answers, attaching its tracks to the sections the relay receives on.
     pc.ontrack = (e) => this._onTrack(r, e);
     pc.onconnectionstatechange = () => {
       if (r.ended) return;
@@ -119,38 +117,11 @@ export class RoomManager {
     };
   }
 
-  async _offer(r) {
-    if (r.ended || r.pc.signalingState !== "stable") return;
-    const serial = ++r.offerSerial;
-    r.makingOffer = true;
-    try {
-      await r.pc.setLocalDescription(await r.pc.createOffer());
-    } finally {
-      r.makingOffer = false;
-    }
-    const desc = r.pc.localDescription;
-    // The reply is awaited outside the queue: the relay may offer in the meantime (glare),
-    // and that offer must be able to run (it rolls our offer back).
-    this.app.client
-      .request("room.sdp", { room: r.id, sdp: { type: desc.type, sdp: desc.sdp } })
-      .then((data) => {
-        if (!data || !data.sdp) return;
-        r.queue.push(async () => {
-          // Only apply the answer to the offer still outstanding (not one rolled back).
-          if (serial === r.offerSerial && r.pc.signalingState === "have-local-offer") {
-            await r.pc.setRemoteDescription(data.sdp);
-          }
-        });
-      })
-      .catch((err) => this._report(r, err));
-  }
-
   async _onRemoteSdp(r, sdp) {
     const pc = r.pc;
     if (sdp.type === "offer") {
       if (pc.signalingState !== "stable") {
-        // Polite peer: drop our offer and take the relay's.
-        r.offerSerial++;
+        // Polite peer: drop any offer of ours and take the relay's.
         await pc.setLocalDescription({ type: "rollback" });
       }
       await pc.setRemoteDescription(sdp);
