@@ -30,8 +30,11 @@ log = logging.getLogger(__name__)
 
 def _make_bus(config: Config, hub: Hub) -> Bus:
     if config.redis:
-        # The Redis engine of the bus/presence ports is the scale-out issue's work.
-        raise ValueError("TALKBRIDGE_REDIS is not supported yet: this build has the in-process bus")
+        # Scale-out: node-addressed delivery and presence in Redis (signaling/redis_bus.py).
+        from signaling.redis_bus import RedisBus, parse_redis_url
+
+        url, settings = parse_redis_url(config.redis)
+        return RedisBus(url, hub, config.node_id, settings)
     return MemoryBus(hub)
 
 
