@@ -284,14 +284,18 @@ def _generator_summary(
     run_end: float,
 ) -> dict[str, Any]:
     run = [s for s in snaps if s["phase"] == "run"]
-    per_worker: dict[int, list[float]] = defaultdict(list)
+    # (cpu seconds, wall seconds) per worker: weighted, so a snapshot taken right after a
+    # phase change (a few ms long) cannot swing the average.
+    per_worker: dict[int, list[float]] = defaultdict(lambda: [0.0, 0.0])
     lag = new_histogram()
     for s in run:
-        per_worker[s["worker"]].append(s["cpu"])
+        span = max(0.0, s["t1"] - s["t0"])
+        per_worker[s["worker"]][0] += s["cpu"] * span
+        per_worker[s["worker"]][1] += span
         enc = s["generator"]["hists"].get("loop_lag")
         if enc:
             _add(lag, enc)
-    cpu_avg = {w: round(sum(v) / len(v), 3) for w, v in per_worker.items() if v}
+    cpu_avg = {w: round(v[0] / v[1], 3) for w, v in per_worker.items() if v[1] > 0}
     lag_summary = summarize(lag)
     reasons = []
     for w, c in sorted(cpu_avg.items()):

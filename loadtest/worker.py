@@ -97,9 +97,10 @@ async def _main(plan: WorkerPlan, queue: Any, go: Any, go_at: Any) -> None:
         ctx = Context(plan.worker, plan.workers, plan.target, rec, session, users, plan.opts)
         scenarios: list[Scenario] = []
         for sl in plan.slices:
-            mine = [u for u in range(sl.units) if u % plan.workers == plan.worker]
+            cls = registry[sl.scenario]
+            mine = cls.units_for(plan.worker, plan.workers, sl.units)
             if mine:
-                scenarios.append(registry[sl.scenario](ctx, mine, sl.first_client, sl.units))
+                scenarios.append(cls(ctx, mine, sl.first_client, sl.units))
         reporter = loop.create_task(_reporter(rec, queue))
         lag = loop.create_task(_lag_monitor(rec))
         facts: dict[str, Any] = {}
@@ -114,6 +115,9 @@ async def _main(plan: WorkerPlan, queue: Any, go: Any, go_at: Any) -> None:
             _phase(rec, queue, "run")
             stop_at = loop.time() + plan.duration
             await asyncio.gather(*(s.run(stop_at) for s in scenarios))
+            # A worker that only receives (or finished early) still listens until the end.
+            if loop.time() < stop_at:
+                await asyncio.sleep(stop_at - loop.time())
             _phase(rec, queue, "drain")
             deadline = loop.time() + plan.drain
             await asyncio.gather(*(s.drain(deadline) for s in scenarios))

@@ -130,6 +130,11 @@ class Scenario:
         return max(1, clients // cls.clients_per_unit)
 
     @classmethod
+    def units_for(cls, worker: int, workers: int, total_units: int) -> list[int]:
+        """The units a worker takes part in: dealt round-robin by default."""
+        return [u for u in range(total_units) if u % workers == worker]
+
+    @classmethod
     def per_unit(cls, opts: argparse.Namespace) -> int:
         """Clients in one unit (may depend on options, e.g. group size)."""
         return cls.clients_per_unit

@@ -4,6 +4,12 @@ Set-up: every member connects, the first creates the group with the others as me
 Run: ``--group-senders`` members per group send (closed-loop window or open-loop rate);
 every other member must get each message exactly once. Latency is per delivery, so its
 count is the number of fan-out deliveries.
+
+Receiving the fan-out is the heavy part, so a group's members are spread over the workers:
+the group's home worker holds the creator and the senders (and its share of receivers);
+a sender's window slot frees once its reply and the deliveries to the home worker's members
+have arrived. Deliveries are counted wherever they land; the analyzer compares the global
+sum with ``acked * (M - 1)``. Send timestamps are CLOCK_MONOTONIC, shared by all processes.
 """
 
 from __future__ import annotations
@@ -62,7 +68,9 @@ class Member:
             self.received.add(key)
             rec.counts["delivered"] += 1
             rec.latency("send_deliver", (now - t_ns) / 1000)
-            origin = g.members[sender]
+            origin = g.members.get(sender)
+            if origin is None:
+                return  # sent from another worker: counted, its window is tracked there
             entry = origin.pending.get(k)
             if entry is None:
                 left = origin.overdue.get(k)
@@ -85,7 +93,7 @@ class Member:
                 return
             if frame.get("ok"):
                 rec.counts["acked"] += 1
-                rec.counts["expected_deliveries"] += len(g.members) - 1
+                rec.counts["expected_deliveries"] += s.size - 1
                 rec.latency("send_reply", (time.monotonic_ns() - entry[0]) / 1000)
                 entry[1] = True
                 if entry[2] <= 0:
@@ -105,7 +113,7 @@ class Group:
     def __init__(self, scenario: GroupChat, unit: int) -> None:
         self.s = scenario
         self.unit = unit
-        self.members: list[Member] = []
+        self.members: dict[int, Member] = {}  # only the members this worker holds
         self.group_id = ""
         self.conv = ""
         self.tag = f"{scenario.ctx.users.run}.g{unit}"
@@ -139,6 +147,20 @@ class GroupChat(Scenario):
                             help="group: members of each group that send")
         parser.add_argument("--groups", type=int, default=0,
                             help="group: number of groups (default: from --clients)")
+
+    @classmethod
+    def units_for(cls, worker: int, workers: int, total_units: int) -> list[int]:
+        """Every worker takes part in every group (it holds a share of the members)."""
+        return list(range(total_units))
+
+    def home(self, unit: int) -> bool:
+        """Whether this worker holds the group's creator and senders."""
+        return unit % self.ctx.workers == self.ctx.worker
+
+    def owner(self, unit: int, member: int) -> int:
+        """The worker that holds ``member`` of group ``unit``."""
+        home = unit % self.ctx.workers
+        return home if member < self.senders else (home + member) % self.ctx.workers
 
     @classmethod
     def per_unit(cls, opts: argparse.Namespace) -> int:
@@ -188,14 +210,21 @@ class GroupChat(Scenario):
 
         async def make(unit: int) -> None:
             g = Group(self, unit)
-            members = await asyncio.gather(*(member(g, i) for i in range(self.size)))
-            if any(m is None for m in members):
-                return  # connect errors are counted; a partial group would skew fan-out
-            g.members = [m for m in members if m is not None]
-            owner = g.members[0].conn
-            reply = await request(owner, {
+            mine = [i for i in range(self.size) if self.owner(unit, i) == self.ctx.worker]
+            members = await asyncio.gather(*(member(g, i) for i in mine))
+            # A member that failed to connect is counted by code; its deliveries will be
+            # missing from the total, so the run fails its check rather than hiding it.
+            g.members = {m.index: m for m in members if m is not None}
+            if not self.home(unit):
+                self.groups.append(g)
+                return
+            creator = g.members.get(0)
+            if creator is None:
+                return
+            names = [self.ctx.users.name(self.client_index(unit, i)) for i in range(1, self.size)]
+            reply = await request(creator.conn, {
                 "type": "group.create", "id": f"create-{unit}", "name": f"load {g.tag}",
-                "members": [m.conn.user for m in g.members[1:]], "join_policy": "invite_only",
+                "members": names, "join_policy": "invite_only",
             })
             if not reply.get("ok"):
                 self.rec.error(f"group.create:{(reply.get('error') or {}).get('code', 'unknown')}")
@@ -219,7 +248,7 @@ class GroupChat(Scenario):
     async def _send(self, m: Member, t_ns: int) -> None:
         k = m.next_k
         m.next_k = k + 1
-        others = len(m.group.members) - 1
+        others = len(m.group.members) - 1  # deliveries this worker will see
         m.pending[k] = [t_ns, False, others]
         self.rec.in_flight += 1
         await m.conn.send({
@@ -236,8 +265,9 @@ class GroupChat(Scenario):
         n_senders = max(1, self.total_units * self.senders)
         try:
             await asyncio.gather(*(
-                self._drive(g, m, stop_at, n_senders)
-                for g in self.groups for m in g.members[: self.senders]
+                self._drive(g, g.members[i], stop_at, n_senders)
+                for g in self.groups if g.group_id
+                for i in range(self.senders) if i in g.members
             ))
         finally:
             sweeper.cancel()
@@ -273,7 +303,7 @@ class GroupChat(Scenario):
             await asyncio.sleep(0.5)
             now = time.monotonic_ns()
             for g in self.groups:
-                for m in g.members[: self.senders]:
+                for m in g.members.values():
                     for k in [k for k, e in m.pending.items() if now - e[0] > self.timeout_ns]:
                         entry = m.pending[k]
                         self.rec.counts["timeouts"] += 1
@@ -284,19 +314,29 @@ class GroupChat(Scenario):
                         self.complete(m, k)
 
     async def drain(self, deadline: float) -> None:
-        """Wait until nothing is pending or the deadline passes."""
+        """Wait until nothing is pending here and deliveries have stopped arriving.
+
+        Deliveries of messages sent from other workers can still be on their way; half a
+        second without any is taken as the end of them.
+        """
         loop = asyncio.get_running_loop()
-        while loop.time() < deadline and any(  # noqa: ASYNC110
-            m.pending for g in self.groups for m in g.members
-        ):
+        last = self.rec.counts["delivered"]
+        quiet_since = loop.time()
+        while loop.time() < deadline:
             await asyncio.sleep(0.05)
+            now_count = self.rec.counts["delivered"]
+            if now_count != last:
+                last, quiet_since = now_count, loop.time()
+            pending = any(m.pending for g in self.groups for m in g.members.values())
+            if not pending and loop.time() - quiet_since >= 0.5:
+                return
 
     def finish(self) -> dict[str, Any]:
         """Deliveries owed to acked messages and never made are lost."""
         lost = 0
         no_reply = 0
         for g in self.groups:
-            for m in g.members:
+            for m in g.members.values():
                 lost += sum(m.overdue.values())
                 for entry in m.pending.values():
                     if entry[1]:
@@ -308,4 +348,5 @@ class GroupChat(Scenario):
         self.rec.counts["lost"] += lost
         if no_reply:
             self.rec.error("msg.send:no_reply", no_reply)
-        return {"groups": len(self.groups), "group_size": self.size}
+        homed = sum(1 for g in self.groups if g.group_id)
+        return {"groups": homed, "group_size": self.size}
