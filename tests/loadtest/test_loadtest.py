@@ -336,3 +336,16 @@ def test_tokens_file_and_auth_frame(tmp_path: Path, talkbridge: servers.Server) 
     report = run_command(opts)
     assert_all_accounted(chat_of(report))
     assert report["target"]["auth"] == "frame"
+
+
+def test_group_members_spread_over_two_workers_are_all_counted(
+    tmp_path: Path, talkbridge: servers.Server
+) -> None:
+    report = run(tmp_path, "group", "--url", talkbridge.url, "--groups", "1", "--group-size",
+                 "6", "--group-senders", "2", "--workers", "2", "--duration", "1",
+                 "--window", "2")
+    s = report["scenarios"]["group"]
+    c = s["counts"]
+    assert s["checks"]["ok"] is True, s
+    assert c["delivered"] == c["expected_deliveries"] == 5 * c["acked"] > 0
+    assert c["connected"] == 6
