@@ -8,6 +8,8 @@ all of these, so this module reaches into exactly these private names:
 - ``RTCRtpReceiver._RTCRtpReceiver__jitter_buffer``: replaced by a :class:`PacketTap` so
   depayloaded packets come to the relay instead of the decoder (which then idles);
 - ``RTCRtpReceiver._send_rtcp_pli``: sends a keyframe request to the publisher;
+- ``RTCRtpReceiver._RTCRtpReceiver__remote_bitrate_estimator``: wrapped so the relay, not
+  aiortc, decides the REMB the publisher gets (``_send_rtcp`` and ``__rtcp_ssrc`` send it);
 - ``RTCRtpSender._send_keyframe`` and ``._handle_rtcp_packet``: wrapped per instance to see
   a subscriber's PLI/FIR and REMB;
 - ``RTCRtpSender._stream_id``: the ``msid`` stream, so a publisher's audio and video share one;
@@ -30,7 +32,14 @@ import aiortc
 from aiortc import RTCPeerConnection, RTCRtpReceiver, RTCRtpSender, RTCSessionDescription
 from aiortc import sdp as aiortc_sdp
 from aiortc.rtcrtptransceiver import RTCRtpTransceiver
-from aiortc.rtp import RTCP_PSFB_APP, RtcpPsfbPacket, RtcpRrPacket, RtcpSrPacket, unpack_remb_fci
+from aiortc.rtp import (
+    RTCP_PSFB_APP,
+    RtcpPsfbPacket,
+    RtcpRrPacket,
+    RtcpSrPacket,
+    pack_remb_fci,
+    unpack_remb_fci,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -38,6 +47,9 @@ SUPPORTED_AIORTC = ("1.16.",)
 
 RECEIVER_JITTER_BUFFER = "_RTCRtpReceiver__jitter_buffer"
 RECEIVER_SEND_PLI = "_send_rtcp_pli"
+RECEIVER_SEND_RTCP = "_send_rtcp"
+RECEIVER_RTCP_SSRC = "_RTCRtpReceiver__rtcp_ssrc"
+RECEIVER_BITRATE_ESTIMATOR = "_RTCRtpReceiver__remote_bitrate_estimator"
 SENDER_KEYFRAME = "_send_keyframe"
 SENDER_HANDLE_RTCP = "_handle_rtcp_packet"
 SENDER_STREAM_ID = "_stream_id"
@@ -47,6 +59,8 @@ TRANSCEIVER_EXTENSIONS = "_headerExtensions"
 # Source fragments whose presence proves the receive path still feeds the jitter buffer
 # with depayloaded packets and still honours the (pli_flag, frame) return value.
 _RECEIVER_SOURCE_NEEDLES = (
+    "remb = self.__remote_bitrate_estimator.add(",
+    "if self.__rtcp_ssrc is not None and remb is not None:",
     "packet._data = depayload(codec, packet.payload)",
     "self.__jitter_buffer.add(packet)",
     "if encoded_frame is not None and self.__decoder_thread:",
@@ -69,7 +83,7 @@ def check_aiortc() -> None:
         )
     missing = [
         f"RTCRtpReceiver.{name}"
-        for name in (RECEIVER_SEND_PLI, "_handle_rtp_packet")
+        for name in (RECEIVER_SEND_PLI, RECEIVER_SEND_RTCP, "_handle_rtp_packet")
         if not callable(getattr(RTCRtpReceiver, name, None))
     ] + [
         f"RTCRtpSender.{name}"
@@ -130,6 +144,44 @@ def send_pli(receiver: RTCRtpReceiver, media_ssrc: int) -> Awaitable[None]:
     """Ask the publisher of ``media_ssrc`` for a keyframe (RTCP PLI) through ``receiver``."""
     send: Callable[[int], Awaitable[None]] = _require(receiver, RECEIVER_SEND_PLI)
     return send(media_ssrc)
+
+
+class _EstimateTap:
+    """Wraps aiortc's remote bitrate estimator: keeps its estimate, suppresses its REMB."""
+
+    def __init__(self, inner: Any, on_estimate: Callable[[int], None]) -> None:
+        self._inner = inner
+        self._on_estimate = on_estimate
+
+    def add(self, **kwargs: Any) -> None:
+        remb = self._inner.add(**kwargs)
+        if remb is not None:
+            self._on_estimate(int(remb[0]))
+        return None
+
+
+def tap_bitrate_estimate(receiver: RTCRtpReceiver, on_estimate: Callable[[int], None]) -> bool:
+    """Send ``receiver``'s incoming-bitrate estimates to ``on_estimate(bps)`` instead of to the
+    publisher as REMB (the relay sends its own, see :func:`send_remb`). False for audio."""
+    inner = _require(receiver, RECEIVER_BITRATE_ESTIMATOR)
+    if inner is None:
+        return False
+    setattr(receiver, RECEIVER_BITRATE_ESTIMATOR, _EstimateTap(inner, on_estimate))
+    return True
+
+
+async def send_remb(receiver: RTCRtpReceiver, bitrate: int, media_ssrcs: list[int]) -> bool:
+    """Send the publisher an RTCP REMB of ``bitrate`` bps for ``media_ssrcs``; False if the
+    receiver has no RTCP SSRC yet (not connected)."""
+    rtcp_ssrc = _require(receiver, RECEIVER_RTCP_SSRC)
+    if rtcp_ssrc is None:
+        return False
+    packet = RtcpPsfbPacket(
+        fmt=RTCP_PSFB_APP, ssrc=rtcp_ssrc, media_ssrc=0, fci=pack_remb_fci(bitrate, media_ssrcs)
+    )
+    send: Callable[[Any], Awaitable[None]] = _require(receiver, RECEIVER_SEND_RTCP)
+    await send(packet)
+    return True
 
 
 def hook_sender(

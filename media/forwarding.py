@@ -82,6 +82,20 @@ class KeyframeRequester:
             self._timer = None
 
 
+def publisher_bitrate(
+    cap: int, floor: int, uplink_estimate: int | None, subscriber_estimates: list[int]
+) -> int:
+    """The bitrate to ask a publisher for (REMB): the least any subscriber can take, but not
+    below ``floor`` (one bad link must not starve the room; it goes audio-only instead), no
+    more than the relay's own estimate of the publisher's uplink, and never above ``cap``."""
+    target = cap
+    if subscriber_estimates:
+        target = min(target, max(floor, min(subscriber_estimates)))
+    if uplink_estimate is not None:
+        target = min(target, uplink_estimate)
+    return target
+
+
 class ForwardTrack(MediaStreamTrack):
     """The track an aiortc sender reads for one subscriber: encoded frames as ``av.Packet``.
 
@@ -195,6 +209,12 @@ class PublishedTrack:
         self.frames = 0
         self.keyframes = 0
         self.audio_level: float = 127.0  # smoothed -dBov; 127 is silence
+        # Bandwidth: subscribers' REMB (bps) by subscriber, the relay's uplink estimate, and
+        # how to send the publisher a REMB (set by the relay once the receiver exists).
+        self.subscriber_estimates: dict[str, int] = {}
+        self.uplink_estimate: int | None = None
+        self.target_bitrate: int | None = None
+        self.send_remb: Callable[[int], None] | None = None
 
     def forward(self, frame: EncodedFrame) -> None:
         """Hand one complete frame to every subscriber leg (one shared ``av.Packet``)."""
@@ -223,6 +243,7 @@ class PublishedTrack:
     def unsubscribe(self, subscriber: str) -> None:
         """Stop forwarding to ``subscriber``."""
         track = self.subscribers.pop(subscriber, None)
+        self.subscriber_estimates.pop(subscriber, None)
         if track is not None:
             track.stop()
 

@@ -46,7 +46,7 @@ from aiortc.sdp import candidate_from_sdp
 
 from im_bridge.errors import BadRequest, Conflict, Forbidden, Unsupported
 from media import aiortc_adapter as adapter
-from media.forwarding import ForwardTrack, KeyframeRequester, PublishedTrack
+from media.forwarding import ForwardTrack, KeyframeRequester, PublishedTrack, publisher_bitrate
 from media.frames import AudioAssembler, Vp8Assembler
 from media.host_addresses import restrict_host_addresses
 from media.sdp_codecs import FORWARDED_CODECS, check_codecs, codec_preferences
@@ -127,6 +127,7 @@ class Room:
     participants: dict[str, Participant] = field(default_factory=dict)
     speaker: str | None = None
     speaker_task: asyncio.Task[None] | None = None
+    bitrate_task: asyncio.Task[None] | None = None
 
 
 class Relay:
@@ -137,6 +138,8 @@ class Relay:
     ``on_dropped(room_id, participant_id, reason)``: called when the relay drops a device.
     ``on_room_closed(room_id)``: called when the last participant is gone.
     ``ice_timeout``: seconds from the first offer for the connection to come up.
+    ``max_publish_bitrate``: the video bitrate cap sent to publishers (REMB), lowered to the
+    least of the subscribers' REMB estimates but not below ``min_subscriber_bitrate``.
     """
 
     def __init__(
@@ -154,6 +157,9 @@ class Relay:
         speaker_threshold: int = 60,
         audio_only_loss: float = 0.15,
         audio_only_after: float = 5.0,
+        max_publish_bitrate: int = 1_500_000,
+        min_subscriber_bitrate: int = 150_000,
+        remb_interval: float = 1.0,
     ) -> None:
         adapter.check_aiortc()
         if host_addresses:
@@ -174,6 +180,9 @@ class Relay:
         self._speaker_threshold = speaker_threshold
         self._audio_only_loss = audio_only_loss
         self._audio_only_after = audio_only_after
+        self._max_bitrate = max_publish_bitrate
+        self._min_bitrate = min_subscriber_bitrate
+        self._remb_interval = remb_interval
         self._rooms: dict[str, Room] = {}
         self._tasks: set[asyncio.Future[Any]] = set()
         self._closed = False
@@ -227,6 +236,7 @@ class Relay:
         self._spawn(self._negotiate(p))
         if room.speaker_task is None:
             room.speaker_task = asyncio.ensure_future(self._watch_speaker(room))
+            room.bitrate_task = asyncio.ensure_future(self._steer_bitrates(room))
         return {"room": room_id, "participants": [o.info() for o in others]}
 
     async def on_sdp(
@@ -356,7 +366,7 @@ class Relay:
         """Make the media arriving on ``t`` a published track of ``p``."""
         receiver = t.receiver
         ssrc: list[int] = []
-        pending: set[asyncio.Future[None]] = set()
+        pending: set[asyncio.Future[Any]] = set()
 
         def send_pli() -> bool:
             if not ssrc or p.closed:
@@ -384,6 +394,18 @@ class Relay:
                     requester.request()
 
             adapter.tap_receiver(receiver, on_video)
+
+            def on_uplink_estimate(bps: int) -> None:
+                track.uplink_estimate = bps
+
+            def remb(bps: int) -> None:
+                if ssrc and not p.closed:
+                    fut = asyncio.ensure_future(adapter.send_remb(receiver, bps, ssrc[:1]))
+                    pending.add(fut)
+                    fut.add_done_callback(pending.discard)
+
+            adapter.tap_bitrate_estimate(receiver, on_uplink_estimate)
+            track.send_remb = remb
         else:
             opus = AudioAssembler()
 
@@ -416,8 +438,15 @@ class Relay:
         def on_loss(fraction: int) -> None:
             self._on_subscriber_loss(p, sub, fraction / 256)
 
+        def on_remb(bps: int) -> None:
+            if track.kind == "video":
+                track.subscriber_estimates[p.participant_id] = bps
+
         adapter.hook_sender(
-            t.sender, on_keyframe_request=track.requester.request, on_loss=on_loss
+            t.sender,
+            on_keyframe_request=track.requester.request,
+            on_remb=on_remb,
+            on_loss=on_loss,
         )
         p.subscriptions[track.track_id] = sub
 
@@ -574,8 +603,9 @@ class Relay:
                 p.event_task.cancel()
         if not room.participants:
             self._rooms.pop(room.room_id, None)
-            if room.speaker_task is not None:
-                room.speaker_task.cancel()
+            for task in (room.speaker_task, room.bitrate_task):
+                if task is not None:
+                    task.cancel()
             if self._on_room_closed is not None and notify:
                 await _maybe_await(self._on_room_closed(room.room_id))
 
@@ -629,6 +659,28 @@ class Relay:
                 }
                 for p in room.participants.values():
                     p.send(dict(event))
+
+    # ----- bandwidth ----------------------------------------------------------------------
+
+    async def _steer_bitrates(self, room: Room) -> None:
+        """Every ``remb_interval``, send each video publisher the REMB of
+        :func:`media.forwarding.publisher_bitrate` (cap, subscribers' minimum, floor)."""
+        while True:
+            await asyncio.sleep(self._remb_interval)
+            for p in room.participants.values():
+                for t in p.published.values():
+                    if t.kind != "video" or t.send_remb is None:
+                        continue
+                    # Audio-only subscribers get no video: their estimates do not count.
+                    estimates = [
+                        bps
+                        for sub, bps in t.subscriber_estimates.items()
+                        if sub in room.participants and not room.participants[sub].audio_only
+                    ]
+                    t.target_bitrate = publisher_bitrate(
+                        self._max_bitrate, self._min_bitrate, t.uplink_estimate, estimates
+                    )
+                    t.send_remb(t.target_bitrate)
 
     # ----- plumbing -----------------------------------------------------------------------
 
