@@ -101,6 +101,7 @@ def chat_row(label: str, report: dict[str, Any]) -> dict[str, Any]:
         "server_cpu": (report.get("server") or {}).get("cpu_avg"),
         "generator_cpu": gen["cpu_avg_per_worker"],
         "noise_cores": gen.get("other_processes_cores"),
+        "cpu_pressure": gen.get("cpu_pressure"),
         "generator_limited": gen["bottleneck"],
         "reasons": gen["reasons"],
     }
@@ -168,14 +169,16 @@ def run_idle(args: argparse.Namespace) -> dict[str, Any]:
 def print_table(rows: list[dict[str, Any]], idle: dict[str, Any] | None) -> None:
     """The figures and ratios, as the issue asks for them."""
     by = {r["server"]: r for r in rows}
-    print("\nmsgs/s: delivered per second after the ramp; latency: send -> deliver")
+    print("\nmsgs/s: delivered per second after the ramp; latency: send -> deliver; "
+          "noise: cores used by other processes; psi: share of time tasks waited for a CPU")
     print(f"{'server':20} {'msgs/s':>9} {'p50 ms':>8} {'p99 ms':>8} {'max ms':>8} "
-          f"{'lost':>5} {'dup':>4} {'err':>4} {'noise':>6}  notes")
+          f"{'lost':>5} {'dup':>4} {'err':>4} {'noise':>6} {'psi':>5}  notes")
     for r in rows:
         notes = "generator-limited" if r["generator_limited"] else ""
-        print(f"{r['server']:20} {r['steady_msgs_per_s']:9,.0f} {r['p50_ms']!s:>8} {r['p99_ms']!s:>8} "
-              f"{r['max_ms']!s:>8} {r['lost']!s:>5} {r['duplicates']!s:>4} {r['errors']:>4} "
-              f"{r['noise_cores']!s:>6}  {notes}")
+        print(f"{r['server']:20} {r['steady_msgs_per_s']:9,.0f} {r['p50_ms']!s:>8} "
+              f"{r['p99_ms']!s:>8} {r['max_ms']!s:>8} {r['lost']!s:>5} {r['duplicates']!s:>4} "
+              f"{r['errors']:>4} "
+              f"{r['noise_cores']!s:>6} {r['cpu_pressure']!s:>5}  {notes}")
     for tb in ("talkbridge-sqlite", "talkbridge-postgres"):
         if tb not in by:
             continue

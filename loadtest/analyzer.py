@@ -314,6 +314,11 @@ def _generator_summary(
                 f"{meta['cpus']} cores: they compete, figures are a lower bound"
             )
     other = _other_load(records, go, run_end, sum(cpu_avg.values()), srv_cpu)
+    pressure = _cpu_pressure(records, go, run_end)
+    if pressure is not None and pressure >= 0.2:
+        reasons.append(
+            f"runnable tasks waited for a CPU {pressure * 100:.0f}% of the run (CPU pressure)"
+        )
     if other is not None and other >= 0.25:
         reasons.append(
             f"other processes used {other:.2f} cores during the run: the figures are disturbed"
@@ -322,6 +327,7 @@ def _generator_summary(
         "workers": meta["workers"],
         "cpu_avg_per_worker": {str(w): c for w, c in sorted(cpu_avg.items())},
         "other_processes_cores": other,
+        "cpu_pressure": pressure,
         "loop_lag_ms": lag_summary,
         "machine_cpu_share": machine,
         "bottleneck": bool(reasons),
@@ -343,6 +349,18 @@ def _other_load(
     # The coordinator itself is small but not nothing; it counts as generator.
     srv = sum(srv_cpu) / len(srv_cpu) if srv_cpu else 0.0
     return round(max(0.0, float(busy) - gen - srv), 3)
+
+
+def _cpu_pressure(records: list[dict[str, Any]], go: float, run_end: float) -> float | None:
+    """Share of the run during which some runnable task waited for a CPU (PSI ``some``)."""
+    machine = [
+        r for r in records
+        if r["kind"] == "machine" and r.get("psi_us") is not None and go <= r["t"] <= run_end + 0.5
+    ]
+    if len(machine) < 2 or machine[-1]["t"] <= machine[0]["t"]:
+        return None
+    stalled = float(machine[-1]["psi_us"] - machine[0]["psi_us"]) / 1e6
+    return round(stalled / float(machine[-1]["t"] - machine[0]["t"]), 3)
 
 
 def _timeseries(

@@ -41,6 +41,18 @@ def machine_busy_seconds() -> float:
     return (sum(ticks[:8]) - ticks[3] - ticks[4]) / _TICK
 
 
+def cpu_pressure_us() -> int | None:
+    """Total microseconds some runnable task waited for a CPU (Linux PSI), if available."""
+    try:
+        with open("/proc/pressure/cpu") as f:
+            for line in f:
+                if line.startswith("some "):
+                    return int(line.rsplit("total=", 1)[1])
+    except (OSError, ValueError, IndexError):
+        return None
+    return None
+
+
 def listening_pid(port: int) -> int | None:
     """The PID of the local process listening on TCP ``port`` (needs /proc access), or None."""
     inodes: set[str] = set()

@@ -122,7 +122,7 @@ class Run:
         last_cpu = self._sample_server(time.time(), None, live)
         self.records.append(
             {"kind": "machine", "t": time.time(), "busy": procstat.machine_busy_seconds(),
-             "loadavg": os.getloadavg()[0]}
+             "psi_us": procstat.cpu_pressure_us(), "loadavg": os.getloadavg()[0]}
         )
         ctx = multiprocessing.get_context("spawn")
         q = ctx.Queue()
@@ -183,7 +183,8 @@ class Run:
                 if now - last_sample >= 1.0:
                     last_sample = now
                     self.records.append(
-                        {"kind": "machine", "t": now, "busy": procstat.machine_busy_seconds()}
+                        {"kind": "machine", "t": now, "busy": procstat.machine_busy_seconds(),
+                         "psi_us": procstat.cpu_pressure_us()}
                     )
                     last_cpu = self._sample_server(now, last_cpu, live)
                     self._progress(live, now)
