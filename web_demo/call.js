@@ -180,13 +180,15 @@ export class CallManager {
       if (call.ended) return;
       this._attachLocal(call);
       await this._createPc(call);
-      await call.pc.setRemoteDescription(inv.sdp);
-      for (const t of call.localStream.getTracks()) call.pc.addTrack(t, call.localStream);
-      const answer = await call.pc.createAnswer();
-      await call.pc.setLocalDescription(answer);
-      // Candidates that came with or after the invite wait until the offer is applied.
-      call.remoteReady = true;
-      for (const c of call.earlyCandidates.splice(0)) call.queue.push(() => addRemoteCandidate(call.pc, c));
+      // The offer goes through the call's queue like every later message for this call.
+      await call.queue.push(async () => {
+        await call.pc.setRemoteDescription(inv.sdp);
+        for (const t of call.localStream.getTracks()) call.pc.addTrack(t, call.localStream);
+        await call.pc.setLocalDescription(await call.pc.createAnswer());
+        // Candidates that came with or after the invite waited for the offer.
+        call.remoteReady = true;
+        for (const c of call.earlyCandidates.splice(0)) await addRemoteCandidate(call.pc, c);
+      });
       if (call.ended) return;
       await this.app.client.request("call.accept", {
         call_id: callId,

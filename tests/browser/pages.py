@@ -3,13 +3,18 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 from typing import Any
 
 from playwright.async_api import Browser, BrowserContext, Page, expect
 
 ROOT = Path(__file__).resolve().parents[2]
-SCREENSHOTS = ROOT / "docs" / "screenshots"
+# Every run saves its screenshots as CI artifacts (git-ignored); the README's copies under
+# docs/screenshots/ are refreshed on purpose, with TALKBRIDGE_UPDATE_SCREENSHOTS=1, so a
+# plain test run leaves the work tree clean.
+ARTIFACTS = ROOT / "artifacts" / "screenshots"
+DOC_SCREENSHOTS = ROOT / "docs" / "screenshots"
 
 CHROMIUM = "/usr/bin/chromium"
 # The flags docs/WEBRTC-TESTING fixed: fake camera/microphone, loopback ICE, no calls home.
@@ -97,9 +102,14 @@ async def launch(playwright: Any) -> Browser:
 
 
 async def screenshot(page: Page, name: str) -> None:
-    """Save a PNG for the README under docs/screenshots/."""
-    SCREENSHOTS.mkdir(parents=True, exist_ok=True)
-    await page.screenshot(path=str(SCREENSHOTS / f"{name}.png"))
+    """Save ``<name>.png`` under artifacts/screenshots/ (and docs/screenshots/ when updating)."""
+    dirs = [ARTIFACTS]
+    if os.environ.get("TALKBRIDGE_UPDATE_SCREENSHOTS") == "1":
+        dirs.append(DOC_SCREENSHOTS)
+    png = await page.screenshot()
+    for d in dirs:
+        d.mkdir(parents=True, exist_ok=True)
+        (d / f"{name}.png").write_bytes(png)
 
 
 async def video_stats(page: Page, selector: str) -> dict[str, Any]:
