@@ -101,6 +101,10 @@ class GroupService:
                 self._members.popitem(last=False)
         return users
 
+    def cached(self, conv: str) -> list[str] | None:
+        """The cached member list of ``conv``, if any (for tests and metrics)."""
+        return self._members.get(conv)
+
     def invalidate(self, conv: str, *, broadcast: bool = True) -> None:
         """Forget the cached member list of ``conv`` (after its membership changed)."""
         self._epoch += 1
@@ -109,8 +113,10 @@ class GroupService:
             for hook in self.on_members_changed:
                 hook(conv)
 
-    async def _write(self, op: Any) -> Change:
-        change: Change = await self.store.write(op)
+    async def _write(self, group: str, op: Any) -> Change:
+        # Keyed by the conversation: one group's changes and messages share a commit lane,
+        # so they commit, and their futures resolve, in order.
+        change: Change = await self.store.write(op, key=group_conv(group))
         if change.members_changed:
             # Runs as soon as the commit is known, before any later message's fan-out can
             # resume (futures of one batch resolve in order): no stale recipient list.
@@ -173,7 +179,8 @@ class GroupService:
         ann = _text(announcement, "announcement", MAX_ANNOUNCEMENT, required=False)
         av = _text(avatar, "avatar", MAX_AVATAR, required=False)
         return await self._write(
-            gops.create(gid, nm, owner, users, policy, ann, av, now_ms(), self.member_limit)
+            gid,
+            gops.create(gid, nm, owner, users, policy, ann, av, now_ms(), self.member_limit),
         )
 
     async def update(self, actor: str, group: Any, fields: dict[str, Any]) -> Change:
@@ -192,12 +199,12 @@ class GroupService:
             clean["join_policy"] = _policy(fields["join_policy"])
         if not clean:
             raise BadRequest("give at least one of name, announcement, avatar, join_policy")
-        return await self._write(gops.update(gid, actor, clean, now_ms()))
+        return await self._write(gid, gops.update(gid, actor, clean, now_ms()))
 
     async def invite(self, actor: str, group: Any, users: Any) -> Change:
         gid = check_group_id(group)
         return await self._write(
-            gops.invite(gid, actor, _users(users), now_ms(), self.member_limit)
+            gid, gops.invite(gid, actor, _users(users), now_ms(), self.member_limit)
         )
 
     async def join(self, user: str, group: Any, message: Any = None) -> Change:
@@ -207,45 +214,50 @@ class GroupService:
             if message is None
             else _text(message, "message", MAX_REQUEST_MESSAGE, required=False)
         )
-        return await self._write(gops.join(gid, user, text, now_ms(), self.member_limit))
+        return await self._write(gid, gops.join(gid, user, text, now_ms(), self.member_limit))
 
     async def approve(self, actor: str, group: Any, user: Any) -> Change:
         gid = check_group_id(group)
         return await self._write(
-            gops.approve(gid, actor, check_user_id(user), now_ms(), self.member_limit)
+            gid, gops.approve(gid, actor, check_user_id(user), now_ms(), self.member_limit)
         )
 
     async def reject(self, actor: str, group: Any, user: Any) -> Change:
         gid = check_group_id(group)
-        return await self._write(gops.reject(gid, actor, check_user_id(user), now_ms()))
+        return await self._write(gid, gops.reject(gid, actor, check_user_id(user), now_ms()))
 
     async def kick(self, actor: str, group: Any, user: Any) -> Change:
         gid = check_group_id(group)
-        return await self._write(gops.kick(gid, actor, check_user_id(user), now_ms()))
+        return await self._write(gid, gops.kick(gid, actor, check_user_id(user), now_ms()))
 
     async def leave(self, user: str, group: Any) -> Change:
-        return await self._write(gops.leave(check_group_id(group), user, now_ms()))
+        gid = check_group_id(group)
+        return await self._write(gid, gops.leave(gid, user, now_ms()))
 
     async def dissolve(self, actor: str, group: Any) -> Change:
-        return await self._write(gops.dissolve(check_group_id(group), actor, now_ms()))
+        gid = check_group_id(group)
+        return await self._write(gid, gops.dissolve(gid, actor, now_ms()))
 
     async def set_role(self, actor: str, group: Any, user: Any, role: Any) -> Change:
         gid = check_group_id(group)
         uid = check_user_id(user)
         if role not in ROLES:
             raise BadRequest("'role' must be 'admin' or 'member'", field="role")
-        return await self._write(gops.set_role(gid, actor, uid, str(role), now_ms()))
+        return await self._write(gid, gops.set_role(gid, actor, uid, str(role), now_ms()))
 
     async def transfer(self, actor: str, group: Any, user: Any) -> Change:
         gid = check_group_id(group)
-        return await self._write(gops.transfer(gid, actor, check_user_id(user), now_ms()))
+        return await self._write(gid, gops.transfer(gid, actor, check_user_id(user), now_ms()))
 
     async def mute(self, actor: str, group: Any, user: Any, until_ts: int) -> Change:
         gid = check_group_id(group)
-        return await self._write(gops.mute(gid, actor, check_user_id(user), until_ts, now_ms()))
+        return await self._write(
+            gid, gops.mute(gid, actor, check_user_id(user), until_ts, now_ms())
+        )
 
     async def mute_all(self, actor: str, group: Any, on: bool) -> Change:
-        return await self._write(gops.mute_all(check_group_id(group), actor, on, now_ms()))
+        gid = check_group_id(group)
+        return await self._write(gid, gops.mute_all(gid, actor, on, now_ms()))
 
     @staticmethod
     def conv_of(group: str) -> str:

@@ -18,7 +18,7 @@ from im_bridge.errors import BadRequest, Conflict, Forbidden, NotFound
 from im_bridge.ids import group_conv
 from im_bridge.models import Message, SendRequest
 from im_bridge.store import ops
-from im_bridge.store.ops import Op, count, execute, one, rows
+from im_bridge.store.ops import Op, execute, one, rows
 
 PRIVILEGED = ("owner", "admin")
 JOIN_POLICIES = ("open", "approval", "invite_only")
@@ -684,8 +684,7 @@ def mute_all(group: str, actor: str, on: bool, now: int) -> Op[Change]:
     yield from _privileged(g, actor)
     if g.mute_all == on:
         raise Conflict("the group is already " + ("muted" if on else "unmuted"))
-    n = yield count("UPDATE chat_groups SET mute_all = ? WHERE group_id = ?", 1 if on else 0, group)
-    assert n == 1
+    yield execute("UPDATE chat_groups SET mute_all = ? WHERE group_id = ?", 1 if on else 0, group)
     g.mute_all = on
     msg = yield from _notice(g, actor, {"event": "mute_all", "actor": actor, "on": on}, now)
     audience = yield from current_members(g.conv)

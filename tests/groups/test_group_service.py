@@ -1,0 +1,101 @@
+"""The group service straight over each store (SQLite and PostgreSQL): concurrency,
+group-commit safety and the member cache."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Awaitable
+from typing import TypeVar
+
+import pytest
+
+from im_bridge.errors import TalkbridgeError
+from im_bridge.groups import GroupService
+from im_bridge.messages import ChatService
+from im_bridge.store import Store, open_store
+from im_bridge.store.ops import Op
+
+T = TypeVar("T")
+
+
+@pytest.fixture
+async def store(store_url: str) -> AsyncIterator[Store]:
+    s = open_store(store_url)
+    await s.open()
+    try:
+        yield s
+    finally:
+        await s.close()
+
+
+async def test_concurrent_changes_and_refusals_leave_a_gap_free_timeline(store: Store):
+    svc = GroupService(store)
+    chat = ChatService(store)
+    chat.group_members = svc.members
+    users = [f"u{i}" for i in range(30)]
+    made = await svc.create("owner", "G", users[:10], "open", group="g1")
+    conv = made.group.conv
+    ops: list[Awaitable[object]] = [svc.join(u, "g1") for u in users[10:]]  # 20 joins
+    ops += [svc.kick("u0", "g1", u) for u in users[1:6]]  # refused: u0 is a plain member
+    ops += [svc.invite("owner", "g1", [u]) for u in users[1:4]]  # refused: already members
+    ops += [chat.send(u, "d", {"group": "g1"}, None, "text", {"text": u}) for u in users[:10]]
+    results = await asyncio.gather(*ops, return_exceptions=True)
+    errors = [r for r in results if isinstance(r, BaseException)]
+    assert len(errors) == 8 and all(isinstance(e, TalkbridgeError) for e in errors)
+    assert {e.code for e in errors if isinstance(e, TalkbridgeError)} == {"forbidden", "conflict"}
+    hist, _ = await chat.history("owner", conv, None, 0, 100)
+    assert [m.seq for m in hist] == list(range(1, 32))  # creation + 20 joins + 10 messages
+    assert sorted(await svc.members(conv)) == sorted(["owner", *users])
+
+
+class SlowReads(Store):
+    """A real store whose reads hand their result back only when ``gate`` opens."""
+
+    def __init__(self, inner: Store) -> None:
+        self.inner = inner
+        self.url = inner.url
+        self.gate = asyncio.Event()
+        self.gate.set()
+
+    async def open(self) -> None:
+        await self.inner.open()
+
+    async def close(self) -> None:
+        await self.inner.close()
+
+    async def write(self, op: Op[T], key: str = "") -> T:
+        return await self.inner.write(op, key)
+
+    async def read(self, op: Op[T]) -> T:
+        result = await self.inner.read(op)
+        await self.gate.wait()
+        return result
+
+    async def ping(self) -> bool:
+        return await self.inner.ping()
+
+
+async def test_a_fill_that_races_an_invalidation_is_not_kept(store: Store):
+    slow = SlowReads(store)
+    svc = GroupService(slow)
+    await svc.create("owner", "G", ["a"], "open", group="g2")
+    slow.gate.clear()
+    reading = asyncio.get_running_loop().create_task(svc.members("g:g2"))
+    await asyncio.sleep(0.2)  # the read has its (soon stale) answer and waits at the gate
+    await svc.join("b", "g2")  # commits and invalidates meanwhile
+    slow.gate.set()
+    assert await reading == ["a", "owner"]  # that caller asked before the join: fine
+    assert svc.cached("g:g2") is None  # but the stale list was not kept
+    assert await svc.members("g:g2") == ["a", "b", "owner"]
+
+
+async def test_membership_changes_drop_the_cached_list(store: Store):
+    svc = GroupService(store)
+    await svc.create("owner", "G", ["a", "b"], "open", group="g3")
+    assert await svc.members("g:g3") == ["a", "b", "owner"]
+    assert svc.cached("g:g3") == ["a", "b", "owner"]
+    await svc.kick("owner", "g3", "a")
+    assert svc.cached("g:g3") is None
+    assert await svc.members("g:g3") == ["b", "owner"]
+    await svc.update("owner", "g3", {"name": "H"})  # not a membership change
+    assert svc.cached("g:g3") == ["b", "owner"]
