@@ -240,3 +240,18 @@ async def test_fuzzed_request_frames_never_break_the_connection_or_stored_messag
         assert (await _stored(alice))[0] == before[0]
     finally:
         await n.stop()
+
+
+async def test_more_requests_than_the_in_flight_window_are_all_answered(tmp_path: Path):
+    from signaling.gateway import MAX_IN_FLIGHT
+
+    n = await start_node(f"sqlite:///{tmp_path / 's.db'}", tmp_path, rate_limit=0)
+    try:
+        alice = await n.client("alice")
+        count = MAX_IN_FLIGHT * 3
+        results = await asyncio.gather(
+            *(alice.send_text(f"m{i}", user="bob") for i in range(count))
+        )
+        assert [r["seq"] for r in results] == list(range(1, count + 1))
+    finally:
+        await n.stop()
