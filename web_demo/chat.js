@@ -193,6 +193,7 @@ export class Chat {
       c.unread = s.unread != null ? s.unread : Math.max(0, c.last_seq - c.read_seq);
       if (s.last_message) c.last_message = s.last_message;
       if (s.name || s.title) c.name = s.name || s.title;
+      c.left = !!s.left;
       const lm = s.last_message;
       c.mentioned = !!(s.mentioned || s.mention || (c.unread > 0 && lm && this._mentionsMe(lm)));
       if (lm && lm.from !== this.app.me && c.unread > 0) this._queueDelivered(c, c.last_seq);
@@ -253,6 +254,7 @@ export class Chat {
       const last = document.createElement("span");
       last.className = "conv-last muted small";
       last.textContent = c.last_message ? this.preview(c, c.last_message) : "No messages yet";
+      if (c.left) li.classList.add("left");
       bottom.append(last);
       if (c.mentioned) {
         const m = document.createElement("span");
@@ -314,6 +316,7 @@ export class Chat {
     this.el.header.hidden = false;
     this.el.timeline.hidden = false;
     this.el.composer.hidden = false;
+    this._renderComposer();
     document.body.classList.add("conv-open");
     this.el.title.textContent = this.title(c);
     this.el.sub.textContent = c.kind === "dm" ? `@${c.peer}` : `group ${c.group}`;
@@ -346,6 +349,24 @@ export class Chat {
     this._loadReceipts(c);
     this._markRead();
     this.el.input.focus();
+  }
+
+  /** Mark a conversation as one this user can no longer write in (left, kicked, dissolved). */
+  setLeft(convId, left) {
+    const c = this._conv(convId);
+    c.left = left;
+    if (this.openConv === c) this._renderComposer();
+    this.renderList();
+  }
+
+  _renderComposer() {
+    const c = this.openConv;
+    const left = !!(c && c.left);
+    this.el.input.disabled = left;
+    this.el.composer.querySelector("button").disabled = left;
+    this.el.input.placeholder = left
+      ? "You are no longer a member of this group."
+      : "Write a message… (@user to mention, Enter to send)";
   }
 
   close() {

@@ -151,10 +151,14 @@ export class Groups {
   /** Re-read the panel when a notice says the group changed. */
   onNotice(group, body) {
     const ev = body && body.event;
+    if (["member_joined", "member_invited", "created"].includes(ev) && (body.users || []).includes(this.app.me)) {
+      this.app.chat.setLeft(`g:${group}`, false);
+    }
     if (ev === "dissolved" || ((ev === "member_kicked" || ev === "member_left") && (body.users || [body.actor]).includes(this.app.me))) {
       if (ev === "dissolved") this.app.toast(`The group ${this.name(group)} was dissolved.`, "info");
       else if (ev === "member_kicked") this.app.toast(`You were removed from ${this.name(group)}.`, "info");
       this.info.set(group, { ...this.info.get(group), gone: true, my_role: null });
+      this.app.chat.setLeft(`g:${group}`, true);
       if (this.openGroup === group) this.renderGone(group);
       return;
     }

@@ -83,6 +83,7 @@ async def test_group_life_from_creation_to_dissolution(server: Server, browser: 
     await carol_row.locator("button", has_text="Kick").click()
     await expect(notice(alice, "alice removed carol")).to_be_visible()
     await expect(carol.page.locator("#toasts")).to_contain_text("You were removed")
+    await expect(carol.page.locator("#composer-input")).to_be_disabled()
     await bob.page.click("#btn-group-info")
     await bob.page.locator("#group-body button", has_text="Leave group").click()
     await expect(notice(alice, "bob left")).to_be_visible()
