@@ -13,6 +13,8 @@ import time
 from collections.abc import Awaitable, Callable, Collection
 from typing import Any
 
+from prometheus_client import Counter, Gauge
+
 from im_bridge.bridge import CallBridge
 from im_bridge.ids import dm_conv
 from im_bridge.push import PushNotification
@@ -57,6 +59,8 @@ class NodeCallEnv:
         self.state = state
         self.bridge = bridge
         self.tasks: set[asyncio.Task[None]] = set()
+        self.ended = Counter("talkbridge_calls_ended", "1:1 calls ended, by log outcome",
+                             ["outcome"], registry=state.metrics.registry)
 
     def now(self) -> float:
         return time.time()
@@ -83,6 +87,7 @@ class NodeCallEnv:
         await self.bridge.check_may_call(caller, callee)
 
     async def write_call_log(self, entry: CallLog) -> None:
+        self.ended.labels(entry.outcome).inc()
         sent = await self.bridge.record_call(
             entry.caller, entry.callee, entry.call_id, entry.media, entry.outcome,
             entry.duration_s)
@@ -157,6 +162,8 @@ async def setup(state: AppState) -> None:
     calls = CallManager(env, CallSettings.from_config(state.config))
     state.calls = calls
     state.extras["call_env"] = env
+    Gauge("talkbridge_calls_live", "1:1 calls ringing or connected on this node",
+          registry=state.metrics.registry).set_function(calls.live_count)
 
     async def on_connect(session: Session) -> None:
         # The hub runs this right after auth.ok was queued: pending invites come next.
@@ -170,7 +177,7 @@ async def setup(state: AppState) -> None:
 
 
 async def teardown(state: AppState) -> None:
-    """Stop every call timer."""
+    """End the calls still up (logged as failed) and stop every call timer."""
     calls: CallManager | None = state.calls
     if calls is not None:
         await calls.close()

@@ -298,6 +298,10 @@ class CallManager:
         """Calls ``user`` takes part in that have not ended."""
         return [self._calls[c] for c in sorted(self._live.get(user, ()))]
 
+    def live_count(self) -> int:
+        """How many calls are ringing or connected."""
+        return sum(1 for c in self._calls.values() if c.state != "ended")
+
     def in_call(self, user: str) -> bool:
         """True when ``user`` is ringing, being rung or talking."""
         return bool(self._live.get(user))
@@ -511,7 +515,7 @@ class CallManager:
 
     async def device_disconnected(self, user: str, device: str) -> None:
         """A device's connection closed: its calls wait ``grace`` seconds for a resume."""
-        if device in await self.env.online_devices(user):
+        if not self._live.get(user) or device in await self.env.online_devices(user):
             return  # a newer session of the same device is already up
         async with self._lock:
             now = self.env.now()
@@ -525,13 +529,22 @@ class CallManager:
                     call.away[(user, device)] = _Away(since=now, timer=timer)
 
     async def close(self) -> None:
-        """Cancel every timer (server shutdown)."""
+        """Server shutdown: end every live call ``failed`` (logged), then stop every timer.
+
+        Call state lives in this process, so no call outlives it; ending them here keeps the
+        promise that every call leaves one log message.
+        """
         async with self._lock:
+            for call in list(self._calls.values()):
+                if call.state != "ended":
+                    since = min((a.since for a in call.away.values()), default=None)
+                    self._end(call, "failed", None, at=since)
+            await self._flush()
+            logs = self._take_logs()
             for call in self._calls.values():
                 if call.timer is not None:
                     call.timer.cancel()
-                for away in call.away.values():
-                    away.timer.cancel()
+        await self._write_logs(logs)
 
     # --- internals -------------------------------------------------------------------------
 

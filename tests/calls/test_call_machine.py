@@ -407,6 +407,18 @@ async def test_resume_after_the_grace_period_is_refused(calls, env):
     assert err.value.details["reason"] == "failed"
 
 
+async def test_shutting_down_ends_live_calls_failed_and_logs_them(calls, env):
+    await connected(calls, env)
+    await calls.invite("carol", "c1", {"call_id": "call-2", "to": {"user": "alice"},
+                                       "media": AV, "sdp": OFFER})  # busy: already logged
+    await env.advance(30)
+    await calls.close()
+    assert the(calls, "call-1").end_reason == "failed"
+    assert [(lg.call_id, lg.outcome, lg.duration_s) for lg in env.logs] == [
+        ("call-2", "busy", 0), ("call-1", "failed", 30)]
+    assert [t for t in env.timers if not t.cancelled] == []
+
+
 # --- trickle ICE and renegotiation -----------------------------------------------------------
 
 async def test_caller_candidates_before_the_answer_go_to_the_answering_device_only(calls, env):

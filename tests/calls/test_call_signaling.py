@@ -297,3 +297,40 @@ def test_no_ice_servers_are_handed_out_by_default(server: RunningServer, tmp_pat
                                  headers={"Authorization": f"Bearer {server.token('bob')}"})
     with urllib.request.urlopen(req) as resp:
         assert json.loads(resp.read())["ice_servers"] == []
+
+
+async def test_metrics_count_ended_calls_by_outcome_and_live_calls(server):
+    def scrape() -> dict[str, float]:
+        with urllib.request.urlopen(f"{server.http_url}/metrics") as resp:
+            text = resp.read().decode()
+        return {ln.split(" ")[0]: float(ln.split(" ")[1]) for ln in text.splitlines()
+                if ln.startswith("talkbridge_calls_")}
+
+    b = f"bob-{new_id()[:6]}"
+    before = await asyncio.to_thread(scrape)
+    async with connect(server.ws_url, server.token("alice"), "a1") as (alice, _), \
+            connect(server.ws_url, server.token(b), "b1") as (bob, _):
+        cid = new_id()
+        await invite(alice, cid, b)
+        await bob.request("call.accept", call_id=cid, sdp=ANSWER)
+        during = await asyncio.to_thread(scrape)
+        await alice.request("call.hangup", call_id=cid)
+    after = await asyncio.to_thread(scrape)
+    completed = 'talkbridge_calls_ended_total{outcome="completed"}'
+    assert during["talkbridge_calls_live"] == before["talkbridge_calls_live"] + 1
+    assert after["talkbridge_calls_live"] == before["talkbridge_calls_live"]
+    assert after[completed] == before.get(completed, 0) + 1
+
+
+async def test_a_call_up_when_the_server_stops_is_logged_failed(tmp_path: Path):
+    with run_talkbridge(tmp_path) as srv:
+        async with connect(srv.ws_url, srv.token("alice"), "a1") as (alice, _), \
+                connect(srv.ws_url, srv.token("bob"), "b1") as (bob, _):
+            await invite(alice, "up-at-shutdown", "bob")
+            await bob.request("call.accept", call_id="up-at-shutdown", sdp=ANSWER)
+    # the with block stopped the server (SIGTERM) while the call was still connected
+    with run_talkbridge(tmp_path) as srv:
+        async with connect(srv.ws_url, srv.token("alice"), "a1") as (alice, _):
+            [log] = await call_logs(alice, "bob")
+    assert log["body"]["call_id"] == "up-at-shutdown"
+    assert log["body"]["outcome"] == "failed"
