@@ -173,3 +173,32 @@ async def test_a_pasted_token_signs_in_and_survives_a_reload(
     await page.click("#auth-use-token")
     await expect(page.locator("#auth-error")).to_contain_text("The server refused the session")
     await expect(page.locator("#auth-view")).to_be_visible()
+
+
+async def test_messages_sent_while_offline_appear_after_the_network_returns(
+    server: Server, browser: Browser
+) -> None:
+    alice = await new_device(browser, server.url, "alice", register=True)
+    bob = await new_device(browser, server.url, "bob", register=True)
+    await alice.open_dm("bob")
+    await alice.send("see you later")
+    await bob.open_dm("alice")
+    await expect(bob.message("see you later")).to_be_visible()
+
+    # The network goes away: new connections fail, and the open socket dies (as it does once
+    # keepalives time out on a real network loss).
+    await alice.context.set_offline(True)
+    await alice.page.evaluate("tb.client.ws.close(4000, 'network lost')")
+    await expect(alice.page.locator("#banner")).to_contain_text("Reconnecting")
+    await asyncio.sleep(2)  # a few failed reconnection attempts while offline
+    await expect(alice.page.locator("#conn-status")).not_to_have_text("connected")
+    for i in range(1, 4):
+        await bob.send(f"while you were away {i}")
+    await expect(bob.tick("while you were away 3")).to_have_attribute("data-state", "sent")
+
+    await alice.context.set_offline(False)
+    await expect(alice.page.locator("#conn-status")).to_have_text("connected", timeout=20000)
+    for i in range(1, 4):
+        await expect(alice.message(f"while you were away {i}")).to_be_visible()
+    # Seen on alice's open conversation: bob's ticks turn to read.
+    await expect(bob.tick("while you were away 3")).to_have_attribute("data-state", "read")
