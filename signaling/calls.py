@@ -316,7 +316,10 @@ class CallManager:
         offer = parse_sdp(req.get("sdp"), ("offer",))
         if callee == user:
             raise BadRequest("cannot call yourself", field="to")
-        if call_id in self._calls or call_id in self._pending:
+        known = self._calls.get(call_id)
+        if known is not None and (known.caller, known.caller_device) == (user, device):
+            return await self._repeat_invite(known, user, device)
+        if known is not None or call_id in self._pending:
             raise Conflict("call_id already in use: pick a new random one", field="call_id")
         # Requests for this call that arrive while we ask the bridge wait for the answer
         # (a caller trickles candidates right after its invite).
@@ -327,6 +330,18 @@ class CallManager:
         finally:
             del self._pending[call_id]
             settled.set_result(None)
+
+    async def _repeat_invite(self, call: Call, user: str, device: str) -> Event:
+        """The same invite again from the same device (a retry after a lost connection).
+
+        Nothing is rung twice: the reply says where the call stands, and a device that was
+        away takes the call up again as with ``call.resume``.
+        """
+        async with self._lock:
+            if call.state != "ended":
+                self._resume_if_away(call, user, device)
+            await self._flush()
+            return call.summary()
 
     async def _invite(self, user: str, device: str, call_id: str, callee: str,
                       media: dict[str, bool], offer: dict[str, str]) -> Event:

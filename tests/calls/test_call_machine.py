@@ -527,6 +527,23 @@ async def test_a_blocked_user_cannot_call(calls, env):
     assert env.all_events() == [] and calls.get("call-1") is None
 
 
+async def test_the_same_invite_again_from_the_same_device_rings_nobody_twice(calls, env):
+    # a client that lost its connection before the reply retries its invite
+    await invite(calls)
+    env.disconnect("alice", "a1")
+    await calls.device_disconnected("alice", "a1")
+    await calls.ringing("bob", "phone", {"call_id": "call-1"})
+    env.connect("alice", "a1")
+    env.inbox.clear()
+    reply = await invite(calls)
+    assert reply["state"] == "ringing"
+    assert env.take("alice", "a1") == [
+        {"type": "call.ringing", "call_id": "call-1", "device": "phone"}]  # held while away
+    assert env.all_events() == []
+    await env.advance(30)
+    assert the(calls, "call-1").state == "ringing"  # resumed: the grace timer is off
+
+
 async def test_a_reused_call_id_is_a_conflict(calls, env):
     await invite(calls)
     with pytest.raises(Conflict):
