@@ -30,7 +30,7 @@ import inspect
 import logging
 import time
 import uuid
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -50,12 +50,10 @@ from media.forwarding import ForwardTrack, KeyframeRequester, PublishedTrack, pu
 from media.frames import AudioAssembler, Vp8Assembler
 from media.host_addresses import restrict_host_addresses
 from media.sdp_codecs import FORWARDED_CODECS, check_codecs, codec_preferences
+from media.service import DropCallback, Emit, Event, RoomClosedCallback
 
 logger = logging.getLogger(__name__)
 
-Event = dict[str, Any]
-Emit = Callable[[Event], Awaitable[None] | None]
-DropCallback = Callable[[str, str, str], Awaitable[None] | None]
 
 _EVENT_QUEUE_MAX = 1000
 
@@ -148,7 +146,7 @@ class Relay:
         ice_servers: list[dict[str, Any]] | None = None,
         *,
         on_dropped: DropCallback | None = None,
-        on_room_closed: Callable[[str], Awaitable[None] | None] | None = None,
+        on_room_closed: RoomClosedCallback | None = None,
         ice_timeout: float = 15.0,
         keyframe_interval: float = 0.5,
         video_queue_frames: int = 30,

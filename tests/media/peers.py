@@ -24,7 +24,8 @@ from aiortc import (
 )
 from aiortc.mediastreams import MediaStreamError
 
-from media.relay import Relay
+from media.host_addresses import restrict_host_addresses
+from media.service import RelayService
 
 WIDTH, HEIGHT, FPS = 320, 240, 30
 
@@ -88,13 +89,20 @@ class Peer:
     """One device in a relay room, driven by the relay's events as a real client would be."""
 
     def __init__(
-        self, relay: Relay, room: str, name: str, *, publish: bool = True, answer: bool = True
+        self,
+        relay: RelayService,
+        room: str,
+        name: str,
+        *,
+        publish: bool = True,
+        answer: bool = True,
     ) -> None:
         self.relay = relay
         self.room = room
         self.name = name
         self.publish = publish
         self.answer = answer
+        restrict_host_addresses(["127.0.0.1"])
         self.pc = RTCPeerConnection(
             RTCConfiguration(iceServers=[], bundlePolicy=RTCBundlePolicy.MAX_BUNDLE)
         )
