@@ -41,10 +41,13 @@ async def deliver_message(
     if not push:
         return
     mentioned_all = bool(msg.mentions and "@all" in msg.mentions)
+    # Members with a device on this node are online: a cheap local look-up spares the
+    # presence port (one await per member per message) for all but the rest.
+    local = state.hub.online_devices
     offline = []
     for user in members:
-        if user == msg.sender:
-            continue  # never push to the sender's own devices
+        if user == msg.sender or local(user):
+            continue  # never push to the sender's own devices, nor to online members
         if await state.bus.online_devices(user):
             continue
         offline.append(user)

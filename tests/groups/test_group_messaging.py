@@ -126,3 +126,15 @@ async def test_storage_is_one_row_per_message_whatever_the_group_size(any_node: 
         await alice.send_text(f"n{i}", group=made["group"])
     msgs, members = await any_node.state.store.read(_count_rows(made["conv"]))
     assert (msgs, members) == (11, 201)  # the creation notice and ten messages
+
+
+async def test_a_muted_direct_conversation_is_not_pushed(node: Node):
+    alice = await node.client("alice")
+    bob = await node.client("bob")
+    await alice.send_text("first", user="bob")
+    await bob.request("conv.mute", conv="dm:alice:bob", on=True)
+    await bob.close()
+    sent = node.state.pusher.sent  # type: ignore[attr-defined]
+    sent.clear()
+    await alice.send_text("while muted", user="bob")
+    assert sent == []
