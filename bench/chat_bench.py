@@ -104,6 +104,7 @@ def chat_row(label: str, report: dict[str, Any]) -> dict[str, Any]:
         "cpu_pressure": gen.get("cpu_pressure"),
         "generator_limited": gen["bottleneck"],
         "reasons": gen["reasons"],
+        "disturbed": gen.get("disturbed", []),
     }
 
 
@@ -174,7 +175,10 @@ def print_table(rows: list[dict[str, Any]], idle: dict[str, Any] | None) -> None
     print(f"{'server':20} {'msgs/s':>9} {'p50 ms':>8} {'p99 ms':>8} {'max ms':>8} "
           f"{'lost':>5} {'dup':>4} {'err':>4} {'noise':>6} {'psi':>5}  notes")
     for r in rows:
-        notes = "generator-limited" if r["generator_limited"] else ""
+        notes = " ".join(
+            n for n, on in (("generator-limited", r["generator_limited"]),
+                            ("disturbed", bool(r["disturbed"]))) if on
+        )
         print(f"{r['server']:20} {r['steady_msgs_per_s']:9,.0f} {r['p50_ms']!s:>8} "
               f"{r['p99_ms']!s:>8} {r['max_ms']!s:>8} {r['lost']!s:>5} {r['duplicates']!s:>4} "
               f"{r['errors']:>4} "

@@ -297,7 +297,8 @@ def _generator_summary(
             _add(lag, enc)
     cpu_avg = {w: round(v[0] / v[1], 3) for w, v in per_worker.items() if v[1] > 0}
     lag_summary = summarize(lag)
-    reasons = []
+    reasons = []  # the generator itself limited the load it offered
+    disturbed = []  # the machine was shared: figures are lower bounds
     for w, c in sorted(cpu_avg.items()):
         if c >= CPU_SATURATED:
             reasons.append(f"worker {w} used {c * 100:.0f}% of a core during the run")
@@ -309,18 +310,18 @@ def _generator_summary(
         total = sum(cpu_avg.values()) + sum(srv_cpu) / len(srv_cpu)
         machine = round(total / max(1, meta["cpus"] or 1), 3)
         if machine >= 0.9:
-            reasons.append(
+            disturbed.append(
                 f"server and generator together used {machine * 100:.0f}% of the machine's "
                 f"{meta['cpus']} cores: they compete, figures are a lower bound"
             )
     other = _other_load(records, go, run_end, sum(cpu_avg.values()), srv_cpu)
     pressure = _cpu_pressure(records, go, run_end)
     if pressure is not None and pressure >= 0.2:
-        reasons.append(
+        disturbed.append(
             f"runnable tasks waited for a CPU {pressure * 100:.0f}% of the run (CPU pressure)"
         )
     if other is not None and other >= 0.25:
-        reasons.append(
+        disturbed.append(
             f"other processes used {other:.2f} cores during the run: the figures are disturbed"
         )
     return {
@@ -332,6 +333,7 @@ def _generator_summary(
         "machine_cpu_share": machine,
         "bottleneck": bool(reasons),
         "reasons": reasons,
+        "disturbed": disturbed,
     }
 
 
@@ -398,7 +400,9 @@ def _timeseries(
                 _add(h, enc)
     srv_by: dict[int, dict[str, Any]] = {}
     for r in server:
-        srv_by[math.floor(r["t"] - go)] = r
+        k = math.floor(r["t"] - go)
+        if r.get("cpu") is not None or k not in srv_by:
+            srv_by[k] = r
     out = []
     conns: dict[int, int] = {}
     for k in sorted(set(buckets) | set(srv_by)):

@@ -101,7 +101,8 @@ def _add_run_options(p: argparse.ArgumentParser) -> None:
         nargs="?",
         const="bare",
         default=None,
-        help="also run the baseline-capable scenarios against bare[,socketio] relays",
+        help="also run the baseline-capable scenarios against the bare relay "
+        "(and the socket.io relay with --baseline socketio)",
     )
     o.add_argument("--out", default=None, help="report directory (default loadtest-out/<stamp>)")
     o.add_argument("--json", action="store_true", help="print the JSON report on stdout")
@@ -214,7 +215,11 @@ def run_command(opts: argparse.Namespace, wrap: list[str] | None = None) -> dict
         base_mix = ",".join(
             part for part in opts.mix.split(",") if registry[part.split("=")[0].strip()].baseline_ok
         )
-        for kind in [k.strip() for k in opts.baseline.split(",") if k.strip()]:
+        kinds = [k.strip() for k in opts.baseline.split(",") if k.strip()]
+        # "--baseline socketio" means the socket.io relay as well as the bare one.
+        if "bare" not in kinds:
+            kinds.insert(0, "bare")
+        for kind in kinds:
             if not base_mix:
                 break
             bopts = argparse.Namespace(**vars(opts))
@@ -284,6 +289,8 @@ def summary_text(report: dict[str, Any]) -> str:
     gen = report["generator"]
     if gen["bottleneck"]:
         lines.append("GENERATOR LIMITED: " + "; ".join(gen["reasons"]))
+    if gen.get("disturbed"):
+        lines.append("MACHINE SHARED: " + "; ".join(gen["disturbed"]))
     for f in report.get("failures", []):
         lines.append("FAILURE: " + f.strip().splitlines()[-1])
     lines.append(f"report: {report.get('out_dir', '')}/report.json, report.html")

@@ -219,6 +219,10 @@ def render(report: dict[str, Any]) -> str:
         parts.append(
             "<p class='bad'>Generator limited: " + _esc("; ".join(gen["reasons"])) + "</p>"
         )
+    if gen.get("disturbed"):
+        parts.append(
+            "<p class='bad'>Machine shared: " + _esc("; ".join(gen["disturbed"])) + "</p>"
+        )
     srv = report.get("server")
     if srv:
         parts.append(

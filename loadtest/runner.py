@@ -147,6 +147,7 @@ class Run:
         done: set[int] = set()
         failures: list[str] = []
         last_sample = time.time()
+        peak = 0
         hard_deadline = None
         try:
             while len(done) + len(failures) < len(procs):
@@ -160,6 +161,10 @@ class Run:
                     if kind == "snap":
                         self.records.append({"kind": "snap", **msg[1]})
                         live.add(msg[1])
+                        if live.connections() > peak:
+                            # RSS at every new connection peak, so a short hold is not missed.
+                            peak = live.connections()
+                            self._sample_rss(now, live)
                     elif kind == "phase":
                         self.records.append(
                             {"kind": "phase", "worker": msg[1], "phase": msg[2], "t": msg[3]}
@@ -207,6 +212,14 @@ class Run:
         for f in failures:
             self.records.append({"kind": "failure", "message": f})
         return self.records
+
+    def _sample_rss(self, now: float, live: Live) -> None:
+        if self.server_pid is None:
+            return
+        rss = procstat.rss_kb(self.server_pid)
+        if rss is not None:
+            self.records.append({"kind": "server", "t": now, "rss_kb": rss, "cpu": None,
+                                 "connections": live.connections()})
 
     def _sample_server(
         self, now: float, last: tuple[float, float] | None, live: Live
