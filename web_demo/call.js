@@ -89,12 +89,22 @@ export class CallManager {
       const offer = await call.pc.createOffer();
       await call.pc.setLocalDescription(offer);
       if (call.ended) return;
-      await this.app.client.request("call.invite", {
+      const data = await this.app.client.request("call.invite", {
         call_id: call.id,
         to: { user: peer },
         media: { audio: !!media.audio, video: !!media.video },
         sdp: { type: call.pc.localDescription.type, sdp: call.pc.localDescription.sdp },
       });
+      if (data.replaced_by) {
+        // They called us at the same moment and their call won: take that one.
+        this._end(call, `${this.app.nameOf(peer)} is calling you at the same time: joining their call…`, false);
+        this._takeOver(data.replaced_by);
+        return;
+      }
+      if (data.state === "ended") {
+        this._end(call, data.reason === "busy" ? `${this.app.nameOf(peer)} is busy on another call.` : REASONS[data.reason] || "Call ended", true);
+        return;
+      }
       this._signalReady(call);
       if (!call.ended && call.state === "inviting") this._status("Waiting for an answer…");
     } catch (err) {
@@ -106,6 +116,19 @@ export class CallManager {
 
   _onInvite(ev) {
     if (this.call && this.call.id === ev.call_id) return; // re-sent after a reconnect
+    const mine = this.call;
+    if (mine && mine.role === "caller" && mine.peer === ev.from && (mine.state === "inviting" || mine.state === "ringing")) {
+      // Glare: we called each other at once. The server keeps one of the two calls and
+      // ends the other; hold this invite until it says which.
+      this.incoming.set(ev.call_id, ev);
+      return;
+    }
+    if (this.autoAccept === ev.call_id) {
+      this.autoAccept = null;
+      this.incoming.set(ev.call_id, ev);
+      this.accept(ev.call_id);
+      return;
+    }
     if (this.call) {
       // This device is busy: say so, so the caller hears "busy" rather than ringing forever.
       this.app.client.request("call.reject", { call_id: ev.call_id, reason: "busy" }).catch(() => {});
@@ -140,6 +163,12 @@ export class CallManager {
       const next = this.incoming.values().next();
       if (!next.done) this._showIncoming(next.value);
     }
+  }
+
+  /** Accept `callId` as soon as its invite is here (it may already be held). */
+  _takeOver(callId) {
+    if (this.incoming.has(callId)) this.accept(callId);
+    else this.autoAccept = callId;
   }
 
   acceptShown(audioOnly) {
@@ -243,6 +272,12 @@ export class CallManager {
         if (call) call.queue.push(() => this._onRemoteSdp(call, ev.sdp));
         return true;
       case "call.ended":
+        if (call && ev.replaced_by) {
+          // Glare, and the other call won: answer it instead.
+          this._end(call, `${this.app.nameOf(call.peer)} is calling you at the same time: joining their call…`, false);
+          this._takeOver(ev.replaced_by);
+          return true;
+        }
         if (this.incoming.has(ev.call_id)) {
           this._closeIncoming(ev.call_id);
           if (ev.reason === "answered_elsewhere") this.app.toast("Call answered on another device.", "info");

@@ -154,6 +154,25 @@ async def test_call_survives_a_dropped_signaling_socket(server: Server, browser:
     await call_log(alice, "Video call · completed")
 
 
+async def test_calling_each_other_at_once_ends_in_one_call(
+    server: Server, browser: Browser
+) -> None:
+    alice = await new_device(browser, server.url, "alice", register=True)
+    bob = await new_device(browser, server.url, "bob", register=True)
+    await alice.open_dm("bob")
+    await bob.open_dm("alice")
+    await asyncio.gather(alice.page.click("#btn-video"), bob.page.click("#btn-video"))
+
+    # The server keeps one of the two calls; the page whose call lost answers the other.
+    await wait_video_playing(alice.page, "#call-remote-video")
+    await wait_video_playing(bob.page, "#call-remote-video")
+    assert await alice.state("tbCall.id") == await bob.state("tbCall.id")
+    await expect(alice.page.locator("#incoming-dialog")).to_be_hidden()
+    await expect(bob.page.locator("#incoming-dialog")).to_be_hidden()
+    await alice.page.click("#call-hangup")
+    await call_log(bob, "Video call · completed")
+
+
 async def test_denied_camera_says_so_and_places_no_call(server: Server) -> None:
     from playwright.async_api import async_playwright
 
