@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+from pathlib import Path
 from typing import Any
 
 import pytest
 from playwright.async_api import Browser, Page, expect
 
 from tests.browser.pages import User, new_device, screenshot, video_stats
-from tests.browser.server import Server
+from tests.browser.server import Server, run_server
 
 pytestmark = pytest.mark.netns
 
@@ -171,6 +172,23 @@ async def test_calling_each_other_at_once_ends_in_one_call(
     await expect(bob.page.locator("#incoming-dialog")).to_be_hidden()
     await alice.page.click("#call-hangup")
     await call_log(bob, "Video call · completed")
+
+
+async def test_unanswered_call_times_out_as_missed_on_both_sides(
+    tmp_path: Path, browser: Browser
+) -> None:
+    with run_server(tmp_path / "data", {"TALKBRIDGE_CALL_TIMEOUT": "3"}) as server:
+        alice = await new_device(browser, server.url, "alice", register=True)
+        bob = await new_device(browser, server.url, "bob", register=True)
+        await alice.open_dm("bob")
+        await bob.open_dm("alice")
+        await alice.page.click("#btn-audio")
+        await expect(bob.page.locator("#incoming-dialog")).to_be_visible()
+        # Nobody answers: the dialog closes by itself and both chats log the call.
+        await expect(bob.page.locator("#incoming-dialog")).to_be_hidden(timeout=10000)
+        await expect(alice.page.locator("#toasts")).to_contain_text("No answer")
+        await call_log(alice, "Audio call · no answer")
+        await call_log(bob, "Audio call · missed")
 
 
 async def test_denied_camera_says_so_and_places_no_call(server: Server) -> None:
