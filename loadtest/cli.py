@@ -5,6 +5,7 @@ talkbridge-load run --mix chat=70,connect=30 --start talkbridge --baseline bare,
 talkbridge-load profile chat --pairs 50 --duration 15          # flame graph of the server
 talkbridge-load analyze loadtest-out/<run>/                     # re-analyse raw records
 talkbridge-load serve-baseline bare --port 9001                 # just serve a relay
+talkbridge-load figures                                         # the README's figures table
 talkbridge-load list
 """
 
@@ -132,6 +133,7 @@ def build_parser() -> argparse.ArgumentParser:
     sb.add_argument("--port", type=int, default=9001)
     sb.add_argument("--secret", default=os.environ.get("TALKBRIDGE_JWT_SECRET", ""))
     sub.add_parser("list", help="list scenarios")
+    sub.add_parser("figures", help="the figures table: chat, group, calls, idle (see --help)")
     return parser
 
 
@@ -374,6 +376,11 @@ def _wrapped_baseline(opts: argparse.Namespace, wrap: list[str]) -> servers.Serv
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of ``talkbridge-load`` and ``python -m loadtest``."""
+    args = sys.argv[1:] if argv is None else argv
+    if args[:1] == ["figures"]:
+        from loadtest import figures
+
+        return figures.main(args[1:])
     opts = build_parser().parse_args(argv)
     if opts.command == "list":
         for name, cls in sorted(load_all().items()):
