@@ -183,6 +183,27 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
+async def send_buckets(session: aiohttp.ClientSession, port: int) -> dict[float, float]:
+    """Cumulative msg.send request-time buckets (le -> count) from the server's /metrics."""
+    async with session.get(f"http://127.0.0.1:{port}/metrics") as r:
+        text = await r.text()
+    out: dict[float, float] = {}
+    for line in text.splitlines():
+        if line.startswith("talkbridge_request_seconds_bucket{") and 'type="msg.send"' in line:
+            le = line.split('le="', 1)[1].split('"', 1)[0]
+            out[float("inf") if le == "+Inf" else float(le)] = float(line.rsplit(" ", 1)[1])
+    return out
+
+
+def bucket_quantile(before: dict[float, float], after: dict[float, float], q: float) -> str:
+    """The upper bound of the bucket holding quantile ``q`` of what happened in between."""
+    total = after.get(float("inf"), 0) - before.get(float("inf"), 0)
+    for le in sorted(after):
+        if after[le] - before.get(le, 0) >= q * total:
+            return f"<= {le * 1000:g} ms" if le != float("inf") else "> 2500 ms"
+    return "n/a"
+
+
 class Sender:
     """The sending member: one aiohttp WebSocket, replies matched by id."""
 
@@ -310,6 +331,7 @@ async def run(args: argparse.Namespace) -> None:
         count = max(20, int(args.duration * msgs_per_s))
         start = n + 1
         tasks = []
+        buckets0 = await send_buckets(session, port)
         cpu0, t0, gen0 = cpu_seconds(proc.pid), time.perf_counter(), time.process_time()
         t_next = time.perf_counter()
         for _ in range(count):
@@ -327,6 +349,7 @@ async def run(args: argparse.Namespace) -> None:
             await asyncio.sleep(0.01)
         cpu = (cpu_seconds(proc.pid) - cpu0) / (time.perf_counter() - t0)
         gen = (time.process_time() - gen0) / (time.perf_counter() - t0)
+        buckets1 = await send_buckets(session, port)
         acks = sorted((sender.acked_at[k] - sender.sent_at[k]) * 1000 for k in range(start, n + 1))
         lat = sorted(
             (tally.done_at[k] - sender.sent_at[k]) * 1000
@@ -340,6 +363,13 @@ async def run(args: argparse.Namespace) -> None:
             f"max {lat[-1]:.1f} ms; incomplete {count - len(lat)}; send -> ack p50 "
             f"{statistics.median(acks):.1f} ms, p99 {acks[int(len(acks) * 0.99)]:.1f} ms; "
             f"server CPU {cpu:.2f} cores, generator CPU {gen:.2f} cores",
+            flush=True,
+        )
+        print(
+            "server-side msg.send time (request read -> reply queued, incl. commit and fan-out): "
+            f"p50 {bucket_quantile(buckets0, buckets1, 0.5)}, "
+            f"p99 {bucket_quantile(buckets0, buckets1, 0.99)}; "
+            f"load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores",
             flush=True,
         )
         for r in receivers:
