@@ -190,6 +190,7 @@ def analyze(records: list[dict[str, Any]]) -> dict[str, Any]:
             "loadavg_1m_before": next(
                 (r.get("loadavg") for r in records if r["kind"] == "machine"), None
             ),
+            "listen_overflows": _listen_overflows(records),
         },
         "phases_s": {
             "setup": round(setup_end - meta["t"], 3),
@@ -351,6 +352,15 @@ def _other_load(
     # The coordinator itself is small but not nothing; it counts as generator.
     srv = sum(srv_cpu) / len(srv_cpu) if srv_cpu else 0.0
     return round(max(0.0, float(busy) - gen - srv), 3)
+
+
+def _listen_overflows(records: list[dict[str, Any]]) -> int | None:
+    """Listen-queue overflows on this host during the whole run (dropped SYNs/handshakes)."""
+    vals = [
+        r["listen_overflows"] for r in records
+        if r["kind"] == "machine" and r.get("listen_overflows") is not None
+    ]
+    return int(vals[-1] - vals[0]) if len(vals) >= 2 else None
 
 
 def _cpu_pressure(records: list[dict[str, Any]], go: float, run_end: float) -> float | None:

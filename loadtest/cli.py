@@ -288,6 +288,12 @@ def summary_text(report: dict[str, Any]) -> str:
             f"{srv['peak_connections']} connections: "
             f"{srv['rss_per_connection_kb']} KB per connection"
         )
+    overflows = report["machine"].get("listen_overflows")
+    if overflows:
+        lines.append(
+            f"LISTEN QUEUE OVERFLOWED {overflows} times on this host during the run: connections "
+            "waited for SYN retransmits (accept backlog too small, or accepting too slowly)"
+        )
     gen = report["generator"]
     if gen["bottleneck"]:
         lines.append("GENERATOR LIMITED: " + "; ".join(gen["reasons"]))

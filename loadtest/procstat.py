@@ -53,6 +53,21 @@ def cpu_pressure_us() -> int | None:
     return None
 
 
+def listen_overflows() -> int | None:
+    """Times a listen queue overflowed on this host (TcpExt ListenOverflows), if readable."""
+    try:
+        with open("/proc/net/netstat") as f:
+            lines = f.readlines()
+    except OSError:
+        return None
+    for names, values in zip(lines[::2], lines[1::2], strict=False):
+        if names.startswith("TcpExt:"):
+            table = dict(zip(names.split()[1:], values.split()[1:], strict=False))
+            value = table.get("ListenOverflows")
+            return int(value) if value is not None else None
+    return None
+
+
 def listening_pid(port: int) -> int | None:
     """The PID of the local process listening on TCP ``port`` (needs /proc access), or None."""
     inodes: set[str] = set()

@@ -122,7 +122,8 @@ class Run:
         last_cpu = self._sample_server(time.time(), None, live)
         self.records.append(
             {"kind": "machine", "t": time.time(), "busy": procstat.machine_busy_seconds(),
-             "psi_us": procstat.cpu_pressure_us(), "loadavg": os.getloadavg()[0]}
+             "psi_us": procstat.cpu_pressure_us(), "loadavg": os.getloadavg()[0],
+             "listen_overflows": procstat.listen_overflows()}
         )
         ctx = multiprocessing.get_context("spawn")
         q = ctx.Queue()
@@ -189,7 +190,8 @@ class Run:
                     last_sample = now
                     self.records.append(
                         {"kind": "machine", "t": now, "busy": procstat.machine_busy_seconds(),
-                         "psi_us": procstat.cpu_pressure_us()}
+                         "psi_us": procstat.cpu_pressure_us(),
+                         "listen_overflows": procstat.listen_overflows()}
                     )
                     last_cpu = self._sample_server(now, last_cpu, live)
                     self._progress(live, now)
