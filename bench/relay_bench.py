@@ -317,7 +317,8 @@ async def publish_main(args: argparse.Namespace) -> None:
 # ----- relay processes ----------------------------------------------------------------------
 
 async def serve_forward(args: argparse.Namespace) -> None:
-    relay = Relay(["127.0.0.1"], [], ice_timeout=60, membership_events=False)
+    relay = Relay(["127.0.0.1"], [], ice_timeout=60, membership_events=False,
+                  lean_sender=args.mode == "forward")
 
     async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         name = None
@@ -531,7 +532,7 @@ def run_one(mode: str, subscribers: int, args: argparse.Namespace, port: int,
         encoded = None
         if mode != "direct":
             pub = Proc("publish", "--port", str(port), "--bitrate", str(args.bitrate),
-                       *(["--trailer"] if mode == "forward" else []))
+                       *(["--trailer"] if mode.startswith("forward") else []))
             procs.append(pub)
             encoded = float(pub.expect("ENCODED").split()[1])
         serve.expect("PUBLISHER")
@@ -545,7 +546,7 @@ def run_one(mode: str, subscribers: int, args: argparse.Namespace, port: int,
         for s in subs:
             s.expect("CONNECTED")
         time.sleep(args.warmup)
-        if mode == "forward":
+        if mode.startswith("forward"):
             serve.say("RESET")
         t0 = time.time()
         c0 = cpu_seconds(serve.p.pid)
@@ -561,7 +562,7 @@ def run_one(mode: str, subscribers: int, args: argparse.Namespace, port: int,
         busy1, total1 = machine_cpu()
         t1 = time.time()
         relay_stats: dict[str, Any] = {}
-        if mode == "forward":
+        if mode.startswith("forward"):
             serve.say("REPORT")
             relay_stats = json.loads(serve.expect("RELAYSTATS").split(" ", 1)[1])
         if profile:
@@ -595,7 +596,9 @@ def orchestrate(args: argparse.Namespace) -> None:
     stock = [int(x) for x in args.stock.split(",") if x]
     results: list[dict[str, Any]] = []
     port = 47000
-    plan = [("forward", n) for n in args.forward_list] + [("stock", n) for n in stock]
+    pack = [int(x) for x in args.forward_pack.split(",") if x]
+    plan = ([("forward", n) for n in args.forward_list] + [("forward-pack", n) for n in pack]
+            + [("stock", n) for n in stock])
     if args.direct:
         plan.append(("direct", 1))
     for mode, n in plan:
@@ -607,12 +610,14 @@ def orchestrate(args: argparse.Namespace) -> None:
     print(f"machine: {os.cpu_count()} cores; publisher {W}x{H} {FPS} fps VP8 "
           f"~{args.bitrate // 1000} kbps + Opus; {args.seconds:.0f} s window after "
           f"{args.warmup:.0f} s warm-up")
-    header = (f"{'mode':8} {'subs':>4} {'relay CPU':>9} {'marginal/sub':>12} {'fps mean':>8} "
+    header = (f"{'mode':12} {'subs':>4} {'relay CPU':>9} {'marginal/sub':>12} {'fps mean':>8} "
               f"{'fps min1s':>9} {'audio pps':>9} {'delay p50':>9} {'p95 ms':>7} "
               f"{'relayq p95':>10} {'peers CPU':>9} {'machine':>7}")
     print(header)
     marginal: dict[str, list[float]] = {}
     base = {r["mode"]: r["relay_cpu"] for r in results if r["subscribers"] == 0}
+    if "forward" in base:  # same publisher leg either way
+        base.setdefault("forward-pack", base["forward"])
     for r in results:
         m = None
         if r["subscribers"] and r["mode"] in base:
@@ -622,7 +627,7 @@ def orchestrate(args: argparse.Namespace) -> None:
         def fmt(v: Any, spec: str) -> str:
             return "-" if v is None else format(v, spec)
 
-        print(f"{r['mode']:8} {r['subscribers']:>4} {r['relay_cpu']:>9.3f} {fmt(m, '>12.4f')} "
+        print(f"{r['mode']:12} {r['subscribers']:>4} {r['relay_cpu']:>9.3f} {fmt(m, '>12.4f')} "
               f"{fmt(r['fps_mean'], '>8.1f')} {fmt(r['fps_min_1s'], '>9.0f')} "
               f"{fmt(r['audio_pps_mean'], '>9.1f')} {fmt(r['delay_p50_ms'], '>9.1f')} "
               f"{fmt(r['delay_p95_ms'], '>7.1f')} {fmt(r.get('queue_p95_ms'), '>10.1f')} "
@@ -671,14 +676,15 @@ def print_profile(path: str, relay_cpu: float) -> None:
         "kernel sendto (UDP, loopback delivery)": "~:<method 'sendto' of '_socket.socket' objects>",
         "SRTP protect": "__init__.py:__process",
         "RTP serialize + header extensions": "rtp.py:serialize",
-        "sender loop own time": "rtcrtpsender.py:_run_rtp",
-        "VP8/Opus pack (packetize)": "vpx.py:pack",
-        "forward track recv/offer": "forwarding.py:recv",
+        "send loop own time (aiortc's)": "rtcrtpsender.py:_run_rtp",
+        "send loop own time (lean)": "aiortc_adapter.py:_lean_rtp_loop",
+        "VP8 packetize": "vpx.py:_packetize",
+        "forward track next_frame/offer": "forwarding.py:next_frame",
         "abs-send-time/NTP clock": "clock.py:current_ntp_time",
     }
     for label, key in parts.items():
         n, t, c = by_name.get(key, (0, 0.0, 0.0))
-        own = t if key.startswith("~") or key.endswith("_run_rtp") else c
+        own = t if key.startswith("~") or key.endswith(("_run_rtp", "_lean_rtp_loop")) else c
         print(f"  {label:42} {1e6 * own / packets:6.1f} us/packet")
 
 
@@ -686,7 +692,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     sub = ap.add_subparsers(dest="cmd")
     s = sub.add_parser("serve")
-    s.add_argument("--mode", choices=["forward", "stock", "direct"], required=True)
+    s.add_argument("--mode", choices=["forward", "forward-pack", "stock", "direct"], required=True)
     s.add_argument("--port", type=int, required=True)
     s.add_argument("--bitrate", type=int, default=1_000_000)
     s.add_argument("--profile")
@@ -700,6 +706,8 @@ def main() -> None:
     c.add_argument("--prefix", default="s")
     ap.add_argument("--forward", default="0,8,32", help="subscriber counts, forwarding relay")
     ap.add_argument("--stock", default="0,2,4", help="subscriber counts for aiortc's MediaRelay")
+    ap.add_argument("--forward-pack", default="",
+                    help="subscriber counts for the forwarding relay on aiortc's own send loop")
     ap.add_argument("--direct", action="store_true", help="also measure the no-relay path")
     ap.add_argument("--seconds", type=float, default=10)
     ap.add_argument("--warmup", type=float, default=4)
@@ -711,7 +719,8 @@ def main() -> None:
     if args.cmd in ("serve", "publish", "subscribe"):
         restrict_host_addresses(["127.0.0.1"])
         if args.cmd == "serve":
-            runner = {"forward": serve_forward, "stock": serve_stock, "direct": serve_direct}
+            runner = {"forward": serve_forward, "forward-pack": serve_forward,
+                      "stock": serve_stock, "direct": serve_direct}
             asyncio.run(runner[args.mode](args))
         elif args.cmd == "publish":
             asyncio.run(publish_main(args))

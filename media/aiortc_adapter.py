@@ -13,7 +13,11 @@ all of these, so this module reaches into exactly these private names:
 - ``RTCRtpSender._send_keyframe`` and ``._handle_rtcp_packet``: wrapped per instance to see
   a subscriber's PLI/FIR and REMB;
 - ``RTCRtpSender._stream_id``: the ``msid`` stream, so a publisher's audio and video share one;
-- ``RTCRtpTransceiver._codecs`` / ``._headerExtensions``: restored after ``createOffer``.
+- ``RTCRtpTransceiver._codecs`` / ``._headerExtensions``: restored after ``createOffer``;
+- the lean send path (:func:`install_lean_sender`) replaces a sender's ``send``/``_run_rtp``
+  per instance and keeps the sender's RTP history (NACK/RTX) and RTCP SR counters
+  (``_RTCRtpSender__rtp_history``, ``__ntp_timestamp``, ``__rtp_timestamp``,
+  ``__octet_count``, ``__packet_count``, ``__rtp_started``, ``__rtp_exited``) up to date.
 
 Senders already accept encoded ``av.Packet`` objects from a track (the ``Encoder.pack``
 path), so the send side needs no more than the above. :func:`check_aiortc` verifies the
@@ -22,21 +26,29 @@ version and every name, and tests/media/test_aiortc_adapter.py fails loudly on a
 
 from __future__ import annotations
 
+import asyncio
 import inspect
 import logging
+import random
+import struct
+import time
 import weakref
 from collections.abc import Awaitable, Callable
-from typing import Any
+from typing import Any, Protocol
 
 import aiortc
 from aiortc import RTCPeerConnection, RTCRtpReceiver, RTCRtpSender, RTCSessionDescription
 from aiortc import sdp as aiortc_sdp
+from aiortc.codecs.vpx import Vp8Encoder
+from aiortc.mediastreams import MediaStreamError
 from aiortc.rtcrtptransceiver import RTCRtpTransceiver
 from aiortc.rtp import (
     RTCP_PSFB_APP,
+    RTP_HISTORY_SIZE,
     RtcpPsfbPacket,
     RtcpRrPacket,
     RtcpSrPacket,
+    RtpPacket,
     pack_remb_fci,
     unpack_remb_fci,
 )
@@ -96,6 +108,10 @@ def check_aiortc() -> None:
         RTCRtpSender._handle_rtcp_packet
     )
     missing += [f"sender source: {n}" for n in _SENDER_SOURCE_NEEDLES if n not in send_src]
+    run_src = inspect.getsource(RTCRtpSender._run_rtp) + inspect.getsource(RTCRtpSender.stop)
+    missing += [f"sender loop: {n}" for n in _SENDER_RUN_RTP_NEEDLES if n not in run_src]
+    if not callable(getattr(Vp8Encoder, "_packetize", None)):
+        missing.append("Vp8Encoder._packetize")
     if missing:
         raise UnsupportedAiortcVersion(f"aiortc {version}: internals changed: {missing}")
 
@@ -295,3 +311,153 @@ async def create_stable_offer(pc: RTCPeerConnection) -> RTCSessionDescription:
     if not changed:
         return offer
     return RTCSessionDescription(sdp=str(description), type=offer.type)
+
+
+SENDER_LEAN_NAMES = (
+    "_RTCRtpSender__rtp_started",
+    "_RTCRtpSender__rtp_exited",
+    "_RTCRtpSender__rtp_history",
+    "_RTCRtpSender__ntp_timestamp",
+    "_RTCRtpSender__rtp_timestamp",
+    "_RTCRtpSender__octet_count",
+    "_RTCRtpSender__packet_count",
+)
+# What aiortc's own loop does per packet/frame, mirrored by the lean loop.
+_SENDER_RUN_RTP_NEEDLES = (
+    "self.__rtp_started.set()",
+    "self.__rtp_history[packet.sequence_number % RTP_HISTORY_SIZE] = (",
+    "await self.transport._send_rtp(packet_bytes)",
+    "self.__ntp_timestamp = clock.current_ntp_time()",
+    "self.__rtp_timestamp = packet.timestamp",
+    "self.__octet_count += len(payload)",
+    "self.__packet_count += 1",
+    "self.__rtp_exited.set()",
+    "packet.extensions.mid = self.__mid",
+)
+_MID_URI = "urn:ietf:params:rtp-hdrext:sdes:mid"
+_ABS_SEND_TIME_URI = "http://www.webrtc.org/experiments/rtp-hdrext/abs-send-time"
+_AUDIO_LEVEL_URI = "urn:ietf:params:rtp-hdrext:ssrc-audio-level"
+_NTP_EPOCH_OFFSET = 2208988800  # seconds from 1900 (NTP) to 1970 (Unix)
+
+
+class FrameLike(Protocol):
+    """A frame ready to send: shared RTP payloads, an unwrapped timestamp, an audio level."""
+
+    @property
+    def timestamp(self) -> int: ...
+
+    @property
+    def frame(self) -> Any: ...
+
+    def payloads(self) -> list[bytes]: ...
+
+
+class FrameSource(Protocol):
+    """Where a lean sender takes its frames (``media.forwarding.ForwardTrack``)."""
+
+    kind: str
+
+    async def next_frame(self) -> FrameLike: ...
+
+    def stop(self) -> None: ...
+
+
+def vp8_payloads(frame: bytes, picture_id: int) -> list[bytes]:
+    """RTP payloads of a VP8 frame (aiortc's packetizer: 15-bit picture id, ~1300 bytes)."""
+    payloads: list[bytes] = Vp8Encoder._packetize(frame, picture_id)
+    return payloads
+
+
+def install_lean_sender(sender: RTCRtpSender, source: FrameSource) -> None:
+    """Make ``sender`` send ``source``'s pre-packetized frames with the relay's own RTP loop.
+
+    aiortc's loop packetizes each frame per leg and builds every packet through generic
+    objects (two datetime-based clock reads, a header-extension map, ``RtpPacket.serialize``).
+    Forwarding the same frame to many legs only needs a fixed header per leg, so this loop
+    writes it with one ``struct.pack`` and shares the payloads between legs.
+    """
+    for name in (*SENDER_LEAN_NAMES, "send", "_run_rtp", "_ssrc", "_enabled"):
+        _require(sender, name)
+    original_send = sender.send
+    negotiated: list[Any] = []
+
+    async def send(parameters: Any) -> None:
+        negotiated.append(parameters)
+        await original_send(parameters)
+
+    async def run_rtp(codec: Any) -> None:
+        await _lean_rtp_loop(sender, source, codec, negotiated[-1])
+
+    # Per instance: aiortc's send() starts self._run_rtp(), which now finds ours.
+    sender.send = send  # type: ignore[method-assign]
+    sender._run_rtp = run_rtp  # type: ignore[method-assign]
+
+
+async def _lean_rtp_loop(sender: Any, source: FrameSource, codec: Any, parameters: Any) -> None:
+    started: asyncio.Event = sender._RTCRtpSender__rtp_started
+    exited: asyncio.Event = sender._RTCRtpSender__rtp_exited
+    history: dict[int, RtpPacket] = sender._RTCRtpSender__rtp_history
+    started.set()
+    ids = {ext.uri: ext.id for ext in parameters.headerExtensions}
+    mid: str | None = parameters.muxId
+    mid_ext = b""
+    if mid and _MID_URI in ids:
+        mid_bytes = mid.encode()
+        mid_ext = bytes([(ids[_MID_URI] << 4) | (len(mid_bytes) - 1)]) + mid_bytes
+    abs_id = ids.get(_ABS_SEND_TIME_URI)
+    level_id = ids.get(_AUDIO_LEVEL_URI)
+    payload_type = codec.payloadType
+    ssrc = sender._ssrc
+    keep_history = source.kind == "video"  # only video negotiates NACK in aiortc
+    seq = random.getrandbits(16) % 32768  # lower half: avoids early wraps (as aiortc)
+    origin = random.getrandbits(32)
+    octets = packets = 0
+    pack = struct.pack
+    try:
+        while True:
+            out = await source.next_frame()
+            if not sender._enabled:
+                continue
+            payloads = out.payloads()
+            timestamp = (origin + out.timestamp) & 0xFFFFFFFF
+            ntp = int((time.time() + _NTP_EPOCH_OFFSET) * 4294967296)
+            abs_send_time = (ntp >> 14) & 0xFFFFFF
+            ext = mid_ext
+            if abs_id:
+                ext += bytes([(abs_id << 4) | 2]) + abs_send_time.to_bytes(3, "big")
+            level = out.frame.audio_level
+            if level_id and level is not None:
+                ext += bytes([level_id << 4, level & 0x7F])
+            if ext:
+                ext += b"\x00" * (-len(ext) % 4)
+                header_ext = pack("!HH", 0xBEDE, len(ext) >> 2) + ext
+                first = 0x90
+            else:
+                header_ext = b""
+                first = 0x80
+            last = len(payloads) - 1
+            transport = sender.transport
+            for i, payload in enumerate(payloads):
+                marker = 1 if i == last else 0
+                data = pack("!BBHLL", first, (marker << 7) | payload_type, seq, timestamp, ssrc)
+                if keep_history:
+                    packet = RtpPacket(payload_type, marker, seq, timestamp, ssrc, payload)
+                    packet.extensions.mid = mid
+                    packet.extensions.abs_send_time = abs_send_time
+                    history[seq % RTP_HISTORY_SIZE] = packet
+                await transport._send_rtp(data + header_ext + payload)
+                octets += len(payload)
+                packets += 1
+                seq = (seq + 1) & 0xFFFF
+            # What RTCP sender reports are built from.
+            sender._RTCRtpSender__ntp_timestamp = ntp
+            sender._RTCRtpSender__rtp_timestamp = timestamp
+            sender._RTCRtpSender__octet_count = octets
+            sender._RTCRtpSender__packet_count = packets
+    except (asyncio.CancelledError, ConnectionError, MediaStreamError):
+        pass
+    except Exception:
+        logger.exception("lean RTP sender failed")
+    finally:
+        source.stop()
+        exited.set()

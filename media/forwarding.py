@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import fractions
 import logging
+import random
 import time
 from collections import deque
 from collections.abc import Callable
@@ -20,6 +21,7 @@ from typing import TYPE_CHECKING, Any
 import av
 from aiortc.mediastreams import MediaStreamError, MediaStreamTrack
 
+from media.aiortc_adapter import vp8_payloads
 from media.frames import EncodedFrame
 
 # av.Packet is generic over its stream in av's stubs; ours belong to no stream.
@@ -96,11 +98,55 @@ def publisher_bitrate(
     return target
 
 
-class ForwardTrack(MediaStreamTrack):
-    """The track an aiortc sender reads for one subscriber: encoded frames as ``av.Packet``.
+class OutgoingFrame:
+    """One publisher frame as every subscriber leg sends it, built once and shared.
 
-    Frames are accepted only once the sender runs (its first ``recv``), which is also when
-    a keyframe is requested: the subscriber's first frame is always a keyframe.
+    aiortc's own sender loop takes :meth:`packet` (an ``av.Packet`` it packetizes per leg);
+    the relay's lean loop (:func:`media.aiortc_adapter.install_lean_sender`) takes the RTP
+    :meth:`payloads`, packetized once for all legs.
+    """
+
+    __slots__ = ("_packet", "_payloads", "frame", "kind", "picture_id")
+
+    def __init__(self, frame: EncodedFrame, kind: str, picture_id: int) -> None:
+        self.frame = frame
+        self.kind = kind
+        self.picture_id = picture_id
+        self._packet: AnyPacket | None = None
+        self._payloads: list[bytes] | None = None
+
+    @property
+    def timestamp(self) -> int:
+        """Unwrapped publisher RTP timestamp (90 kHz video, 48 kHz audio)."""
+        return self.frame.timestamp
+
+    def packet(self) -> AnyPacket:
+        """The frame as an ``av.Packet`` for aiortc's ``Encoder.pack``."""
+        if self._packet is None:
+            packet = av.Packet(self.frame.data)
+            packet.pts = self.frame.timestamp
+            packet.time_base = _TIME_BASES[self.kind]
+            self._packet = packet
+        return self._packet
+
+    def payloads(self) -> list[bytes]:
+        """RTP payloads of the frame (VP8 descriptors with this frame's picture id)."""
+        if self._payloads is None:
+            if self.kind == "video":
+                self._payloads = vp8_payloads(self.frame.data, self.picture_id)
+            else:
+                self._payloads = [self.frame.data]
+        return self._payloads
+
+
+_TIME_BASES = {kind: fractions.Fraction(1, rate) for kind, rate in CLOCK_RATES.items()}
+
+
+class ForwardTrack(MediaStreamTrack):
+    """What one subscriber leg's sender reads: encoded frames, never decoded.
+
+    Frames are accepted only once the sender runs (its first read), which is also when a
+    keyframe is requested: the subscriber's first frame is always a keyframe.
     """
 
     def __init__(
@@ -112,7 +158,7 @@ class ForwardTrack(MediaStreamTrack):
         super().__init__()
         self.kind = kind
         self._request_keyframe = request_keyframe
-        self._queue: deque[tuple[AnyPacket, float]] = deque()
+        self._queue: deque[tuple[OutgoingFrame, float]] = deque()
         self._max = max_frames or (30 if kind == "video" else 50)
         self._wakeup: asyncio.Future[None] | None = None
         self._waiting_keyframe = kind == "video"
@@ -130,8 +176,9 @@ class ForwardTrack(MediaStreamTrack):
         """True once aiortc's sender is reading this track (transport up)."""
         return self._started
 
-    def offer(self, frame: EncodedFrame, packet: AnyPacket) -> None:
-        """Queue ``frame`` (as the shared ``packet``) unless this leg waits for a keyframe."""
+    def offer(self, out: OutgoingFrame) -> None:
+        """Queue a frame unless this leg waits for a keyframe (or is paused, or not running)."""
+        frame = out.frame
         if not self._started or self.paused or self.readyState != "live":
             return
         if self._waiting_keyframe:
@@ -146,7 +193,7 @@ class ForwardTrack(MediaStreamTrack):
                 self._waiting_keyframe = True
                 self._request_keyframe()
                 return
-        self._queue.append((packet, frame.arrival))
+        self._queue.append((out, frame.arrival))
         self.frames_in += 1
         if self._wakeup is not None and not self._wakeup.done():
             self._wakeup.set_result(None)
@@ -159,8 +206,8 @@ class ForwardTrack(MediaStreamTrack):
                 self._waiting_keyframe = True
                 self._request_keyframe()
 
-    async def recv(self) -> AnyPacket:
-        """Next encoded frame for aiortc's sender (which calls ``Encoder.pack`` on it)."""
+    async def next_frame(self) -> OutgoingFrame:
+        """The next frame to send; raises ``MediaStreamError`` once the track is stopped."""
         if not self._started:
             self._started = True
             if self.kind == "video":
@@ -174,9 +221,13 @@ class ForwardTrack(MediaStreamTrack):
         if self.first_sent_at is None:
             self.first_sent_at = now
         self.frames_out += 1
-        packet, arrival = self._queue.popleft()
+        out, arrival = self._queue.popleft()
         self.delays.append(now - arrival)
-        return packet
+        return out
+
+    async def recv(self) -> AnyPacket:
+        """Next frame as ``av.Packet`` for aiortc's sender (``Encoder.pack``, no encoding)."""
+        return (await self.next_frame()).packet()
 
     def stop(self) -> None:
         """End the track: aiortc's sender loop exits on the next ``recv``."""
@@ -205,7 +256,7 @@ class PublishedTrack:
         self.mime_type = mime_type
         self.requester = requester
         self.subscribers: dict[str, ForwardTrack] = {}
-        self._time_base = fractions.Fraction(1, CLOCK_RATES[kind])
+        self._picture_id = random.randrange(1 << 15)
         self.frames = 0
         self.keyframes = 0
         self.audio_level: float = 127.0  # smoothed -dBov; 127 is silence
@@ -217,19 +268,16 @@ class PublishedTrack:
         self.send_remb: Callable[[int], None] | None = None
 
     def forward(self, frame: EncodedFrame) -> None:
-        """Hand one complete frame to every subscriber leg (one shared ``av.Packet``)."""
+        """Hand one complete frame to every subscriber leg (built once, shared)."""
         self.frames += 1
         if frame.keyframe and self.kind == "video":
             self.keyframes += 1
         if frame.audio_level is not None:
             self.audio_level = 0.7 * self.audio_level + 0.3 * frame.audio_level
-        if not self.subscribers:
-            return
-        packet = av.Packet(frame.data)
-        packet.pts = frame.timestamp
-        packet.time_base = self._time_base
+        out = OutgoingFrame(frame, self.kind, self._picture_id)
+        self._picture_id = (self._picture_id + 1) & 0x7FFF
         for sub in self.subscribers.values():
-            sub.offer(frame, packet)
+            sub.offer(out)
 
     def subscribe(self, subscriber: str, max_frames: int | None = None) -> ForwardTrack:
         """A new forward track for ``subscriber`` (replacing any earlier one)."""

@@ -138,6 +138,8 @@ class Relay:
     ``ice_timeout``: seconds from the first offer for the connection to come up.
     ``max_publish_bitrate``: the video bitrate cap sent to publishers (REMB), lowered to the
     least of the subscribers' REMB estimates but not below ``min_subscriber_bitrate``.
+    ``lean_sender``: send with the relay's own RTP loop (packetize once for all legs) instead
+    of aiortc's per-leg ``Encoder.pack`` loop; both forward without decoding.
     """
 
     def __init__(
@@ -158,6 +160,7 @@ class Relay:
         max_publish_bitrate: int = 1_500_000,
         min_subscriber_bitrate: int = 150_000,
         remb_interval: float = 1.0,
+        lean_sender: bool = True,
     ) -> None:
         adapter.check_aiortc()
         if host_addresses:
@@ -181,6 +184,7 @@ class Relay:
         self._max_bitrate = max_publish_bitrate
         self._min_bitrate = min_subscriber_bitrate
         self._remb_interval = remb_interval
+        self._lean_sender = lean_sender
         self._rooms: dict[str, Room] = {}
         self._tasks: set[asyncio.Future[Any]] = set()
         self._closed = False
@@ -428,6 +432,8 @@ class Relay:
         if p.audio_only and track.kind == "video":
             fwd.paused = True
         t = p.pc.addTransceiver(fwd, direction="sendonly")
+        if self._lean_sender:
+            adapter.install_lean_sender(t.sender, fwd)
         t.setCodecPreferences(codec_preferences(track.kind))
         publisher = self._rooms[p.room_id].participants.get(track.publisher)
         adapter.set_stream_id(t.sender, publisher.stream_id if publisher else track.publisher)

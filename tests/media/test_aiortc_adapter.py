@@ -43,6 +43,8 @@ async def test_receiver_and_sender_instances_have_the_private_attributes() -> No
         assert isinstance(getattr(sender, adapter.SENDER_STREAM_ID), str)
         assert isinstance(getattr(t, adapter.TRANSCEIVER_CODECS), list)
         assert isinstance(getattr(t, adapter.TRANSCEIVER_EXTENSIONS), list)
+        for name in adapter.SENDER_LEAN_NAMES:
+            assert hasattr(sender, name), f"RTCRtpSender lost {name}: the lean send loop needs it"
 
         seen = []
         tap = adapter.tap_receiver(receiver, lambda pkt, data: seen.append(data))

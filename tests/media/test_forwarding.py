@@ -3,23 +3,18 @@
 from __future__ import annotations
 
 import asyncio
-import fractions
 import time
 
-import av
 import pytest
 
-from media.forwarding import AnyPacket, ForwardTrack, KeyframeRequester, PublishedTrack
+from media.forwarding import ForwardTrack, KeyframeRequester, OutgoingFrame, PublishedTrack
 from media.frames import EncodedFrame
 
 
-def _frame(n: int, key: bool) -> tuple[EncodedFrame, AnyPacket]:
+def _frame(n: int, key: bool) -> OutgoingFrame:
     f = EncodedFrame(data=bytes([0 if key else 1]) + bytes(10), timestamp=n * 3000,
                      keyframe=key, arrival=time.monotonic())
-    p = av.Packet(f.data)
-    p.pts = f.timestamp
-    p.time_base = fractions.Fraction(1, 90000)
-    return f, p
+    return OutgoingFrame(f, "video", n)
 
 
 async def _started(track: ForwardTrack) -> None:
@@ -36,9 +31,9 @@ async def test_a_subscriber_gets_no_delta_frame_before_a_keyframe() -> None:
     await _started(track)
     assert asked == [1], "a keyframe is requested when the leg starts sending"
     for n in range(3):
-        track.offer(*_frame(n, key=False))
-    track.offer(*_frame(3, key=True))
-    track.offer(*_frame(4, key=False))
+        track.offer(_frame(n, key=False))
+    track.offer(_frame(3, key=True))
+    track.offer(_frame(4, key=False))
     first = await track.recv()
     second = await track.recv()
     assert (first.pts, second.pts) == (9000, 12000)
@@ -47,9 +42,9 @@ async def test_a_subscriber_gets_no_delta_frame_before_a_keyframe() -> None:
 
 async def test_frames_offered_before_the_leg_runs_are_not_queued() -> None:
     track = ForwardTrack("video", lambda: None)
-    track.offer(*_frame(0, key=True))
+    track.offer(_frame(0, key=True))
     await _started(track)
-    track.offer(*_frame(1, key=False))
+    track.offer(_frame(1, key=False))
     assert track.frames_in == 0
 
 
@@ -57,14 +52,14 @@ async def test_overflow_flushes_and_waits_for_the_next_keyframe() -> None:
     asked: list[int] = []
     track = ForwardTrack("video", lambda: asked.append(1), max_frames=4)
     await _started(track)
-    track.offer(*_frame(0, key=True))
+    track.offer(_frame(0, key=True))
     for n in range(1, 6):  # the fifth frame finds the queue full
-        track.offer(*_frame(n, key=False))
+        track.offer(_frame(n, key=False))
     assert track.overflows == 1
     assert len(asked) == 2
-    track.offer(*_frame(6, key=False))  # still waiting: dropped
-    track.offer(*_frame(7, key=True))
-    track.offer(*_frame(8, key=False))
+    track.offer(_frame(6, key=False))  # still waiting: dropped
+    track.offer(_frame(7, key=True))
+    track.offer(_frame(8, key=False))
     got = [(await track.recv()).pts for _ in range(2)]
     assert got == [21000, 24000]
 
@@ -78,7 +73,7 @@ async def test_slow_subscriber_does_not_hold_back_the_others() -> None:
     await _started(fast)
     received = []
     for n in range(40):
-        published.forward(_frame(n, key=n % 10 == 0)[0])
+        published.forward(_frame(n, key=n % 10 == 0).frame)
         received.append((await fast.recv()).pts)  # the fast one keeps up; the slow one never reads
     assert received == [n * 3000 for n in range(40)]
     assert slow.overflows > 0 and len(slow._queue) <= 5

@@ -15,8 +15,9 @@ pytestmark = pytest.mark.netns
 
 
 @pytest.fixture
-async def relay() -> AsyncIterator[Relay]:
-    r = Relay(["127.0.0.1"], [], ice_timeout=4.0)
+async def relay(request: pytest.FixtureRequest) -> AsyncIterator[Relay]:
+    # param: which send loop forwards (the relay's lean loop, or aiortc's Encoder.pack loop)
+    r = Relay(["127.0.0.1"], [], ice_timeout=4.0, lean_sender=getattr(request, "param", True))
     try:
         yield r
     finally:
@@ -36,6 +37,12 @@ def _receives_all(peer: Peer, others: list[str], at_least: int = 20) -> bool:
     )
 
 
+BOTH_SEND_LOOPS = pytest.mark.parametrize(
+    "relay", [True, False], ids=["lean-loop", "aiortc-loop"], indirect=True
+)
+
+
+@BOTH_SEND_LOOPS
 async def test_three_participants_each_receive_the_other_two(relay: Relay) -> None:
     peers = await _start(relay, ["alice", "bob", "carol"])
     try:
@@ -59,6 +66,7 @@ async def test_three_participants_each_receive_the_other_two(relay: Relay) -> No
             await p.close()
 
 
+@BOTH_SEND_LOOPS
 async def test_late_joiner_gets_video_within_a_second(relay: Relay) -> None:
     peers = await _start(relay, ["alice", "bob", "carol"])
     late = Peer(relay, "r1", "dave")
