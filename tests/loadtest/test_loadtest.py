@@ -122,7 +122,10 @@ def test_chat_against_bare_relay_accounts_for_every_message(tmp_path: Path) -> N
     assert saved["schema"] == "talkbridge-load/1"
     assert saved["scenarios"]["chat"]["counts"] == s["counts"]
     html = (tmp_path / "out" / "report.html").read_text()
-    assert "<svg" in html and "http" not in html.split("<body>")[1].split("ws://")[0]
+    # Self-contained: charts inline, nothing fetched from anywhere.
+    assert html.count("<svg") >= 3
+    assert "<script" not in html and "src=" not in html and "href=" not in html
+    assert "@import" not in html and "url(" not in html
 
 
 def test_chat_over_socketio_relay(tmp_path: Path) -> None:
