@@ -8,17 +8,29 @@ hooks. The state machine itself lives in signaling/calls.py.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import itertools
+import json
 import logging
 import time
 from collections.abc import Awaitable, Callable, Collection
 from typing import Any
 
+import redis.asyncio as aioredis
 from prometheus_client import Counter, Gauge
 
 from im_bridge.bridge import CallBridge
+from im_bridge.errors import (
+    BadRequest,
+    Conflict,
+    Forbidden,
+    Internal,
+    NotFound,
+    TalkbridgeError,
+)
 from im_bridge.ids import dm_conv
 from im_bridge.push import PushNotification
-from signaling.calls import CallLog, CallManager, CallSettings
+from signaling.calls import Call, CallLog, CallManager, CallSettings
 from signaling.codec import encode
 from signaling.delivery import deliver_message
 from signaling.dispatch import RequestContext, handler
@@ -86,6 +98,11 @@ class NodeCallEnv:
     async def check_may_call(self, caller: str, callee: str) -> None:
         await self.bridge.check_may_call(caller, callee)
 
+    async def call_changed(self, call: Call) -> None:
+        router: CallRouter | None = self.state.extras.get("call_router")
+        if router is not None:
+            await router.call_changed(call)
+
     async def write_call_log(self, entry: CallLog) -> None:
         self.ended.labels(entry.outcome).inc()
         sent = await self.bridge.record_call(
@@ -97,63 +114,283 @@ class NodeCallEnv:
                                   push=entry.outcome == "missed")
 
 
-def _calls(ctx: RequestContext) -> CallManager:
-    calls: CallManager = ctx.state.calls
-    return calls
+async def _run(ctx: RequestContext, op: str, req: dict[str, Any]) -> dict[str, Any]:
+    """Run ``op`` here, or on the node that holds the call when nodes share Redis."""
+    user, device = ctx.session.user, ctx.session.device
+    router: CallRouter | None = ctx.state.extras.get("call_router")
+    if router is not None:
+        return await router.route(op, user, device, req)
+    return await run_local(ctx.state.calls, op, user, device, req)
 
 
 @handler("call.invite")
 async def call_invite(ctx: RequestContext, req: dict[str, Any]) -> dict[str, Any]:
     """Ring the callee's devices with an SDP offer."""
-    return await _calls(ctx).invite(ctx.session.user, ctx.session.device, req)
+    return await _run(ctx, "invite", req)
 
 
 @handler("call.ringing")
 async def call_ringing(ctx: RequestContext, req: dict[str, Any]) -> dict[str, Any]:
     """A callee device rings: tell the caller."""
-    return await _calls(ctx).ringing(ctx.session.user, ctx.session.device, req)
+    return await _run(ctx, "ringing", req)
 
 
 @handler("call.accept")
 async def call_accept(ctx: RequestContext, req: dict[str, Any]) -> dict[str, Any]:
     """Answer with an SDP answer (the first device to answer wins)."""
-    return await _calls(ctx).accept(ctx.session.user, ctx.session.device, req)
+    return await _run(ctx, "accept", req)
 
 
 @handler("call.reject")
 async def call_reject(ctx: RequestContext, req: dict[str, Any]) -> dict[str, Any]:
     """Decline (or say busy) on behalf of every callee device."""
-    return await _calls(ctx).reject(ctx.session.user, ctx.session.device, req)
+    return await _run(ctx, "reject", req)
 
 
 @handler("call.cancel")
 async def call_cancel(ctx: RequestContext, req: dict[str, Any]) -> dict[str, Any]:
     """The caller gives up before an answer."""
-    return await _calls(ctx).cancel(ctx.session.user, ctx.session.device, req)
+    return await _run(ctx, "cancel", req)
 
 
 @handler("call.hangup")
 async def call_hangup(ctx: RequestContext, req: dict[str, Any]) -> dict[str, Any]:
     """Either side ends the call."""
-    return await _calls(ctx).hangup(ctx.session.user, ctx.session.device, req)
+    return await _run(ctx, "hangup", req)
 
 
 @handler("call.ice")
 async def call_ice(ctx: RequestContext, req: dict[str, Any]) -> dict[str, Any]:
     """Trickle one ICE candidate (or null: end of candidates) to the other party."""
-    return await _calls(ctx).ice(ctx.session.user, ctx.session.device, req)
+    return await _run(ctx, "ice", req)
 
 
 @handler("call.sdp")
 async def call_sdp(ctx: RequestContext, req: dict[str, Any]) -> dict[str, Any]:
     """Renegotiate mid-call (adding video, ICE restart)."""
-    return await _calls(ctx).sdp(ctx.session.user, ctx.session.device, req)
+    return await _run(ctx, "sdp", req)
 
 
 @handler("call.resume")
 async def call_resume(ctx: RequestContext, req: dict[str, Any]) -> dict[str, Any]:
     """A device back after a disconnect takes its call up again within the grace period."""
-    return await _calls(ctx).resume(ctx.session.user, ctx.session.device, req)
+    return await _run(ctx, "resume", req)
+
+
+
+OPS = ("invite", "ringing", "accept", "reject", "cancel", "hangup", "ice", "sdp", "resume")
+
+
+async def run_local(calls: CallManager, op: str, user: str, device: str,
+                    req: dict[str, Any]) -> dict[str, Any]:
+    """Run one ``call.<op>`` request on this node's call manager."""
+    if op not in OPS:
+        raise BadRequest(f"unknown call operation {op!r}")
+    method: Callable[[str, str, dict[str, Any]], Awaitable[dict[str, Any]]] = getattr(calls, op)
+    return await method(user, device, req)
+
+
+_ERRORS: dict[str, type[TalkbridgeError]] = {
+    cls.code: cls for cls in (BadRequest, Conflict, Forbidden, Internal, NotFound)}
+
+
+def _error_from_wire(err: dict[str, Any]) -> TalkbridgeError:
+    details = {k: v for k, v in err.items() if k not in ("code", "message")}
+    cls = _ERRORS.get(str(err.get("code")), Internal)
+    return cls(str(err.get("message", "")), **details)
+
+
+class CallRouter:
+    """Calls across nodes that share Redis: every request about a call runs on its node.
+
+    A call lives on the node that took its invite (its timers and state are there); the
+    node is recorded under ``<prefix>calls:own:<call_id>``, and the live calls of each user
+    under ``<prefix>calls:user:<user>`` (call id -> node). A node that gets a request for a
+    call it does not hold forwards it over pub/sub (``<prefix>calls:rpc:<node>``) and relays
+    the answer; events reach the devices through the bus wherever they are connected. An
+    invite to a user who is in a call on another node goes to that node, so busy and glare
+    are decided where the other call is. Device connects and disconnects are passed to the
+    nodes holding that user's calls (pending invites, grace periods).
+
+    Requests from one device are forwarded in the order they came (one lock per device),
+    and each node serves forwarded requests in the order they arrive.
+    """
+
+    def __init__(self, url: str, prefix: str, node_id: str, calls: CallManager,
+                 rpc_timeout: float = 5.0) -> None:
+        self.redis: aioredis.Redis = aioredis.Redis.from_url(url)
+        self.node = node_id
+        self.calls = calls
+        self.p = f"{prefix}calls:"
+        self.rpc_timeout = rpc_timeout
+        self.own_ttl = 24 * 3600  # a call's node record outlives any call; dropped at the end
+        self._waiting: dict[str, asyncio.Future[dict[str, Any]]] = {}
+        self._device_locks: dict[tuple[str, str], asyncio.Lock] = {}
+        self._forwarded: dict[str, str] = {}  # call ids whose invite we sent to another node
+        self._ids = itertools.count(1)
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._listener: asyncio.Task[None] | None = None
+        self._pubsub: Any = None
+
+    def _channel(self, node: str) -> str:
+        return f"{self.p}rpc:{node}"
+
+    async def start(self) -> None:
+        """Subscribe to this node's channel (before the node takes requests)."""
+        self._pubsub = self.redis.pubsub(ignore_subscribe_messages=True)
+        await self._pubsub.subscribe(self._channel(self.node))
+        self._listener = asyncio.get_running_loop().create_task(self._listen())
+
+    async def close(self) -> None:
+        if self._listener is not None:
+            self._listener.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await self._listener
+        for task in list(self._tasks):
+            task.cancel()
+        if self._pubsub is not None:
+            with contextlib.suppress(Exception):
+                await self._pubsub.aclose()
+        await self.redis.aclose()
+
+    # --- routing requests ------------------------------------------------------------------
+
+    async def route(self, op: str, user: str, device: str,
+                    req: dict[str, Any]) -> dict[str, Any]:
+        """Answer ``call.<op>`` from ``user``/``device``, wherever the call lives."""
+        call_id = req.get("call_id")
+        if not isinstance(call_id, str) or self.calls.get(call_id) is not None:
+            return await run_local(self.calls, op, user, device, req)
+        lock = self._device_locks.setdefault((user, device), asyncio.Lock())
+        async with lock:
+            # Under the device's lock until the request is published: its next request
+            # cannot overtake it.
+            node = await self._node_for(op, call_id, req)
+            if node is None or node == self.node:
+                fut = None
+            else:
+                fut = await self._send_request(node, op, user, device, req)
+        if fut is None:
+            return await run_local(self.calls, op, user, device, req)
+        try:
+            answer = await asyncio.wait_for(fut, self.rpc_timeout)
+        except TimeoutError:
+            raise Internal("the node holding this call did not answer") from None
+        if answer.get("ok"):
+            data: dict[str, Any] = answer.get("data") or {}
+            return data
+        raise _error_from_wire(answer.get("error") or {})
+
+    async def _node_for(self, op: str, call_id: str, req: dict[str, Any]) -> str | None:
+        """The node to run this request on (None: here)."""
+        if call_id in self._forwarded:
+            return self._forwarded[call_id]
+        owner = await self.redis.get(self.p + "own:" + call_id)
+        if owner is not None:
+            return _s(owner)
+        if op != "invite":
+            return None  # nobody holds it: the local answer is not_found
+        callee = (req.get("to") or {}).get("user") if isinstance(req.get("to"), dict) else None
+        if isinstance(callee, str):
+            nodes = {_s(n) for n in await self.redis.hvals(self.p + "user:" + callee)}
+            nodes.discard(self.node)
+            if nodes:
+                node = sorted(nodes)[0]
+                self._forwarded[call_id] = node
+                return node
+        # Claim the id for this node; a lost race means another node has it.
+        if await self.redis.set(self.p + "own:" + call_id, self.node, nx=True,
+                                ex=self.own_ttl):
+            return None
+        owner = await self.redis.get(self.p + "own:" + call_id)
+        return _s(owner) if owner is not None else None
+
+    async def _send_request(self, node: str, op: str, user: str, device: str,
+                            req: dict[str, Any]) -> asyncio.Future[dict[str, Any]]:
+        rid = f"{self.node}:{next(self._ids)}"
+        fut: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
+        self._waiting[rid] = fut
+        fut.add_done_callback(lambda _: self._waiting.pop(rid, None))
+        await self.redis.publish(self._channel(node), encode({
+            "k": "req", "id": rid, "reply": self.node, "op": op, "user": user,
+            "device": device, "req": req}))
+        return fut
+
+    # --- serving other nodes ---------------------------------------------------------------
+
+    async def _listen(self) -> None:
+        async for msg in self._pubsub.listen():
+            try:
+                body = json.loads(msg["data"])
+            except ValueError:
+                continue
+            kind = body.get("k")
+            if kind == "res":
+                fut = self._waiting.get(str(body.get("id")))
+                if fut is not None and not fut.done():
+                    fut.set_result(body)
+            elif kind in ("req", "hook"):
+                # Tasks start in arrival order, and the call manager's lock is FIFO.
+                task = asyncio.get_running_loop().create_task(self._serve(body))
+                self._tasks.add(task)
+                task.add_done_callback(self._tasks.discard)
+
+    async def _serve(self, body: dict[str, Any]) -> None:
+        user, device = str(body.get("user")), str(body.get("device"))
+        if body["k"] == "hook":
+            if body.get("op") == "connected":
+                await self.calls.device_connected(user, device)
+            else:
+                await self.calls.device_disconnected(user, device)
+            return
+        answer: dict[str, Any] = {"k": "res", "id": body.get("id")}
+        try:
+            req = body.get("req")
+            if body.get("op") == "invite" and isinstance(req, dict):
+                call_id = req.get("call_id")
+                if isinstance(call_id, str):
+                    await self.redis.set(self.p + "own:" + call_id, self.node, nx=True,
+                                         ex=self.own_ttl)
+            data = await run_local(self.calls, str(body.get("op")), user, device,
+                                   req if isinstance(req, dict) else {})
+            answer.update(ok=True, data=data)
+        except TalkbridgeError as err:
+            answer.update(ok=False, error=err.to_wire())
+        except Exception:
+            log.exception("forwarded call request failed")
+            answer.update(ok=False, error=Internal("internal error").to_wire())
+        await self.redis.publish(self._channel(str(body.get("reply"))), encode(answer))
+
+    # --- keeping the registry --------------------------------------------------------------
+
+    async def call_changed(self, call: Call) -> None:
+        """Record a call that rings (where it lives) or forget one that ended."""
+        keys = [self.p + "user:" + call.caller, self.p + "user:" + call.callee]
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for key in keys:
+                if call.state == "ended":
+                    pipe.hdel(key, call.call_id)
+                else:
+                    pipe.hset(key, call.call_id, self.node)
+                    pipe.expire(key, self.own_ttl)
+            if call.state == "ended":
+                # Late requests still reach the node that answers them with conflict.
+                pipe.expire(self.p + "own:" + call.call_id, 300)
+            await pipe.execute()
+        if call.state == "ended":
+            self._forwarded.pop(call.call_id, None)
+
+    async def device_event(self, op: str, user: str, device: str) -> None:
+        """Tell the nodes holding ``user``'s calls that one of their devices came or went."""
+        nodes = {_s(n) for n in await self.redis.hvals(self.p + "user:" + user)}
+        nodes.discard(self.node)
+        for node in sorted(nodes):
+            await self.redis.publish(self._channel(node), encode({
+                "k": "hook", "op": op, "user": user, "device": device}))
+
+
+def _s(x: bytes | str) -> str:
+    return x.decode() if isinstance(x, bytes) else x
 
 
 async def setup(state: AppState) -> None:
@@ -165,12 +402,25 @@ async def setup(state: AppState) -> None:
     Gauge("talkbridge_calls_live", "1:1 calls ringing or connected on this node",
           registry=state.metrics.registry).set_function(calls.live_count)
 
+    router: CallRouter | None = None
+    if state.config.redis:
+        from signaling.redis_bus import parse_redis_url
+
+        url, bus_settings = parse_redis_url(state.config.redis)
+        router = CallRouter(url, bus_settings.prefix, state.config.node_id, calls)
+        await router.start()
+        state.extras["call_router"] = router
+
     async def on_connect(session: Session) -> None:
         # The hub runs this right after auth.ok was queued: pending invites come next.
         await calls.device_connected(session.user, session.device)
+        if router is not None:
+            await router.device_event("connected", session.user, session.device)
 
     async def on_disconnect(session: Session) -> None:
         await calls.device_disconnected(session.user, session.device)
+        if router is not None:
+            await router.device_event("disconnected", session.user, session.device)
 
     state.hub.on_connect.append(on_connect)
     state.hub.on_disconnect.append(on_disconnect)
@@ -181,6 +431,9 @@ async def teardown(state: AppState) -> None:
     calls: CallManager | None = state.calls
     if calls is not None:
         await calls.close()
+    router: CallRouter | None = state.extras.get("call_router")
+    if router is not None:
+        await router.close()
     env: NodeCallEnv | None = state.extras.get("call_env")
     if env is not None:
         for task in list(env.tasks):

@@ -77,6 +77,10 @@ class CallEnv(Protocol):
         """Append the ``call`` message for a finished call to the dm conversation."""
         ...
 
+    async def call_changed(self, call: Call) -> None:
+        """``call`` started ringing or ended (other nodes may need to know where it lives)."""
+        ...
+
 
 @dataclass(frozen=True)
 class CallLog:
@@ -287,6 +291,7 @@ class CallManager:
         self._pending: dict[str, asyncio.Future[None]] = {}  # invites being checked
         self._out: list[tuple[str, str, Event]] = []
         self._logs: list[CallLog] = []
+        self._changed: list[Call] = []
 
     # --- introspection ---------------------------------------------------------------------
 
@@ -384,14 +389,15 @@ class CallManager:
                     self._emit(callee, d, invite)
                 call.timer = self.env.call_later(self.settings.timeout,
                                                  lambda: self._on_timeout(call_id))
+                self._changed.append(call)
                 await self._flush()
                 if not devices:
                     push = invite
                 reply = call.summary()
-            logs = self._take_logs()
+            after = self._take_after()
         if push is not None:
             await self._push(call, push)
-        await self._write_logs(logs)
+        await self._run_after(after)
         return reply
 
     async def ringing(self, user: str, device: str, req: Mapping[str, Any]) -> Event:
@@ -555,11 +561,11 @@ class CallManager:
                     since = min((a.since for a in call.away.values()), default=None)
                     self._end(call, "failed", None, at=since)
             await self._flush()
-            logs = self._take_logs()
+            after = self._take_after()
             for call in self._calls.values():
                 if call.timer is not None:
                     call.timer.cancel()
-        await self._write_logs(logs)
+        await self._run_after(after)
 
     # --- internals -------------------------------------------------------------------------
 
@@ -589,8 +595,8 @@ class CallManager:
             self._end(call, reason, (user, device))
             await self._flush()
             reply = call.summary()
-            logs = self._take_logs()
-        await self._write_logs(logs)
+            after = self._take_after()
+        await self._run_after(after)
         return reply
 
     async def _settled(self, req: Mapping[str, Any]) -> None:
@@ -685,6 +691,7 @@ class CallManager:
                 ids.discard(call.call_id)
                 if not ids:
                     del self._live[party]
+        self._changed.append(call)
         call_id = call.call_id
         call.timer = self.env.call_later(self.settings.remember_ended,
                                          lambda: self._forget(call_id))
@@ -712,11 +719,19 @@ class CallManager:
         except Exception:
             log.exception("push for call %s failed", call.call_id)
 
-    def _take_logs(self) -> list[CallLog]:
+    def _take_after(self) -> tuple[list[CallLog], list[Call]]:
+        """What to do once the lock is released: logs to write, live/ended calls to announce."""
         logs, self._logs = self._logs, []
-        return logs
+        changed, self._changed = self._changed, []
+        return logs, changed
 
-    async def _write_logs(self, logs: list[CallLog]) -> None:
+    async def _run_after(self, after: tuple[list[CallLog], list[Call]]) -> None:
+        logs, changed = after
+        for call in changed:
+            try:
+                await self.env.call_changed(call)
+            except Exception:
+                log.exception("announcing call %s failed", call.call_id)
         for entry in logs:
             try:
                 await self.env.write_call_log(entry)
@@ -733,8 +748,8 @@ class CallManager:
             call.timer = None
             self._end(call, "timeout", None)
             await self._flush()
-            logs = self._take_logs()
-        await self._write_logs(logs)
+            after = self._take_after()
+        await self._run_after(after)
 
     def _grace_over(self, call_id: str, user: str,
                     device: str) -> Callable[[], Awaitable[None]]:
@@ -751,8 +766,8 @@ class CallManager:
             # The call died when the device went away, not when we gave up waiting.
             self._end(call, "failed", None, at=away.since)
             await self._flush()
-            logs = self._take_logs()
-        await self._write_logs(logs)
+            after = self._take_after()
+        await self._run_after(after)
 
     async def _forget(self, call_id: str) -> None:
         call = self._calls.get(call_id)

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from im_bridge.errors import Forbidden
-from signaling.calls import CallLog
+from signaling.calls import Call, CallLog
 
 Event = dict[str, Any]
 
@@ -37,6 +37,7 @@ class RecordingEnv:
     inbox: dict[tuple[str, str], list[Event]] = field(default_factory=dict)
     pushes: list[tuple[str, Event]] = field(default_factory=list)
     logs: list[CallLog] = field(default_factory=list)
+    changes: list[tuple[str, str]] = field(default_factory=list)  # (call_id, state) announced
     blocks: set[tuple[str, str]] = field(default_factory=set)  # (blocker, blocked)
     timers: list[ManualTimer] = field(default_factory=list)
     slow_checks: int = 0  # event-loop turns check_may_call takes (a store round trip)
@@ -71,6 +72,9 @@ class RecordingEnv:
 
     async def write_call_log(self, entry: CallLog) -> None:
         self.logs.append(entry)
+
+    async def call_changed(self, call: Call) -> None:
+        self.changes.append((call.call_id, call.state))
 
     # test helpers
     def connect(self, user: str, *devices: str) -> None:

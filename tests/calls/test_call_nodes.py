@@ -1,0 +1,156 @@
+"""1:1 calls between users connected to different nodes sharing Redis (and one store).
+
+Two talkbridge processes, a real redis-server started for the module, one SQLite file.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import subprocess
+import time
+import uuid
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+
+from signaling.client import ClientError
+from tests.calls.server import RunningServer, free_port, run_talkbridge
+from tests.calls.wire import ANSWER, AUDIO, OFFER, cand, connect
+
+pytestmark = pytest.mark.redis
+
+
+@pytest.fixture(scope="module")
+def redis_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    port = free_port()
+    workdir = tmp_path_factory.mktemp("redis")
+    proc = subprocess.Popen(["redis-server", "--port", str(port), "--bind", "127.0.0.1",
+                             "--save", "", "--appendonly", "no", "--dir", str(workdir)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 10
+        while subprocess.run(["redis-cli", "-p", str(port), "ping"], capture_output=True,
+                             text=True).stdout.strip() != "PONG":
+            if proc.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError("redis-server did not start")
+            time.sleep(0.05)
+        yield f"redis://127.0.0.1:{port}/0?heartbeat=0.5&node_ttl=3"
+    finally:
+        if proc.poll() is None:
+            os.kill(proc.pid, signal.SIGTERM)
+            proc.wait(timeout=10)
+
+
+@pytest.fixture(scope="module")
+def nodes(tmp_path_factory: pytest.TempPathFactory, redis_url: str
+          ) -> Iterator[tuple[RunningServer, RunningServer]]:
+    base = tmp_path_factory.mktemp("nodes")
+    store = f"sqlite:///{base / 'shared.sqlite3'}"
+    settings = {"redis": redis_url, "store": store, "call_grace": "1.0"}
+    with run_talkbridge(base / "n1", node_id="n1", **settings) as n1, \
+            run_talkbridge(base / "n2", node_id="n2", **settings) as n2:
+        yield n1, n2
+
+
+def new_id() -> str:
+    return uuid.uuid4().hex
+
+
+async def invite(client: Any, call_id: str, to: str) -> dict[str, Any]:
+    return dict(await client.request("call.invite", call_id=call_id, to={"user": to},
+                                     media=AUDIO, sdp=OFFER))
+
+
+async def test_a_call_between_two_nodes_goes_through_end_to_end(nodes):
+    n1, n2 = nodes
+    a, b = f"alice-{new_id()[:6]}", f"bob-{new_id()[:6]}"
+    async with connect(n1.ws_url, n1.token(a), "a1") as (alice, a_in), \
+            connect(n2.ws_url, n2.token(b), "b1") as (bob, b_in):
+        cid = new_id()
+        await invite(alice, cid, b)
+        await alice.request("call.ice", call_id=cid, candidate=cand(1))
+        assert (await b_in.wait("call.invite"))["from"] == a
+        await bob.request("call.ringing", call_id=cid)
+        assert (await a_in.wait("call.ringing"))["device"] == "b1"
+        await bob.request("call.accept", call_id=cid, sdp=ANSWER)
+        assert (await a_in.wait("call.accepted"))["sdp"] == ANSWER
+        assert (await b_in.wait("call.ice"))["candidate"] == cand(1)
+        for n in range(2, 6):  # order is kept across the hop between nodes
+            await bob.request("call.ice", call_id=cid, candidate=cand(n))
+        await asyncio.sleep(0.3)
+        assert [e["candidate"] for e in a_in.of("call.ice")] == [cand(n) for n in range(2, 6)]
+        reply = await bob.request("call.hangup", call_id=cid)
+        assert reply["reason"] == "hangup"
+        assert (await a_in.wait("call.ended"))["reason"] == "hangup"
+        conv = "dm:" + ":".join(sorted((a, b)))
+        await b_in.wait("msg.new")
+        history = await bob.request("msg.history", conv=conv)
+        assert [m["body"]["outcome"] for m in history["messages"]] == ["completed"]
+
+
+async def test_errors_come_back_from_the_node_holding_the_call(nodes):
+    n1, n2 = nodes
+    a, b = f"alice-{new_id()[:6]}", f"bob-{new_id()[:6]}"
+    async with connect(n1.ws_url, n1.token(a), "a1") as (alice, _), \
+            connect(n2.ws_url, n2.token(b), "b1") as (bob, _), \
+            connect(n2.ws_url, n2.token("carol"), "c1") as (carol, _):
+        cid = new_id()
+        await invite(alice, cid, b)
+        await alice.request("call.cancel", call_id=cid)
+        with pytest.raises(ClientError) as err:
+            await bob.request("call.accept", call_id=cid, sdp=ANSWER)
+        assert (err.value.code, err.value.data.get("reason")) == ("conflict", "cancelled")
+        with pytest.raises(ClientError) as err:
+            await carol.request("call.hangup", call_id=cid)
+        assert err.value.code == "not_found"
+
+
+async def test_a_callee_in_a_call_on_another_node_is_busy(nodes):
+    n1, n2 = nodes
+    a, b, c = (f"{u}-{new_id()[:6]}" for u in ("alice", "bob", "carol"))
+    async with connect(n1.ws_url, n1.token(a), "a1") as (alice, _), \
+            connect(n2.ws_url, n2.token(b), "b1") as (bob, _), \
+            connect(n2.ws_url, n2.token(c), "c1") as (carol, c_in):
+        cid = new_id()
+        await invite(alice, cid, b)
+        await bob.request("call.accept", call_id=cid, sdp=ANSWER)
+        reply = await invite(carol, new_id(), b)  # carol and bob share node 2; the call is on 1
+        assert (reply["state"], reply["reason"]) == ("ended", "busy")
+        assert (await c_in.wait("call.ended"))["reason"] == "busy"
+        await alice.request("call.hangup", call_id=cid)
+
+
+async def test_glare_between_nodes_leaves_one_call(nodes):
+    n1, n2 = nodes
+    a, b = f"alice-{new_id()[:6]}", f"bob-{new_id()[:6]}"
+    async with connect(n1.ws_url, n1.token(a), "a1") as (alice, a_in), \
+            connect(n2.ws_url, n2.token(b), "b1") as (bob, b_in):
+        small, big = sorted([new_id(), new_id()])
+        await invite(alice, big, b)  # rings first, on node 1
+        reply = await invite(bob, small, a)  # from node 2: decided on node 1
+        assert reply["state"] == "ringing"
+        assert (await b_in.wait("call.ended", lambda e: e["call_id"] == big))["replaced_by"] \
+            == small
+        await a_in.wait("call.invite", lambda e: e["call_id"] == small)
+        await alice.request("call.accept", call_id=small, sdp=ANSWER)
+        assert (await b_in.wait("call.accepted"))["call_id"] == small
+        await bob.request("call.hangup", call_id=small)
+
+
+async def test_a_callee_connecting_to_another_node_gets_the_pending_invite(nodes):
+    n1, n2 = nodes
+    a, b = f"alice-{new_id()[:6]}", f"bob-{new_id()[:6]}"
+    async with connect(n1.ws_url, n1.token(a), "a1") as (alice, a_in):
+        cid = new_id()
+        await invite(alice, cid, b)
+        async with connect(n2.ws_url, n2.token(b), "phone") as (bob, b_in):
+            first = await b_in.wait("call.invite")
+            assert b_in.events[0] is first and first["call_id"] == cid
+            await bob.request("call.accept", call_id=cid, sdp=ANSWER)
+            assert (await a_in.wait("call.accepted"))["device"] == "phone"
+        # bob's device went away on node 2: node 1 ends the call after the grace period
+        assert (await a_in.wait("call.ended", timeout=8))["reason"] == "failed"
+
