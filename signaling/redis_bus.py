@@ -103,13 +103,15 @@ redis.call('SREM', KEYS[2], ARGV[3])
 return 1
 """
 
-# KEYS: nodes, nu:<node>. ARGV: node, key_ttl_s, prefix. Returns 1 if the node was absent
-# from the registry (first beat, or reaped while it could not reach Redis).
+# KEYS: nodes, nu:<node>. ARGV: node, key_ttl_s, prefix, refresh (1: renew the TTL of the
+# node's presence keys too). Returns 1 if the node was absent from the registry (first beat,
+# or reaped by its peers while it could not reach Redis).
 _HEARTBEAT = (
     _LUA_NOW
     + """
 local added = redis.call('ZADD', KEYS[1], now, ARGV[1])
 redis.call('EXPIRE', KEYS[2], ARGV[2])
+if ARGV[4] ~= '1' then return added end
 local seen = {}
 for _, m in ipairs(redis.call('SMEMBERS', KEYS[2])) do
   local user = string.sub(m, 1, string.find(m, ' ', 1, true) - 1)
@@ -415,12 +417,13 @@ class RedisBus(Bus):
             await pubsub.subscribe(self._channel)
             if self._had_connection:
                 self.stats.reconnects += 1
-                # Entries left from before the outage may point at sessions gone since.
-                await self._script("reap")(
-                    keys=[self._k_nodes],
-                    args=[self._ttl_ms, self.settings.prefix, self.node_id],
-                )
-            await self._beat()
+            # Entries left by an earlier life of this node id (a crash and restart, or an
+            # outage) point at sessions that are gone: start clean. Node ids must be unique.
+            await self._script("reap")(
+                keys=[self._k_nodes],
+                args=[self._ttl_ms, self.settings.prefix, self.node_id],
+            )
+            await self._beat(refresh=True)
             self._failed.clear()
             self._ready.set()
             if self._had_connection:
@@ -458,12 +461,12 @@ class RedisBus(Bus):
             s.close_soon(CLOSE_RESYNC, why)
             self.stats.resync_closes += 1
 
-    async def _beat(self) -> None:
+    async def _beat(self, refresh: bool) -> None:
         assert self._redis is not None
         s = self.settings
         added = await self._script("heartbeat")(
             keys=[self._k_nodes, self._k_nu],
-            args=[self.node_id, s.key_ttl_s, s.prefix],
+            args=[self.node_id, s.key_ttl_s, s.prefix, "1" if refresh else "0"],
         )
         if added and self._ready.is_set() and len(self.hub):
             # Another node reaped us (we were silent too long): our entries are gone.
@@ -479,10 +482,13 @@ class RedisBus(Bus):
 
     async def _heartbeat_loop(self) -> None:
         ticks = 0
+        # Presence key TTLs are renewed a few times per key TTL, not on every beat: that walk
+        # is O(sessions on this node) inside Redis.
+        every = max(1, int(self.settings.key_ttl_s / 4 / self.settings.heartbeat_s))
         while True:
             await asyncio.sleep(self.settings.heartbeat_s)
-            await self._beat()
             ticks += 1
+            await self._beat(refresh=ticks % every == 0)
             if ticks >= 2:
                 self._connected_long_enough = True
 

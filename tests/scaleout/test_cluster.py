@@ -109,6 +109,18 @@ async def test_a_killed_nodes_presence_expires(
     assert ev["body"] == {"text": "while you were away"}
 
 
+async def test_a_node_restarted_after_a_crash_forgets_its_earlier_sessions(
+    cluster: Cluster, redis_server: RedisServer
+) -> None:
+    gone = await cluster.client("gone", "tablet", home=1, reconnect=False)
+    r = redis_server.client()
+    key = f"{cluster.prefix}p:gone"
+    assert r.hget(key, "tablet") == f"n2 {gone.auth_ok['session']}"
+    cluster.kill(1)
+    await cluster.restart(1)  # at once, well before its peers would reap it
+    assert r.hget(key, "tablet") is None
+
+
 async def test_sigkill_a_node_under_load_loses_and_duplicates_nothing(cluster: Cluster) -> None:
     load = ChatLoad(cluster, pairs=6, rate=15, tag="k")
     await load.connect()
