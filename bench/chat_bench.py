@@ -67,12 +67,12 @@ def drop_pg_db(name: str) -> None:
 
 
 def load(args: argparse.Namespace, url: str, transport: str, pid: int, label: str,
-         extra: list[str]) -> dict[str, Any]:
+         extra: list[str], out: str | None = None) -> dict[str, Any]:
     """Run one load with the loadtest CLI's machinery; returns its report."""
     argv = [
         "run", "--url", url, "--transport", transport, "--server-pid", str(pid),
         "--secret", args.secret, "--workers", str(args.workers), "--duration", str(args.duration),
-        "--ramp", str(args.ramp), "--out", os.path.join(args.out, label), "--quiet", *extra,
+        "--ramp", str(args.ramp), "--out", os.path.join(args.out, out or label), "--quiet", *extra,
     ]
     opts = build_parser().parse_args(argv)
     report = run_command(opts)
@@ -109,35 +109,50 @@ def chat_row(label: str, report: dict[str, Any]) -> dict[str, Any]:
 
 
 def run_chat(args: argparse.Namespace, which: list[str]) -> list[dict[str, Any]]:
-    """The chat load against each server in turn."""
+    """The chat load against each server in turn, ``--repeat`` rounds; the median run each.
+
+    Rounds rotate over the servers so that a burst of noise from other processes hits them
+    alike rather than one server's whole series.
+    """
+    runs: dict[str, list[dict[str, Any]]] = {}
+    for rep in range(args.repeat):
+        for label in which:
+            row = run_chat_once(args, label, rep)
+            runs.setdefault(row["server"], []).append(row)
     rows = []
+    for series in runs.values():
+        ranked = sorted(series, key=lambda r: r["steady_msgs_per_s"])
+        row = dict(ranked[(len(ranked) - 1) // 2])
+        row["runs_msgs_per_s"] = [r["steady_msgs_per_s"] for r in series]
+        row["ok"] = all(r["ok"] for r in series)
+        rows.append(row)
+    return rows
+
+
+def run_chat_once(args: argparse.Namespace, label: str, rep: int) -> dict[str, Any]:
+    """One chat run against a freshly started server."""
     chat = ["chat", "--pairs", str(args.pairs), "--window", str(args.window),
             "--size", str(args.size)]
-    for label in which:
-        db = None
-        try:
-            if label == "sqlite":
-                srv = servers.start_talkbridge(args.secret)
-            elif label == "postgres":
-                db = create_pg_db()
-                srv = servers.start_talkbridge(
-                    args.secret, store=f"postgresql://postgres@127.0.0.1:5432/{db}")
-            else:
-                srv = servers.start_baseline(label, args.secret)
-            try:
-                name = f"talkbridge-{label}" if label in ("sqlite", "postgres") else label
-                print(f"-- {name}: {args.pairs} pairs x {args.window} in flight, "
-                      f"{args.duration}s", file=sys.stderr, flush=True)
-                report = load(args, srv.url, srv.transport, srv.pid, name, chat)
-                if srv.proc.poll() is not None:
-                    raise RuntimeError(f"{name} exited during the run:\n{srv.log_tail()}")
-                rows.append(chat_row(name, report))
-            finally:
-                srv.stop()
-        finally:
-            if db:
-                drop_pg_db(db)
-    return rows
+    name = f"talkbridge-{label}" if label in ("sqlite", "postgres") else label
+    db = create_pg_db() if label == "postgres" else None
+    try:
+        if label == "sqlite":
+            srv = servers.start_talkbridge(args.secret)
+        elif label == "postgres":
+            srv = servers.start_talkbridge(
+                args.secret, store=f"postgresql://postgres@127.0.0.1:5432/{db}")
+        else:
+            srv = servers.start_baseline(label, args.secret)
+        with srv:
+            print(f"-- {name}: {args.pairs} pairs x {args.window} in flight, "
+                  f"{args.duration}s", file=sys.stderr, flush=True)
+            report = load(args, srv.url, srv.transport, srv.pid, name, chat, f"{name}-{rep}")
+            if srv.proc.poll() is not None:
+                raise RuntimeError(f"{name} exited during the run:\n{srv.log_tail()}")
+            return chat_row(name, report)
+    finally:
+        if db:
+            drop_pg_db(db)
 
 
 def run_idle(args: argparse.Namespace) -> dict[str, Any]:
@@ -175,7 +190,9 @@ def print_table(rows: list[dict[str, Any]], idle: dict[str, Any] | None) -> None
     print(f"{'server':20} {'msgs/s':>9} {'p50 ms':>8} {'p99 ms':>8} {'max ms':>8} "
           f"{'lost':>5} {'dup':>4} {'err':>4} {'noise':>6} {'psi':>5}  notes")
     for r in rows:
-        notes = " ".join(
+        runs = r.get("runs_msgs_per_s", [])
+        notes = f"runs {'/'.join(f'{x:,.0f}' for x in runs)} " if len(runs) > 1 else ""
+        notes += " ".join(
             n for n, on in (("generator-limited", r["generator_limited"]),
                             ("disturbed", bool(r["disturbed"]))) if on
         )
@@ -210,6 +227,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--duration", type=float, default=15.0)
     p.add_argument("--ramp", type=float, default=2.0)
     p.add_argument("--workers", type=int, default=2, help="generator processes")
+    p.add_argument("--repeat", type=int, default=1,
+                   help="rounds over the servers; each row is the median round")
     p.add_argument("--idle", type=int, default=10_000, help="idle connections (0 = skip)")
     p.add_argument("--hold", type=float, default=5.0)
     p.add_argument("--connect-rate", type=float, default=2000.0)
@@ -227,7 +246,7 @@ def main(argv: list[str] | None = None) -> int:
         "conditions": {
             "cpus": os.cpu_count(), "pairs": args.pairs, "window": args.window,
             "size": args.size, "duration_s": args.duration, "ramp_s": args.ramp,
-            "workers": args.workers, "loadavg": os.getloadavg(),
+            "workers": args.workers, "repeat": args.repeat, "loadavg": os.getloadavg(),
         },
         "chat": rows,
         "idle": idle,

@@ -122,6 +122,8 @@ def analyze(records: list[dict[str, Any]]) -> dict[str, Any]:
     drain_end = max(close_starts) if close_starts else run_end
     run_s = max(run_end - go, 1e-6)
     steady_from = go + float(meta["ramp"] or 0)
+    if steady_from >= run_end - 0.5:
+        steady_from = go  # no steady window after the ramp: use the whole run
     steady_s = max(run_end - steady_from, 1e-6)
 
     scen: dict[str, Any] = {}
