@@ -1,12 +1,49 @@
-"""Bad input to every group frame: the protocol's error code, and nothing changed."""
+"""Bad input to every group frame: the protocol's error code, and nothing changed.
+
+Since no row may change anything, the rows share one group per store backend (a row that
+did change something fails on its own snapshot check).
+"""
 
 from __future__ import annotations
 
+from collections.abc import AsyncIterator
+from pathlib import Path
 from typing import Any
 
 import pytest
+import pytest_asyncio
 
-from tests.groups.world import World
+from tests.groups.world import World, make_world
+from tests.support import fresh_pg_database, start_node
+
+pytestmark = pytest.mark.asyncio(loop_scope="module")
+
+
+@pytest_asyncio.fixture(
+    scope="module",
+    loop_scope="module",
+    params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)],
+)
+async def world(
+    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
+) -> AsyncIterator[World]:
+    """One group (see tests/groups/world.py) per backend for the whole module (rate limit
+    off: the rows follow each other faster than a person types)."""
+    tmp: Path = tmp_path_factory.mktemp("bad-input")
+    if request.param == "sqlite":
+        node = await start_node(f"sqlite:///{tmp / 'store.sqlite3'}", tmp, rate_limit=0)
+        try:
+            yield await make_world(node)
+        finally:
+            await node.stop()
+    else:
+        async with fresh_pg_database() as url:
+            node = await start_node(url, tmp, rate_limit=0)
+            try:
+                yield await make_world(node)
+            finally:
+                await node.stop()
+
 
 GROUP = object()  # stands for the world's group id
 
