@@ -18,6 +18,7 @@ from typing import Any
 
 import redis.asyncio as aioredis
 from prometheus_client import Counter, Gauge
+from redis.exceptions import RedisError
 
 from im_bridge.bridge import CallBridge
 from im_bridge.errors import (
@@ -230,16 +231,16 @@ class CallRouter:
         self._ids = itertools.count(1)
         self._tasks: set[asyncio.Task[None]] = set()
         self._listener: asyncio.Task[None] | None = None
-        self._pubsub: Any = None
+        self._subscribed = asyncio.Event()
 
     def _channel(self, node: str) -> str:
         return f"{self.p}rpc:{node}"
 
     async def start(self) -> None:
-        """Subscribe to this node's channel (before the node takes requests)."""
-        self._pubsub = self.redis.pubsub(ignore_subscribe_messages=True)
-        await self._pubsub.subscribe(self._channel(self.node))
-        self._listener = asyncio.get_running_loop().create_task(self._listen())
+        """Start listening on this node's channel (waits a moment for the subscription)."""
+        self._listener = asyncio.get_running_loop().create_task(self._supervise())
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._subscribed.wait(), 3.0)
 
     async def close(self) -> None:
         if self._listener is not None:
@@ -248,10 +249,27 @@ class CallRouter:
                 await self._listener
         for task in list(self._tasks):
             task.cancel()
-        if self._pubsub is not None:
-            with contextlib.suppress(Exception):
-                await self._pubsub.aclose()
-        await self.redis.aclose()
+        with contextlib.suppress(Exception):
+            await self.redis.aclose()
+
+    async def _supervise(self) -> None:
+        """Keep the subscription up across Redis outages (the bus resyncs the clients)."""
+        delay = 0.1
+        while True:
+            pubsub: Any = self.redis.pubsub(ignore_subscribe_messages=True)
+            try:
+                await pubsub.subscribe(self._channel(self.node))
+                self._subscribed.set()
+                delay = 0.1
+                await self._listen(pubsub)
+            except (RedisError, OSError) as exc:
+                log.warning("call routing lost Redis (%s); retrying", exc)
+            finally:
+                self._subscribed.clear()
+                with contextlib.suppress(Exception):
+                    await pubsub.aclose()
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 1.0)
 
     # --- routing requests ------------------------------------------------------------------
 
@@ -265,7 +283,12 @@ class CallRouter:
         async with lock:
             # Under the device's lock until the request is published: its next request
             # cannot overtake it.
-            node = await self._node_for(op, call_id, req)
+            try:
+                node = await self._node_for(op, call_id, req)
+            except RedisError as exc:
+                # Without Redis only this node's own calls can be served.
+                log.warning("call routing without Redis: %s", exc)
+                node = None
             if node is None or node == self.node:
                 fut = None
             else:
@@ -307,19 +330,37 @@ class CallRouter:
 
     async def _send_request(self, node: str, op: str, user: str, device: str,
                             req: dict[str, Any]) -> asyncio.Future[dict[str, Any]]:
+        # The answer comes on our own channel: be subscribed before asking.
+        try:
+            await asyncio.wait_for(self._subscribed.wait(), self.rpc_timeout)
+        except TimeoutError:
+            raise Internal("call routing is not connected to Redis") from None
         rid = f"{self.node}:{next(self._ids)}"
         fut: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
         self._waiting[rid] = fut
         fut.add_done_callback(lambda _: self._waiting.pop(rid, None))
-        await self.redis.publish(self._channel(node), encode({
-            "k": "req", "id": rid, "reply": self.node, "op": op, "user": user,
-            "device": device, "req": req}))
+        message = encode({"k": "req", "id": rid, "reply": self.node, "op": op, "user": user,
+                          "device": device, "req": req})
+        if not await self._publish(node, message):
+            fut.cancel()
+            raise Internal("the node holding this call is not listening")
         return fut
+
+    async def _publish(self, node: str, message: bytes) -> bool:
+        """Publish to ``node``'s channel, retrying while nobody listens (it is resubscribing
+        after a Redis outage); False when it never did within ``rpc_timeout``."""
+        deadline = time.monotonic() + self.rpc_timeout
+        while True:
+            if await self.redis.publish(self._channel(node), message) > 0:
+                return True
+            if time.monotonic() > deadline:
+                return False
+            await asyncio.sleep(0.05)
 
     # --- serving other nodes ---------------------------------------------------------------
 
-    async def _listen(self) -> None:
-        async for msg in self._pubsub.listen():
+    async def _listen(self, pubsub: Any) -> None:
+        async for msg in pubsub.listen():
             try:
                 body = json.loads(msg["data"])
             except ValueError:
@@ -359,7 +400,9 @@ class CallRouter:
         except Exception:
             log.exception("forwarded call request failed")
             answer.update(ok=False, error=Internal("internal error").to_wire())
-        await self.redis.publish(self._channel(str(body.get("reply"))), encode(answer))
+        if not await self._publish(str(body.get("reply")), encode(answer)):
+            log.warning("node %s did not take the answer to a forwarded call request",
+                        body.get("reply"))
 
     # --- keeping the registry --------------------------------------------------------------
 

@@ -6,12 +6,15 @@ Two talkbridge processes, a real redis-server started for the module, one SQLite
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import signal
 import subprocess
 import time
+import urllib.request
 import uuid
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -23,10 +26,10 @@ from tests.calls.wire import ANSWER, AUDIO, OFFER, cand, connect
 pytestmark = pytest.mark.redis
 
 
-@pytest.fixture(scope="module")
-def redis_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    port = free_port()
-    workdir = tmp_path_factory.mktemp("redis")
+@contextlib.contextmanager
+def run_redis(workdir: Path, port: int) -> Iterator[str]:
+    """A redis-server on 127.0.0.1:``port`` (stopped by PID); yields the talkbridge URL."""
+    workdir.mkdir(parents=True, exist_ok=True)
     proc = subprocess.Popen(["redis-server", "--port", str(port), "--bind", "127.0.0.1",
                              "--save", "", "--appendonly", "no", "--dir", str(workdir)],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -42,6 +45,12 @@ def redis_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
         if proc.poll() is None:
             os.kill(proc.pid, signal.SIGTERM)
             proc.wait(timeout=10)
+
+
+@pytest.fixture(scope="module")
+def redis_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    with run_redis(tmp_path_factory.mktemp("redis"), free_port()) as url:
+        yield url
 
 
 @pytest.fixture(scope="module")
@@ -154,3 +163,40 @@ async def test_a_callee_connecting_to_another_node_gets_the_pending_invite(nodes
         # bob's device went away on node 2: node 1 ends the call after the grace period
         assert (await a_in.wait("call.ended", timeout=8))["reason"] == "failed"
 
+
+
+def ready(server: RunningServer) -> bool:
+    try:
+        with urllib.request.urlopen(f"{server.http_url}/readyz", timeout=1) as resp:
+            return bool(resp.status == 200)
+    except OSError:
+        return False
+
+
+async def test_calls_between_nodes_work_again_after_redis_restarts(tmp_path: Path):
+    port = free_port()
+    store = f"sqlite:///{tmp_path / 'shared.sqlite3'}"
+    with run_redis(tmp_path / "r1", port) as url:
+        settings = {"redis": url, "store": store}
+        with run_talkbridge(tmp_path / "n1", node_id="n1", **settings) as n1, \
+                run_talkbridge(tmp_path / "n2", node_id="n2", **settings) as n2:
+            pass_redis = run_redis(tmp_path / "r2", port)
+            # stop Redis under the running nodes, then bring it back on the same port
+            await asyncio.to_thread(subprocess.run, ["redis-cli", "-p", str(port), "shutdown",
+                                                     "nosave"], capture_output=True)
+            await asyncio.sleep(1.0)
+            with pass_redis:
+                deadline = time.monotonic() + 20
+                while not (await asyncio.to_thread(ready, n1)
+                           and await asyncio.to_thread(ready, n2)):
+                    assert time.monotonic() < deadline, "nodes did not become ready again"
+                    await asyncio.sleep(0.2)
+                async with connect(n1.ws_url, n1.token("alice"), "a1") as (alice, a_in), \
+                        connect(n2.ws_url, n2.token("bob"), "b1") as (bob, b_in):
+                    cid = new_id()
+                    await invite(alice, cid, "bob")
+                    await b_in.wait("call.invite")
+                    await bob.request("call.accept", call_id=cid, sdp=ANSWER)
+                    assert (await a_in.wait("call.accepted"))["device"] == "b1"
+                    await bob.request("call.hangup", call_id=cid)
+                    assert (await a_in.wait("call.ended"))["reason"] == "hangup"
