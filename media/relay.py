@@ -203,12 +203,17 @@ class Relay:
         emit: Emit,
     ) -> dict[str, Any]:
         """Add a device to a room (created on first join). The relay's offer follows as a
-        ``room.sdp`` event. Returns ``{"room", "participants": [...]}`` (the others)."""
+        ``room.sdp`` event. Returns ``{"room", "participants": [...]}`` (the others). Joining
+        again with the same ``participant_id`` replaces the old connection (a reconnect)."""
         if self._closed:
             raise Conflict("relay is closed")
+        existing = self._rooms.get(room_id)
+        previous = existing.participants.get(participant_id) if existing else None
+        if previous is not None:
+            # A reconnecting device: its old connection goes, the others keep their media
+            # and see no leave/join, just a re-offer.
+            await self._remove(previous, reason="replaced", notify=False, keep_room=True)
         room = self._rooms.setdefault(room_id, Room(room_id))
-        if participant_id in room.participants:
-            raise Conflict(f"participant {participant_id} is already in room {room_id}")
         pc = RTCPeerConnection(
             RTCConfiguration(iceServers=self._ice_servers, bundlePolicy=RTCBundlePolicy.MAX_BUNDLE)
         )
@@ -233,7 +238,7 @@ class Relay:
                 self._subscribe(other, track)
             if p.published:
                 self._spawn(self._negotiate(other))
-            if self._membership_events:
+            if self._membership_events and previous is None:
                 other.send(self._member_event("room.joined", p))
         self._spawn(self._negotiate(p))
         if room.speaker_task is None:
@@ -577,7 +582,9 @@ class Relay:
         if self._on_dropped is not None:
             await _maybe_await(self._on_dropped(p.room_id, p.participant_id, reason))
 
-    async def _remove(self, p: Participant, reason: str | None, notify: bool = True) -> None:
+    async def _remove(
+        self, p: Participant, reason: str | None, notify: bool = True, keep_room: bool = False
+    ) -> None:
         room = self._rooms.get(p.room_id)
         if p.closed or room is None:
             return
@@ -605,7 +612,7 @@ class Relay:
                 await asyncio.wait_for(asyncio.shield(p.event_task), 2.0)
             except (asyncio.QueueFull, TimeoutError):
                 p.event_task.cancel()
-        if not room.participants:
+        if not room.participants and not keep_room:
             self._rooms.pop(room.room_id, None)
             for task in (room.speaker_task, room.bitrate_task):
                 if task is not None:

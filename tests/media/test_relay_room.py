@@ -177,3 +177,20 @@ async def test_speaker_event_names_the_one_who_talks(relay: Relay) -> None:
     finally:
         for p in peers:
             await p.close()
+
+
+async def test_a_device_that_joins_again_replaces_its_old_connection(relay: Relay) -> None:
+    alice, bob = await _start(relay, ["alice", "bob"])
+    bob_again = Peer(relay, "r1", "bob")
+    try:
+        assert await wait_for(lambda: _receives_all(alice, ["bob"]), 15)
+        await bob.close()  # the old connection is gone without a leave (e.g. network change)
+        await bob_again.join()
+        assert [p["participant"] for p in relay.participants("r1")] == ["alice", "bob"]
+        before = alice.frames[("bob", "video")]
+        assert await wait_for(lambda: bob_again.frames[("alice", "video")] > 10, 10)
+        assert await wait_for(lambda: alice.frames[("bob", "video")] > before + 10, 10)
+        assert not alice.of_kind("room.left"), "a reconnect is not a leave"
+    finally:
+        await alice.close()
+        await bob_again.close()
