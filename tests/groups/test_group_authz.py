@@ -6,11 +6,55 @@ A row that is allowed appends exactly one notice; a refused row changes nothing.
 
 from __future__ import annotations
 
+from collections.abc import AsyncIterator
+from pathlib import Path
 from typing import Any
 
 import pytest
+import pytest_asyncio
 
-from tests.groups.world import World
+from tests.groups.world import World, make_world
+from tests.support import Node, fresh_pg_database, start_node
+
+# Each test makes its own group on a node shared by the module (one per store backend):
+# groups are independent, and a fresh database per row would dominate the run time.
+pytestmark = pytest.mark.asyncio(loop_scope="module")
+
+
+@pytest_asyncio.fixture(
+    scope="module",
+    loop_scope="module",
+    params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)],
+)
+async def shared_node(
+    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
+) -> AsyncIterator[Node]:
+    tmp: Path = tmp_path_factory.mktemp("authz")
+    if request.param == "sqlite":
+        node = await start_node(f"sqlite:///{tmp / 'store.sqlite3'}", tmp, rate_limit=0)
+        try:
+            yield node
+        finally:
+            await node.stop()
+    else:
+        async with fresh_pg_database() as url:
+            node = await start_node(url, tmp, rate_limit=0)
+            try:
+                yield node
+            finally:
+                await node.stop()
+
+
+@pytest_asyncio.fixture(loop_scope="module")
+async def world(shared_node: Node) -> AsyncIterator[World]:
+    """A new group (alice owner, bob admin, carol and dave members; eve outside)."""
+    w = await make_world(shared_node)
+    try:
+        yield w
+    finally:
+        for c in w.c.values():
+            await c.close()
+
 
 FUTURE = 4_000_000_000_000  # ms, year 2096
 
