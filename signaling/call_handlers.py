@@ -201,6 +201,10 @@ def _error_from_wire(err: dict[str, Any]) -> TalkbridgeError:
     return cls(str(err.get("message", "")), **details)
 
 
+class _NodeGone(Exception):
+    """Nobody listens on a node's channel: the node is gone."""
+
+
 class CallRouter:
     """Calls across nodes that share Redis: every request about a call runs on its node.
 
@@ -292,7 +296,11 @@ class CallRouter:
             if node is None or node == self.node:
                 fut = None
             else:
-                fut = await self._send_request(node, op, user, device, req)
+                try:
+                    fut = await self._send_request(node, op, user, device, req)
+                except _NodeGone:
+                    await self._node_gone(node, op, call_id, req)  # raises unless an invite
+                    fut = None
         if fut is None:
             return await run_local(self.calls, op, user, device, req)
         try:
@@ -343,8 +351,29 @@ class CallRouter:
                           "device": device, "req": req})
         if not await self._publish(node, message):
             fut.cancel()
-            raise Internal("the node holding this call is not listening")
+            raise _NodeGone(node)
         return fut
+
+    async def _node_gone(self, node: str, op: str, call_id: str,
+                         req: dict[str, Any]) -> None:
+        """``node`` does not listen any more (it died): forget what it held, then go on.
+
+        Its calls are lost. An invite that was to be decided there is decided here;
+        requests about one of its calls are told it failed.
+        """
+        log.warning("node %s holds calls but does not listen: forgetting them", node)
+        self._forwarded.pop(call_id, None)
+        own = self.p + "own:" + call_id
+        if _s(await self.redis.get(own) or b"") == node:
+            await self.redis.delete(own)
+        callee = (req.get("to") or {}).get("user") if isinstance(req.get("to"), dict) else None
+        if op != "invite" or not isinstance(callee, str):
+            raise Conflict("the call was lost with the node that held it", reason="failed")
+        key = self.p + "user:" + callee
+        stale = [f for f, n in (await self.redis.hgetall(key)).items() if _s(n) == node]
+        if stale:
+            await self.redis.hdel(key, *stale)
+        await self.redis.set(own, self.node, nx=True, ex=self.own_ttl)
 
     async def _publish(self, node: str, message: bytes) -> bool:
         """Publish to ``node``'s channel, retrying while nobody listens (it is resubscribing

@@ -200,3 +200,28 @@ async def test_calls_between_nodes_work_again_after_redis_restarts(tmp_path: Pat
                     assert (await a_in.wait("call.accepted"))["device"] == "b1"
                     await bob.request("call.hangup", call_id=cid)
                     assert (await a_in.wait("call.ended"))["reason"] == "hangup"
+
+
+async def test_when_the_node_holding_a_call_dies_its_users_can_be_called_again(tmp_path: Path):
+    store = f"sqlite:///{tmp_path / 'shared.sqlite3'}"
+    with run_redis(tmp_path / "redis", free_port()) as url:
+        settings = {"redis": url, "store": store}
+        with run_talkbridge(tmp_path / "n1", node_id="n1", **settings) as n1, \
+                run_talkbridge(tmp_path / "n2", node_id="n2", **settings) as n2:
+            async with connect(n2.ws_url, n2.token("bob"), "b1") as (bob, b_in), \
+                    connect(n2.ws_url, n2.token("carol"), "c1") as (carol, _):
+                async with connect(n1.ws_url, n1.token("alice"), "a1") as (alice, _):
+                    lost = new_id()
+                    await invite(alice, lost, "bob")
+                    await bob.request("call.accept", call_id=lost, sdp=ANSWER)
+                    os.kill(n1.pid, signal.SIGKILL)  # node 1 held the call
+                # bob is no longer busy: carol's invite rings him (decided on node 2)
+                cid = new_id()
+                reply = await carol.request("call.invite", call_id=cid, to={"user": "bob"},
+                                            media=AUDIO, sdp=OFFER, timeout=15)
+                assert reply["state"] == "ringing"
+                assert (await b_in.wait("call.invite", lambda e: e["call_id"] == cid))
+                with pytest.raises(ClientError) as err:
+                    await bob.request("call.hangup", call_id=lost, timeout=15)
+                assert (err.value.code, err.value.data.get("reason")) == ("conflict", "failed")
+                await carol.request("call.cancel", call_id=cid)
