@@ -16,7 +16,7 @@ import os
 import sys
 from typing import Any
 
-from im_bridge.errors import Forbidden, Internal, TalkbridgeError
+from im_bridge.errors import Forbidden, Internal, NotFound, TalkbridgeError
 from media.placement import LocalPlacement, Placement
 from media.service import DropCallback, Emit, RoomClosedCallback
 
@@ -164,6 +164,23 @@ class RelayPool:
     def participants(self, room_id: str) -> list[dict[str, Any]]:
         """See :meth:`media.relay.Relay.participants`."""
         return list(self._members.get(room_id, {}).values())
+
+    async def start_recording(self, room_id: str, directory: str) -> list[str]:
+        """See :meth:`media.relay.Relay.start_recording`."""
+        worker = await self._placement.lookup(room_id)
+        if worker is None:
+            raise NotFound(f"no room {room_id}")
+        result: list[str] = await self._call(worker, "start_recording", {
+            "room_id": room_id, "directory": str(directory)})
+        return result
+
+    async def stop_recording(self, room_id: str) -> list[str]:
+        """See :meth:`media.relay.Relay.stop_recording`."""
+        worker = await self._placement.lookup(room_id)
+        if worker is None:
+            return []
+        result: list[str] = await self._call(worker, "stop_recording", {"room_id": room_id})
+        return result
 
     async def stats(self, room_id: str) -> dict[str, Any]:
         """Forwarding counters of a room (from its worker)."""

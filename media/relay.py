@@ -32,6 +32,7 @@ import time
 import uuid
 from collections.abc import Awaitable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from aiortc import (
@@ -44,11 +45,12 @@ from aiortc import (
 from aiortc.rtcrtptransceiver import RTCRtpTransceiver
 from aiortc.sdp import candidate_from_sdp
 
-from im_bridge.errors import BadRequest, Conflict, Forbidden, Unsupported
+from im_bridge.errors import BadRequest, Conflict, Forbidden, NotFound, Unsupported
 from media import aiortc_adapter as adapter
 from media.forwarding import ForwardTrack, KeyframeRequester, PublishedTrack, publisher_bitrate
 from media.frames import AudioAssembler, Vp8Assembler
 from media.host_addresses import restrict_host_addresses
+from media.recording import ParticipantRecording
 from media.sdp_codecs import FORWARDED_CODECS, check_codecs, codec_preferences
 from media.service import DropCallback, Emit, Event, RoomClosedCallback
 
@@ -126,6 +128,8 @@ class Room:
     speaker: str | None = None
     speaker_task: asyncio.Task[None] | None = None
     bitrate_task: asyncio.Task[None] | None = None
+    recording_dir: Path | None = None
+    recordings: dict[str, ParticipantRecording] = field(default_factory=dict)
 
 
 class Relay:
@@ -241,6 +245,8 @@ class Relay:
             if self._membership_events and previous is None:
                 other.send(self._member_event("room.joined", p))
         self._spawn(self._negotiate(p))
+        if room.recording_dir is not None and p.published:
+            self._record(room, p)
         if room.speaker_task is None:
             room.speaker_task = asyncio.ensure_future(self._watch_speaker(room))
             room.bitrate_task = asyncio.ensure_future(self._steer_bitrates(room))
@@ -317,6 +323,41 @@ class Relay:
         """Remove a device from a room; the others' media continue (they get a re-offer)."""
         p = self._get(room_id, participant_id)
         await self._remove(p, reason=None)
+
+    async def start_recording(self, room_id: str, directory: str | Path) -> list[str]:
+        """Record every publisher of the room (and later ones) to WebM files in ``directory``
+        (VP8 + Opus as forwarded, no decoding). Returns the files being written."""
+        room = self._rooms.get(room_id)
+        if room is None:
+            raise NotFound(f"no room {room_id}")
+        path = Path(directory)
+        await asyncio.to_thread(path.mkdir, parents=True, exist_ok=True)
+        room.recording_dir = path
+        for p in room.participants.values():
+            if p.published and p.participant_id not in room.recordings:
+                self._record(room, p)
+        return [str(r.path) for r in room.recordings.values()]
+
+    async def stop_recording(self, room_id: str) -> list[str]:
+        """Stop recording a room; returns the files written (closed and complete)."""
+        room = self._rooms.get(room_id)
+        if room is None:
+            return []
+        room.recording_dir = None
+        paths = []
+        for pid in list(room.recordings):
+            recording = room.recordings.pop(pid)
+            await recording.stop()
+            paths.append(str(recording.path))
+        return paths
+
+    def _record(self, room: Room, p: Participant) -> None:
+        assert room.recording_dir is not None
+        recording = ParticipantRecording(
+            room.recording_dir, room.room_id, p.participant_id, list(p.published.values())
+        )
+        recording.start()
+        room.recordings[p.participant_id] = recording
 
     def participants(self, room_id: str) -> list[dict[str, Any]]:
         """The participants of a room (empty when there is no such room)."""
@@ -592,6 +633,9 @@ class Relay:
         if p.ice_timer is not None:
             p.ice_timer.cancel()
         room.participants.pop(p.participant_id, None)
+        recording = room.recordings.pop(p.participant_id, None)
+        if recording is not None:
+            await recording.stop()
         for track_id in list(p.subscriptions):
             await self._unsubscribe_quietly(p, track_id)
         for track in p.published.values():

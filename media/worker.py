@@ -94,6 +94,10 @@ class WorkerServer:
             elif op == "leave":
                 await self._relay.leave(args["room_id"], args["participant_id"])
                 result = None
+            elif op == "start_recording":
+                result = await self._relay.start_recording(args["room_id"], args["directory"])
+            elif op == "stop_recording":
+                result = await self._relay.stop_recording(args["room_id"])
             elif op == "stats":
                 result = self._relay.stats(args["room_id"])
             elif op == "close":
