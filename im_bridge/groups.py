@@ -64,13 +64,6 @@ def _users(value: Any, field: str = "users", *, allow_empty: bool = False) -> li
     return list(dict.fromkeys(check_user_id(u, field) for u in value))
 
 
-def _group_of_conv(conv: str) -> str:
-    kind, parts = parse_conv(conv)
-    if kind != "group":
-        raise BadRequest("'conv' must be a group conversation (g:<id>)", field="conv")
-    return parts[0]
-
-
 class GroupService:
     """Group rules over the store, plus the in-memory member lists used by fan-out."""
 
@@ -149,6 +142,15 @@ class GroupService:
 
     async def requests(self, user: str, group: Any) -> list[JoinRequest]:
         return await self.store.read(gops.requests(check_group_id(group), user))
+
+    async def role_of(self, group: str, user: str) -> str | None:
+        """The user's role in an active group ("owner", "admin", "member"), or None for a
+        non-member or a group that does not exist (any more). For the call/room bridge."""
+        try:
+            _, _, role = await self.store.read(gops.info(group, user))
+        except NotFound:
+            return None
+        return role
 
     async def privileged(self, conv: str) -> list[str]:
         """The owner and admins of a group conversation."""
@@ -261,9 +263,13 @@ class GroupService:
 
     @staticmethod
     def conv_of(group: str) -> str:
+        """The conversation id of a group."""
         return group_conv(group)
 
     @staticmethod
     def group_of(conv: str) -> str:
         """The group id of a ``g:`` conversation (BadRequest for any other)."""
-        return _group_of_conv(conv)
+        kind, parts = parse_conv(conv)
+        if kind != "group":
+            raise BadRequest("'conv' must be a group conversation (g:<id>)", field="conv")
+        return parts[0]

@@ -105,7 +105,7 @@ class Change(msgspec.Struct, kw_only=True):
     notice: Message | None
     audience: list[str]
     data: dict[str, Any] = msgspec.field(default_factory=dict)
-    # Users whose membership changed (cache invalidation, requests resolved, etc.)
+    # True when someone joined or left: the in-memory member list of the group is dropped.
     members_changed: bool = False
 
 

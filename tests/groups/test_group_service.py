@@ -99,3 +99,16 @@ async def test_membership_changes_drop_the_cached_list(store: Store):
     assert await svc.members("g:g3") == ["b", "owner"]
     await svc.update("owner", "g3", {"name": "H"})  # not a membership change
     assert svc.cached("g:g3") == ["b", "owner"]
+
+
+async def test_role_of_answers_for_current_members_of_active_groups_only(store: Store):
+    svc = GroupService(store)
+    await svc.create("owner", "G", ["a", "b"], "open", group="g4")
+    await svc.set_role("owner", "g4", "a", "admin")
+    await svc.leave("b", "g4")
+    roles = [await svc.role_of("g4", u) for u in ("owner", "a", "b", "nobody")]
+    assert roles == ["owner", "admin", None, None]
+    await svc.dissolve("owner", "g4")
+    assert await svc.role_of("g4", "owner") is None
+    assert await svc.role_of("nosuch", "owner") is None
+    assert GroupService.group_of("g:g4") == "g4" and GroupService.conv_of("g4") == "g:g4"
