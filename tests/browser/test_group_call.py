@@ -27,7 +27,7 @@ async def remote_tiles_decoding(user: User, others: list[str]) -> None:
         first = await video_stats(page, sel)
         await asyncio.sleep(1.5)
         second = await video_stats(page, sel)
-        assert second["frames"] > first["frames"] > 0, (user.name, name, first, second)
+        assert second["frames"] > first["frames"], (user.name, name, first, second)
 
 
 @pytest.mark.xfail(
