@@ -451,8 +451,9 @@ def compare(target: dict[str, Any], baseline: dict[str, Any]) -> dict[str, Any]:
             continue
         th, bh = s["headline"], b["headline"]
         ratio = None
-        if bh["per_s"]:
-            ratio = round(th["per_s"] / bh["per_s"], 3)
+        # After the ramp: both runs at full load.
+        if bh["steady_per_s"]:
+            ratio = round(th["steady_per_s"] / bh["steady_per_s"], 3)
         lat = {}
         for q in ("p50", "p99", "max"):
             tv, bv = th["latency_ms"].get(q), bh["latency_ms"].get(q)
@@ -460,8 +461,8 @@ def compare(target: dict[str, Any], baseline: dict[str, Any]) -> dict[str, Any]:
                 lat[q] = round(float(tv) / float(bv), 3)
         out[name] = {
             "counter": th["counter"],
-            "target_per_s": th["per_s"],
-            "baseline_per_s": bh["per_s"],
+            "target_per_s": th["steady_per_s"],
+            "baseline_per_s": bh["steady_per_s"],
             "throughput_ratio": ratio,
             "latency_ratio": lat,
         }

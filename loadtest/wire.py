@@ -59,6 +59,8 @@ class Conn:
     device: str
     handler: Handler
     closed: bool
+    closing: bool = False  # set before we close it ourselves: not a server-side drop
+    stats: Any = None  # the scenario Stats that counts this connection's errors
 
     async def send(self, frame: Frame) -> None:
         """Send one frame."""
@@ -92,14 +94,12 @@ class WsConn(Conn):
 
     async def _read(self) -> None:
         ws = self.ws
-        handler_ref = self
         try:
             while True:
                 msg = await ws.receive()
-                if msg.type is aiohttp.WSMsgType.TEXT:
-                    handler_ref.handler(_decode(msg.data))
-                elif msg.type is aiohttp.WSMsgType.BINARY:
-                    handler_ref.handler(_decode(msg.data))
+                if msg.type is aiohttp.WSMsgType.TEXT or msg.type is aiohttp.WSMsgType.BINARY:
+                    # Looked up per frame: scenarios swap handlers (set-up requests).
+                    self.handler(_decode(msg.data))
                 elif msg.type in (
                     aiohttp.WSMsgType.CLOSE,
                     aiohttp.WSMsgType.CLOSING,

@@ -78,7 +78,7 @@ class Context:
         stats.latency("connect", (time.perf_counter() - t) * 1e6)
         stats.count("connected")
         self.rec.connections += 1
-        conn.stats = stats  # type: ignore[union-attr]
+        conn.stats = stats
         if isinstance(conn, WsConn):
             conn.on_close = self._closed
         self.conns.append(conn)
@@ -86,13 +86,13 @@ class Context:
 
     def _closed(self, conn: WsConn) -> None:
         self.rec.connections -= 1
-        if not getattr(conn, "closing", False):
-            conn.stats.error(f"disconnect:{conn.close_code}")  # type: ignore[attr-defined]
+        if not conn.closing:
+            conn.stats.error(f"disconnect:{conn.close_code}")
 
     async def close_all(self) -> None:
         """Close every connection this worker opened."""
         for conn in self.conns:
-            conn.closing = True  # type: ignore[union-attr]
+            conn.closing = True
         await asyncio.gather(*(c.close() for c in self.conns), return_exceptions=True)
         for conn in self.conns:
             if isinstance(conn, SioConn):
