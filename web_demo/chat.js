@@ -285,6 +285,8 @@ export class Chat {
       frag.append(li);
     }
     this.el.list.replaceChildren(frag);
+    const total = list.reduce((n, c) => n + (c !== this.openConv ? c.unread : 0), 0);
+    document.title = total ? `(${total}) talkbridge demo` : "talkbridge demo";
   }
 
   preview(c, m) {
