@@ -25,7 +25,7 @@ from collections.abc import Iterator
 from typing import Any
 from urllib.parse import urlsplit
 
-from loadtest import procstat, servers
+from loadtest import flame, procstat, servers
 from loadtest.analyzer import analyze, compare
 from loadtest.html_report import render
 from loadtest.runner import Run, load_raw, save_raw
@@ -316,15 +316,17 @@ def profile_command(opts: argparse.Namespace) -> dict[str, Any]:
         if exe is None:
             raise SystemExit("py-spy is not installed: pip install py-spy==0.4.3")
         path = os.path.join(out_dir, "flame.svg")
+        # Collapsed stacks: we draw the flame graph and rank the hot functions from them.
+        raw = os.path.join(out_dir, "stacks.txt")
         wrap = [
             exe,
             "record",
             "--format",
-            "flamegraph",
+            "raw",
             "--rate",
             str(opts.profile_rate),
             "--output",
-            path,
+            raw,
             "--subprocesses",
             "--",
         ]
@@ -355,7 +357,15 @@ def profile_command(opts: argparse.Namespace) -> dict[str, Any]:
             except subprocess.TimeoutExpired:
                 srv.stop()
         srv.stop()
-    report["profile"] = {"profiler": opts.profiler, "path": path, "exists": os.path.exists(path)}
+    report["profile"] = {"profiler": opts.profiler, "path": path}
+    if opts.profiler == "py-spy" and os.path.exists(raw):
+        with open(raw) as f:
+            stacks = flame.parse_collapsed(f.read())
+        with open(path, "w") as f:
+            f.write(flame.render_svg(stacks, f"{opts.start} under load: {_mix(opts)}"))
+        report["profile"]["stacks"] = raw
+        report["profile"]["hot"] = flame.hot_functions(stacks)
+    report["profile"]["exists"] = os.path.exists(path)
     write_report(report, out_dir)
     return report
 
@@ -413,6 +423,11 @@ def main(argv: list[str] | None = None) -> int:
         print(summary_text(report))
         if "profile" in report:
             print(f"profile: {report['profile']['path']}")
+            hot = report["profile"].get("hot")
+            if hot:
+                print(f"hottest functions (self time, of {hot['samples']} samples):")
+                for h in hot["self"][:10]:
+                    print(f"  {h['share'] * 100:5.1f}%  {h['function']}")
     return 0 if report["ok"] else 1
 
 

@@ -252,6 +252,19 @@ def render(report: dict[str, Any]) -> str:
                 ["counter", "total", "per s (run)"],
             )
         )
+    hot = (report.get("profile") or {}).get("hot")
+    if hot:
+        parts.append(f"<h2>Where the server's CPU went ({hot['samples']} samples)</h2>")
+        parts.append(
+            _table([[h["function"], h["samples"], f"{h['share'] * 100:.1f}%"] for h in hot["self"]],
+                   ["function (self time)", "samples", "share"])
+        )
+        parts.append(
+            _table([[h["function"], h["samples"], f"{h['share'] * 100:.1f}%"]
+                    for h in hot["inclusive"]],
+                   ["function (inclusive)", "samples", "share"])
+        )
+        parts.append("<p>Flame graph: flame.svg next to this page.</p>")
     if report.get("failures"):
         parts.append("<h2>Failures</h2><pre>" + _esc("\n\n".join(report["failures"])) + "</pre>")
     summary = {k: v for k, v in report.items() if k not in ("timeseries", "baselines")}
