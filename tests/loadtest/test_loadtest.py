@@ -305,6 +305,10 @@ def test_profile_saves_a_flame_graph_of_the_server(tmp_path: Path) -> None:
     flame = tmp_path / "prof" / "flame.svg"
     assert report["profile"]["exists"] and flame.exists()
     assert "<svg" in flame.read_text()[:2000]
+    hot = report["profile"]["hot"]
+    assert hot["samples"] > 0 and hot["self"] and hot["inclusive"]
+    # The server's own entry point holds (almost) every sample inclusively.
+    assert any("signaling/cli.py" in h["function"] for h in hot["inclusive"][:5])
 
 
 def test_lost_and_duplicated_deliveries_are_caught(tmp_path: Path) -> None:
