@@ -197,13 +197,22 @@ class Counter:
         self.video: list[float] = []
         self.delays: list[tuple[float, float]] = []
         self.audio: list[float] = []
-        self.keyframe_waits = 0
+        self.seq_gaps = 0  # packets that arrived after a gap (loss or reordering)
+        self.assemblers: list[Vp8Assembler] = []
 
     def tap(self, transceiver: Any) -> None:
         if transceiver.kind == "video":
             assembler = Vp8Assembler()
+            self.assemblers.append(assembler)
+            last_seq: list[int] = []
 
             def on_video(packet: Any, data: bytes) -> None:
+                seq = packet.sequence_number
+                step = (seq - last_seq[0]) % 65536 if last_seq else 1
+                if 1 < step < 32768:
+                    self.seq_gaps += 1
+                if step < 32768:
+                    last_seq[:] = [seq]
                 frames, _ = assembler.add(packet, data)
                 now = time.time()
                 for f in frames:
@@ -279,6 +288,8 @@ async def subscribe_main(args: argparse.Namespace) -> None:
             "min_fps_1s": min(per_second) if per_second else 0,
             "audio_pps": sum(1 for t in c.audio if t0 <= t < t1) / span,
             "delays": [d for t, d in c.delays if t0 <= t < t1],
+            "seq_gaps": c.seq_gaps,
+            "frames_lost": sum(a.frames_lost for a in c.assemblers),
         })
     print("RESULT " + json.dumps(result), flush=True)
     for task, writer in _keep:
@@ -583,6 +594,8 @@ def run_one(mode: str, subscribers: int, args: argparse.Namespace, port: int,
             "delay_p50_ms": 1000 * delays[len(delays) // 2] if delays else None,
             "delay_p95_ms": 1000 * delays[int(len(delays) * 0.95)] if delays else None,
             "peers_cpu": (others1 - others0) / (t1 - t0),
+            "seq_gaps": sum(p["seq_gaps"] for p in peers),
+            "frames_lost": sum(p["frames_lost"] for p in peers),
             "machine_busy": (busy1 - busy0) / max(1e-9, total1 - total0),
             **relay_stats,
         }

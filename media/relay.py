@@ -303,6 +303,8 @@ class Relay:
     ) -> None:
         """Add a trickled ICE candidate from the device (``None`` or ``""``: end of candidates)."""
         p = self._get(room_id, participant_id)
+        if candidate is not None and not isinstance(candidate, dict):
+            raise BadRequest("candidate must be an object {candidate, sdpMid, sdpMLineIndex}")
         if candidate is None or not candidate.get("candidate"):
             await p.pc.addIceCandidate(None)
             return

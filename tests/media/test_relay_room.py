@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator
+from typing import Any
 
 import pytest
 
@@ -194,3 +195,23 @@ async def test_a_device_that_joins_again_replaces_its_old_connection(relay: Rela
     finally:
         await alice.close()
         await bob_again.close()
+
+
+async def test_bad_ice_candidates_get_bad_request(relay: Relay) -> None:
+    peer = Peer(relay, "r3", "alice", answer=False)
+    try:
+        await peer.join()
+        bad: list[Any] = [
+            "candidate:nonsense",  # not an object
+            {"candidate": "candidate:1 1 udp x", "sdpMid": "0"},  # truncated
+            {"candidate": 5, "sdpMid": "0"},
+            {"candidate": "candidate:1 1 udp 2122260223 127.0.0.1 5000 typ host"},  # no mid
+        ]
+        for candidate in bad:
+            with pytest.raises(BadRequest):
+                await relay.on_ice("r3", "alice", candidate)
+        await relay.on_ice("r3", "alice", None)  # end of candidates is fine
+        with pytest.raises(Forbidden):
+            await relay.on_ice("r3", "bob", None)
+    finally:
+        await peer.close()
