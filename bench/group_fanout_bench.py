@@ -391,8 +391,8 @@ async def run(args: argparse.Namespace) -> None:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--members", type=int, default=500, help="online receivers (default 500)")
-    p.add_argument("--duration", type=float, default=5.0, help="seconds per phase")
-    p.add_argument("--window", type=int, default=8, help="messages in flight (throughput)")
+    p.add_argument("--duration", type=float, default=8.0, help="seconds per phase")
+    p.add_argument("--window", type=int, default=64, help="messages in flight (throughput)")
     p.add_argument("--latency-rate", type=float, default=0.0, help="deliveries/s for phase 2")
     p.add_argument("--store", default=None, help="store URL (default: SQLite in a temp dir)")
     asyncio.run(run(p.parse_args()))
