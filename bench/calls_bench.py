@@ -107,6 +107,15 @@ def server_time_report(before: dict[str, Any], after: dict[str, Any]) -> list[st
     return lines
 
 
+def cpu_stall_us() -> int | None:
+    """Microseconds some task on this machine waited for a CPU (PSI), if the kernel says."""
+    try:
+        line = Path("/proc/pressure/cpu").read_text().splitlines()[0]
+    except OSError:
+        return None
+    return int(line.rsplit("total=", 1)[1])
+
+
 def server_cpu(pid: int) -> float:
     """CPU seconds (user + system) the process has used."""
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
@@ -123,6 +132,7 @@ async def bench_setup(server: RunningServer, calls: int) -> None:
     await bob.connect()
     setup, invite_hop, accept_hop = [], [], []
     before = await scrape(server)
+    stall0, t_start = cpu_stall_us(), time.perf_counter()
     try:
         for _ in range(calls):
             a, b = CallPeer(alice), CallPeer(bob)
@@ -144,7 +154,11 @@ async def bench_setup(server: RunningServer, calls: int) -> None:
         after = await scrape(server)
         await alice.close()
         await bob.close()
-    print(f"call setup, {calls} aiortc calls (audio + 160x120 video, trickle ICE, loopback):")
+    stall1, wall = cpu_stall_us(), time.perf_counter() - t_start
+    pressure = "" if stall0 is None or stall1 is None else \
+        f", CPU pressure {(stall1 - stall0) / 1e6 / wall:.0%}"
+    print(f"call setup, {calls} aiortc calls (audio + 160x120 video, trickle ICE, "
+          f"loopback{pressure}):")
     print(f"  invite -> both ICE completed: median {ms(statistics.median(setup))}, "
           f"p95 {ms(pct(setup, 95))}, min {ms(min(setup))}, max {ms(max(setup))}")
     print(f"  hop invite (caller send -> callee event): median "
@@ -308,13 +322,19 @@ async def bench_capacity(server: RunningServer, rates: list[float], duration: fl
             assert p.stdout is not None
             assert (await p.stdout.readline()).strip() == b"ready"
         before = await scrape(server)
-        cpu0, t0 = server_cpu(server.pid), time.perf_counter()
+        cpu0, t0, stall0 = server_cpu(server.pid), time.perf_counter(), cpu_stall_us()
         for p in procs:
             assert p.stdin is not None
             p.stdin.write(b"go\n")
             await p.stdin.drain()
         outs = [json.loads((await p.communicate())[0]) for p in procs]
-        cpu = (server_cpu(server.pid) - cpu0) / (time.perf_counter() - t0)
+        wall = time.perf_counter() - t0
+        cpu = (server_cpu(server.pid) - cpu0) / wall
+        stall1 = cpu_stall_us()
+        # Share of the time some task waited for a CPU: high means the machine was
+        # oversubscribed (other work on it, or this bench) and latencies say little.
+        pressure = "" if stall0 is None or stall1 is None else \
+            f", CPU pressure {(stall1 - stall0) / 1e6 / wall:.0%}"
         after = await scrape(server)
         hops = [h for o in outs for h in o["hops"]]
         done = sum(o["done"] for o in outs)
@@ -323,7 +343,7 @@ async def bench_capacity(server: RunningServer, rates: list[float], duration: fl
               f"({done} ok, {sum(o['failed'] for o in outs)} failed, "
               f"{sum(o['skipped'] for o in outs)} not started: no free pair), "
               f"hops n={len(hops)} p50 {ms(pct(hops, 50))} p99 {ms(pct(hops, 99))} "
-              f"max {ms(max(hops) if hops else float('nan'))}, server CPU {cpu:.2f}")
+              f"max {ms(max(hops) if hops else float('nan'))}, server CPU {cpu:.2f}{pressure}")
         for line in server_time_report(before, after):
             print("  " + line)
 
