@@ -313,8 +313,8 @@ class Relay:
             raise BadRequest("candidate.candidate must be a string")
         try:
             c = candidate_from_sdp(text.split(":", 1)[1] if text.startswith("candidate:") else text)
-        except (ValueError, IndexError) as exc:
-            raise BadRequest(f"bad ICE candidate: {exc}") from None
+        except (ValueError, IndexError, AssertionError) as exc:  # aiortc asserts the field count
+            raise BadRequest(f"bad ICE candidate: {exc or 'too few fields'}") from None
         c.sdpMid = candidate.get("sdpMid")
         c.sdpMLineIndex = candidate.get("sdpMLineIndex")
         if c.sdpMid is None and c.sdpMLineIndex is None:
