@@ -215,3 +215,30 @@ async def test_bad_ice_candidates_get_bad_request(relay: Relay) -> None:
             await relay.on_ice("r3", "bob", None)
     finally:
         await peer.close()
+
+
+async def test_subscriber_pli_reaches_the_publisher_coalesced(relay: Relay) -> None:
+    alice, bob = await _start(relay, ["alice", "bob"])
+    try:
+        assert await wait_for(lambda: bob.frames[("alice", "video")] > 20, 15)
+        await asyncio.sleep(1.0)  # past the join-time keyframe requests' rate limit
+        before = relay.stats("r1")["alice"]["published"]["video"]
+        # Bob's video receiver reports picture loss five times in a row (a real RTCP PLI each).
+        receiver = next(
+            t.receiver for t in bob.pc.getTransceivers()
+            if t.kind == "video" and t.receiver.track is not None
+        )
+        ssrc = receiver.getSynchronizationSources()[0].source
+        for _ in range(5):
+            await receiver._send_rtcp_pli(ssrc)
+        assert await wait_for(
+            lambda: relay.stats("r1")["alice"]["published"]["video"]["keyframes"]
+            > before["keyframes"],
+            2,
+        ), "no new keyframe from the publisher after the subscriber's PLI"
+        after = relay.stats("r1")["alice"]["published"]["video"]
+        assert after["keyframe_requests"] - before["keyframe_requests"] >= 5
+        assert after["plis_sent"] - before["plis_sent"] <= 2, "requests were not coalesced"
+    finally:
+        await alice.close()
+        await bob.close()
