@@ -351,6 +351,8 @@ class CallManager:
     async def _invite(self, user: str, device: str, call_id: str, callee: str,
                       media: dict[str, bool], offer: dict[str, str]) -> Event:
         await self.env.check_may_call(user, callee)
+        # Asked before any state changes: if presence fails, the invite fails cleanly.
+        devices = await self.env.online_devices(callee)
         push: Event | None = None
         async with self._lock:
             if call_id in self._calls:
@@ -363,37 +365,36 @@ class CallManager:
             rival = next((c for c in self.live_calls_of(callee)
                           if c.state == "ringing" and c.caller == callee and c.callee == user),
                          None)
-            if rival is not None:
-                # Glare: both invited each other. The smaller call_id survives everywhere.
-                if call_id < rival.call_id:
-                    self._end(rival, "cancelled", None, replaced_by=call_id, log_it=False)
-                else:
-                    self._end(call, "cancelled", None, replaced_by=rival.call_id, log_it=False)
-                    self._emit(callee, rival.caller_device, {
-                        "type": "call.ended", "call_id": call_id, "reason": "cancelled",
-                        "replaced_by": rival.call_id})
-                    await self._flush()
-                    return {**call.summary(), "replaced_by": rival.call_id}
-            waiting = self.in_call(callee)
-            self._live.setdefault(user, set()).add(call_id)
-            self._live.setdefault(callee, set()).add(call_id)
-            if waiting and not self.settings.call_waiting:
-                self._end(call, "busy", None)
+            # Glare: both invited each other. The smaller call_id survives everywhere.
+            if rival is not None and rival.call_id < call_id:
+                self._end(call, "cancelled", None, replaced_by=rival.call_id, log_it=False)
+                self._emit(callee, rival.caller_device, {
+                    "type": "call.ended", "call_id": call_id, "reason": "cancelled",
+                    "replaced_by": rival.call_id})
                 await self._flush()
-                reply = call.summary()
+                reply = {**call.summary(), "replaced_by": rival.call_id}
             else:
-                devices = await self.env.online_devices(callee)
-                invite = self._invite_event(call, waiting)
-                for d in sorted(devices):
-                    call.rung.add(d)
-                    self._emit(callee, d, invite)
-                call.timer = self.env.call_later(self.settings.timeout,
-                                                 lambda: self._on_timeout(call_id))
-                self._changed.append(call)
-                await self._flush()
-                if not devices:
-                    push = invite
-                reply = call.summary()
+                if rival is not None:
+                    self._end(rival, "cancelled", None, replaced_by=call_id, log_it=False)
+                waiting = self.in_call(callee)
+                self._live.setdefault(user, set()).add(call_id)
+                self._live.setdefault(callee, set()).add(call_id)
+                if waiting and not self.settings.call_waiting:
+                    self._end(call, "busy", None)
+                    await self._flush()
+                    reply = call.summary()
+                else:
+                    invite = self._invite_event(call, waiting)
+                    for d in sorted(devices):
+                        call.rung.add(d)
+                        self._emit(callee, d, invite)
+                    call.timer = self.env.call_later(self.settings.timeout,
+                                                     lambda: self._on_timeout(call_id))
+                    self._changed.append(call)
+                    await self._flush()
+                    if not devices:
+                        push = invite
+                    reply = call.summary()
             after = self._take_after()
         if push is not None:
             await self._push(call, push)

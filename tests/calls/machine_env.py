@@ -40,6 +40,7 @@ class RecordingEnv:
     changes: list[tuple[str, str]] = field(default_factory=list)  # (call_id, state) announced
     blocks: set[tuple[str, str]] = field(default_factory=set)  # (blocker, blocked)
     timers: list[ManualTimer] = field(default_factory=list)
+    presence_down: bool = False  # online_devices fails (e.g. Redis unreachable)
     slow_checks: int = 0  # event-loop turns check_may_call takes (a store round trip)
     _seq: int = 0
 
@@ -59,6 +60,8 @@ class RecordingEnv:
             self.inbox.setdefault((user, device), []).append(event)
 
     async def online_devices(self, user: str) -> Collection[str]:
+        if self.presence_down:
+            raise ConnectionError("presence unavailable")
         return set(self.online.get(user, set()))
 
     async def push_call(self, user: str, invite: Event) -> None:

@@ -530,6 +530,15 @@ async def test_the_callers_other_devices_hear_nothing_and_cannot_act(calls, env)
     assert the(calls, "call-1").state == "connected"
 
 
+async def test_an_invite_that_fails_midway_leaves_nobody_in_a_call(calls, env):
+    env.presence_down = True
+    with pytest.raises(ConnectionError):
+        await invite(calls)
+    assert not calls.in_call("alice") and not calls.in_call("bob")
+    env.presence_down = False
+    assert (await invite(calls, "call-2"))["state"] == "ringing"
+
+
 async def test_a_blocked_user_cannot_call(calls, env):
     env.blocks.add(("bob", "alice"))
     with pytest.raises(Forbidden):
