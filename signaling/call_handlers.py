@@ -230,7 +230,8 @@ class CallRouter:
         self.rpc_timeout = rpc_timeout
         self.own_ttl = 24 * 3600  # a call's node record outlives any call; dropped at the end
         self._waiting: dict[str, asyncio.Future[dict[str, Any]]] = {}
-        self._device_locks: dict[tuple[str, str], asyncio.Lock] = {}
+        # (user, device) -> (lock, requests using it); dropped when unused
+        self._device_locks: dict[tuple[str, str], tuple[asyncio.Lock, int]] = {}
         self._forwarded: dict[str, str] = {}  # call ids whose invite we sent to another node
         self._ids = itertools.count(1)
         self._tasks: set[asyncio.Task[None]] = set()
@@ -283,30 +284,43 @@ class CallRouter:
         call_id = req.get("call_id")
         if not isinstance(call_id, str) or self.calls.get(call_id) is not None:
             return await run_local(self.calls, op, user, device, req)
-        lock = self._device_locks.setdefault((user, device), asyncio.Lock())
-        async with lock:
-            # Under the device's lock until the request is published: its next request
-            # cannot overtake it.
-            try:
-                node = await self._node_for(op, call_id, req)
-            except RedisError as exc:
-                # Without Redis only this node's own calls can be served.
-                log.warning("call routing without Redis: %s", exc)
-                node = None
-            if node is None or node == self.node:
-                fut = None
-            else:
+        key = (user, device)
+        lock, users = self._device_locks.get(key, (asyncio.Lock(), 0))
+        self._device_locks[key] = (lock, users + 1)
+        try:
+            async with lock:
+                # Under the device's lock until the request is published: its next request
+                # cannot overtake it.
                 try:
-                    fut = await self._send_request(node, op, user, device, req)
-                except _NodeGone:
-                    await self._node_gone(node, op, call_id, req)  # raises unless an invite
+                    node = await self._node_for(op, call_id, req)
+                except RedisError as exc:
+                    # Without Redis only this node's own calls can be served.
+                    log.warning("call routing without Redis: %s", exc)
+                    node = None
+                if node is None or node == self.node:
                     fut = None
+                else:
+                    try:
+                        fut = await self._send_request(node, op, user, device, req)
+                    except _NodeGone:
+                        await self._node_gone(node, op, call_id, req)  # raises unless invite
+                        fut = None
+        finally:
+            lock, users = self._device_locks[key]
+            if users == 1:
+                del self._device_locks[key]  # nobody else queued: do not keep it
+            else:
+                self._device_locks[key] = (lock, users - 1)
         if fut is None:
             return await run_local(self.calls, op, user, device, req)
         try:
             answer = await asyncio.wait_for(fut, self.rpc_timeout)
         except TimeoutError:
             raise Internal("the node holding this call did not answer") from None
+        finally:
+            if op == "invite":
+                # That node has claimed the id by now: later requests find it in Redis.
+                self._forwarded.pop(call_id, None)
         if answer.get("ok"):
             data: dict[str, Any] = answer.get("data") or {}
             return data
