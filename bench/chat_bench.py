@@ -72,7 +72,8 @@ def load(args: argparse.Namespace, url: str, transport: str, pid: int, label: st
     argv = [
         "run", "--url", url, "--transport", transport, "--server-pid", str(pid),
         "--secret", args.secret, "--workers", str(args.workers), "--duration", str(args.duration),
-        "--ramp", str(args.ramp), "--out", os.path.join(args.out, out or label), "--quiet", *extra,
+        "--ramp", str(args.ramp), "--out", os.path.join(args.out, out or label), "--quiet",
+        "--label", label, *extra,
     ]
     opts = build_parser().parse_args(argv)
     report = run_command(opts)

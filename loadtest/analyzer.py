@@ -19,6 +19,10 @@ SCHEMA = "talkbridge-load/1"
 # A worker above this share of one core during the run was limiting the load it offered.
 CPU_SATURATED = 0.85
 LAG_P99_MS = 20.0
+# Below this share of a core, a lagging worker was waiting for a CPU rather than busy.
+CPU_LAG_BUSY = 0.6
+# CPU pressure (share of the run some task waited for a CPU) that marks a shared machine.
+PSI_DISTURBED = 0.2
 
 
 def _add(h: HdrHistogram, encoded: str) -> None:
@@ -305,8 +309,7 @@ def _generator_summary(
     for w, c in sorted(cpu_avg.items()):
         if c >= CPU_SATURATED:
             reasons.append(f"worker {w} used {c * 100:.0f}% of a core during the run")
-    if lag_summary.get("count") and float(lag_summary["p99"]) > LAG_P99_MS:
-        reasons.append(f"event-loop lag p99 {lag_summary['p99']} ms > {LAG_P99_MS} ms")
+    lagging = bool(lag_summary.get("count")) and float(lag_summary["p99"]) > LAG_P99_MS
     machine = None
     srv_cpu = [r["cpu"] for r in server if r.get("cpu") is not None]
     if srv_cpu and cpu_avg:
@@ -319,7 +322,15 @@ def _generator_summary(
             )
     other = _other_load(records, go, run_end, sum(cpu_avg.values()), srv_cpu)
     pressure = _cpu_pressure(records, go, run_end)
-    if pressure is not None and pressure >= 0.2:
+    if lagging:
+        text = f"event-loop lag p99 {lag_summary['p99']} ms > {LAG_P99_MS} ms"
+        busy = max(cpu_avg.values(), default=0.0)
+        if busy < CPU_LAG_BUSY and pressure is not None and pressure >= PSI_DISTURBED:
+            # Workers were mostly idle and waited for a CPU: the lag is the machine's.
+            disturbed.append(f"{text} while the workers used at most {busy * 100:.0f}% of a core")
+        else:
+            reasons.append(text)
+    if pressure is not None and pressure >= PSI_DISTURBED:
         disturbed.append(
             f"runnable tasks waited for a CPU {pressure * 100:.0f}% of the run (CPU pressure)"
         )

@@ -107,6 +107,7 @@ def _add_run_options(p: argparse.ArgumentParser) -> None:
     )
     o.add_argument("--out", default=None, help="report directory (default loadtest-out/<stamp>)")
     o.add_argument("--json", action="store_true", help="print the JSON report on stdout")
+    o.add_argument("--label", default=None, help="name of the target in reports")
     o.add_argument("--quiet", action="store_true", help="no live progress line")
 
 

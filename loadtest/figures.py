@@ -21,6 +21,7 @@ from loadtest.worker import raise_fd_limit
 
 
 def _run(argv: list[str]) -> dict[str, Any]:
+    """One ``talkbridge-load run`` in-process."""
     from loadtest.cli import build_parser, run_command
 
     return run_command(build_parser().parse_args(["run", *argv]))
@@ -71,6 +72,8 @@ def main(argv: list[str] | None = None) -> int:
     def out(name: str) -> list[str]:
         return ["--out", os.path.join(args.out, name)]
 
+    common_tb = [*common, "--label", "talkbridge"]
+
     def fresh() -> servers.Server:
         return servers.start_talkbridge(secret, store=args.store)
 
@@ -78,7 +81,7 @@ def main(argv: list[str] | None = None) -> int:
         print("-- chat 100x8 (+ bare, socketio)", file=sys.stderr, flush=True)
         rep = _run(["chat", "--url", tb.url, "--server-pid", str(tb.pid), "--pairs", "100",
                     "--window", "8", "--duration", str(args.duration), "--ramp", "2",
-                    "--baseline", "socketio", *common, *out("chat")])
+                    "--baseline", "socketio", *common_tb, *out("chat")])
     row = _row("chat, 100 pairs x 8 in flight", rep, "chat", "msgs/s")
     for kind, b in rep["baselines"].items():
         base = b["scenarios"]["chat"]["headline"]["steady_per_s"]
@@ -90,7 +93,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"-- group fan-out, {args.group_size} members", file=sys.stderr, flush=True)
         rep = _run(["group", "--url", tb.url, "--server-pid", str(tb.pid), "--groups", "1",
                     "--group-size", str(args.group_size), "--window", "8",
-                    "--duration", str(args.duration), *common, *out("group")])
+                    "--duration", str(args.duration), *common_tb, *out("group")])
     what = f"group fan-out, {args.group_size} members, 1 sender x 8 in flight"
     rows.append(_row(what, rep, "group", "deliveries/s"))
 
@@ -98,7 +101,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"-- calls, {args.call_pairs} pairs", file=sys.stderr, flush=True)
         rep = _run(["calls", "--url", tb.url, "--server-pid", str(tb.pid),
                     "--clients", str(2 * args.call_pairs), "--duration", str(args.duration),
-                    "--ramp", "1", *common, *out("calls")])
+                    "--ramp", "1", *common_tb, *out("calls")])
     rows.append(_row(f"call setups, {args.call_pairs} caller/callee pairs, 4 ICE each way",
                      rep, "calls", "calls/s"))
 
@@ -109,7 +112,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"-- idle {args.idle} connections on {kind}", file=sys.stderr, flush=True)
             rep = _run(["connect", "--url", srv.url, "--server-pid", str(srv.pid),
                         "--connections", str(args.idle), "--hold", "5", "--connect-rate", "2000",
-                        "--duration", "1", *common, *out(f"idle-{kind}")])
+                        "--duration", "1", *common, "--label", kind, *out(f"idle-{kind}")])
         s = rep["scenarios"]["connect"]
         idle[kind] = {
             "held": s["counts"].get("held", 0),
