@@ -39,6 +39,7 @@ from typing import Any, Protocol
 import aiortc
 from aiortc import RTCPeerConnection, RTCRtpReceiver, RTCRtpSender, RTCSessionDescription
 from aiortc import sdp as aiortc_sdp
+from aiortc.codecs.h264 import H264Encoder
 from aiortc.codecs.vpx import Vp8Encoder
 from aiortc.mediastreams import MediaStreamError
 from aiortc.rtcrtptransceiver import RTCRtpTransceiver
@@ -110,8 +111,10 @@ def check_aiortc() -> None:
     missing += [f"sender source: {n}" for n in _SENDER_SOURCE_NEEDLES if n not in send_src]
     run_src = inspect.getsource(RTCRtpSender._run_rtp) + inspect.getsource(RTCRtpSender.stop)
     missing += [f"sender loop: {n}" for n in _SENDER_RUN_RTP_NEEDLES if n not in run_src]
-    if not callable(getattr(Vp8Encoder, "_packetize", None)):
-        missing.append("Vp8Encoder._packetize")
+    for cls, name in ((Vp8Encoder, "_packetize"), (H264Encoder, "_packetize"),
+                      (H264Encoder, "_split_bitstream")):
+        if not callable(getattr(cls, name, None)):
+            missing.append(f"{cls.__name__}.{name}")
     if missing:
         raise UnsupportedAiortcVersion(f"aiortc {version}: internals changed: {missing}")
 
@@ -365,6 +368,12 @@ class FrameSource(Protocol):
 def vp8_payloads(frame: bytes, picture_id: int) -> list[bytes]:
     """RTP payloads of a VP8 frame (aiortc's packetizer: 15-bit picture id, ~1300 bytes)."""
     payloads: list[bytes] = Vp8Encoder._packetize(frame, picture_id)
+    return payloads
+
+
+def h264_payloads(frame: bytes) -> list[bytes]:
+    """RTP payloads of an Annex B H264 access unit (aiortc's STAP-A/FU-A packetizer)."""
+    payloads: list[bytes] = H264Encoder._packetize(H264Encoder._split_bitstream(frame))
     return payloads
 
 

@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any
 import av
 from aiortc.mediastreams import MediaStreamError, MediaStreamTrack
 
-from media.aiortc_adapter import vp8_payloads
+from media.aiortc_adapter import h264_payloads, vp8_payloads
 from media.frames import EncodedFrame
 
 # av.Packet is generic over its stream in av's stubs; ours belong to no stream.
@@ -106,12 +106,15 @@ class OutgoingFrame:
     :meth:`payloads`, packetized once for all legs.
     """
 
-    __slots__ = ("_packet", "_payloads", "frame", "kind", "picture_id")
+    __slots__ = ("_packet", "_payloads", "codec", "frame", "kind", "picture_id")
 
-    def __init__(self, frame: EncodedFrame, kind: str, picture_id: int) -> None:
+    def __init__(
+        self, frame: EncodedFrame, kind: str, picture_id: int, codec: str = "VP8"
+    ) -> None:
         self.frame = frame
         self.kind = kind
         self.picture_id = picture_id
+        self.codec = codec
         self._packet: AnyPacket | None = None
         self._payloads: list[bytes] | None = None
 
@@ -132,7 +135,9 @@ class OutgoingFrame:
     def payloads(self) -> list[bytes]:
         """RTP payloads of the frame (VP8 descriptors with this frame's picture id)."""
         if self._payloads is None:
-            if self.kind == "video":
+            if self.kind == "video" and self.codec == "H264":
+                self._payloads = h264_payloads(self.frame.data)
+            elif self.kind == "video":
                 self._payloads = vp8_payloads(self.frame.data, self.picture_id)
             else:
                 self._payloads = [self.frame.data]
@@ -257,6 +262,7 @@ class PublishedTrack:
         self.requester = requester
         self.subscribers: dict[str, ForwardTrack] = {}
         self._picture_id = random.randrange(1 << 15)
+        self._codec = mime_type.split("/")[1].upper()
         self.frames = 0
         self.keyframes = 0
         self.audio_level: float = 127.0  # smoothed -dBov; 127 is silence
@@ -274,7 +280,7 @@ class PublishedTrack:
             self.keyframes += 1
         if frame.audio_level is not None:
             self.audio_level = 0.7 * self.audio_level + 0.3 * frame.audio_level
-        out = OutgoingFrame(frame, self.kind, self._picture_id)
+        out = OutgoingFrame(frame, self.kind, self._picture_id, self._codec)
         self._picture_id = (self._picture_id + 1) & 0x7FFF
         for sub in self.subscribers.values():
             sub.offer(out)

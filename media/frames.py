@@ -80,6 +80,53 @@ def vp8_keyframe_size(frame: bytes) -> tuple[int, int] | None:
     return width, height
 
 
+_START_CODE = b"\x00\x00\x00\x01"
+
+
+def h264_nal_types(frame: bytes, limit: int = 8) -> list[int]:
+    """Types of the first ``limit`` NAL units of an Annex B frame (as aiortc depayloads H264)."""
+    types: list[int] = []
+    pos = frame.find(_START_CODE)
+    while pos >= 0 and len(types) < limit and pos + 4 < len(frame):
+        types.append(frame[pos + 4] & 0x1F)
+        pos = frame.find(_START_CODE, pos + 4)
+    return types
+
+
+def h264_is_keyframe(frame: bytes) -> bool:
+    """True when an H264 access unit holds an IDR slice (NAL type 5) among its first NAL units
+    (AUD, SPS, PPS and SEI may come before it)."""
+    return 5 in h264_nal_types(frame)
+
+
+def h264_keyframe_start(data: bytes) -> bool:
+    """True when a depayloaded packet starts a keyframe: its first NAL is an SPS (encoders
+    send SPS and PPS ahead of every IDR), so no IDR slice of the frame comes before it."""
+    return data[:4] == _START_CODE and len(data) > 4 and data[4] & 0x1F == 7
+
+
+class _Codec:
+    """How the video assembler tells frame starts and keyframes apart, per codec."""
+
+    def __init__(self, name: str) -> None:
+        if name not in ("VP8", "H264"):
+            raise ValueError(f"no frame assembler for {name}")
+        self.name = name
+
+    def starts_frame(self, payload: bytes, data: bytes) -> bool:
+        if self.name == "VP8":
+            return vp8_descriptor_start(payload)
+        return data[:4] == _START_CODE  # begins a NAL unit (not an FU-A continuation)
+
+    def starts_keyframe(self, payload: bytes, data: bytes) -> bool:
+        if self.name == "VP8":
+            return vp8_descriptor_start(payload) and vp8_is_keyframe(data)
+        return h264_keyframe_start(data)
+
+    def is_keyframe(self, frame: bytes) -> bool:
+        return vp8_is_keyframe(frame) if self.name == "VP8" else h264_is_keyframe(frame)
+
+
 class AudioAssembler:
     """Opus: every RTP packet is a frame. Late or duplicate packets are dropped."""
 
@@ -102,8 +149,8 @@ class AudioAssembler:
         )
 
 
-class Vp8Assembler:
-    """Reassembles VP8 frames from packets; after a loss, drops frames until a keyframe.
+class VideoAssembler:
+    """Reassembles VP8 or H264 frames from packets; after a loss, drops frames until a keyframe.
 
     ``add`` returns the frames completed by a packet, in order, and whether a keyframe is
     needed from the publisher (loss was declared, or the stream started on a delta frame).
@@ -111,7 +158,10 @@ class Vp8Assembler:
     declared lost, and at most ``max_pending`` packets are held.
     """
 
-    def __init__(self, loss_timeout: float = 0.25, max_pending: int = 512) -> None:
+    def __init__(
+        self, codec: str = "VP8", loss_timeout: float = 0.25, max_pending: int = 512
+    ) -> None:
+        self._codec = _Codec(codec)
         self._pending: dict[int, tuple[RtpLike, bytes, float]] = {}
         self._next_seq: int | None = None
         self._need_keyframe = True
@@ -119,6 +169,7 @@ class Vp8Assembler:
         self._loss_timeout = loss_timeout
         self._max_pending = max_pending
         self.frames_lost = 0
+        self._last_dropped_ts: int | None = None
 
     @property
     def waiting_for_keyframe(self) -> bool:
@@ -155,9 +206,15 @@ class Vp8Assembler:
                 for s, entry in list(self._pending.items()):
                     if now - entry[2] > self._loss_timeout:
                         del self._pending[s]
-        elif self._need_keyframe and not out and vp8_descriptor_start(packet.payload):
-            # A delta frame starts while we wait: it will be dropped, so ask for a keyframe.
-            want_keyframe = not vp8_is_keyframe(data)
+        elif (
+            self._need_keyframe
+            and not out
+            and self._codec.starts_frame(packet.payload, data)
+            and packet.timestamp != self._last_dropped_ts
+        ):
+            # A frame that is not a keyframe starts while we wait: it will be dropped, so ask.
+            self._last_dropped_ts = packet.timestamp
+            want_keyframe = not self._codec.starts_keyframe(packet.payload, data)
         return out, want_keyframe
 
     def _stalled(self, now: float) -> bool:
@@ -169,7 +226,7 @@ class Vp8Assembler:
     def _collect(self, start: int) -> tuple[list[int], bytes] | None:
         """Sequence numbers and data of the complete frame starting at ``start``, if all arrived."""
         first = self._pending.get(start)
-        if first is None or not vp8_descriptor_start(first[0].payload):
+        if first is None or not self._codec.starts_frame(first[0].payload, first[1]):
             return None
         ts = first[0].timestamp
         seqs: list[int] = []
@@ -189,8 +246,8 @@ class Vp8Assembler:
     def _next_frame(self) -> EncodedFrame | None:
         if self._need_keyframe:
             starts = sorted(
-                (s for s, e in self._pending.items() if vp8_descriptor_start(e[0].payload)
-                 and vp8_is_keyframe(e[1])),
+                (s for s, e in self._pending.items()
+                 if self._codec.starts_keyframe(e[0].payload, e[1])),
                 key=lambda s: (s - (self._next_seq or s)) % _SEQ_MOD,
             )
             for start in starts:
@@ -218,6 +275,13 @@ class Vp8Assembler:
         return EncodedFrame(
             data=data,
             timestamp=self._ts.unwrap(first.timestamp),
-            keyframe=vp8_is_keyframe(data),
+            keyframe=self._codec.is_keyframe(data),
             arrival=arrival,
         )
+
+
+class Vp8Assembler(VideoAssembler):
+    """:class:`VideoAssembler` for VP8."""
+
+    def __init__(self, loss_timeout: float = 0.25, max_pending: int = 512) -> None:
+        super().__init__("VP8", loss_timeout, max_pending)

@@ -1,7 +1,8 @@
 """Recording a publisher's forwarded media to a file, without decoding it.
 
 Each recorded participant gets one WebM file (Matroska): ``<directory>/<room>-<participant>-
-<unix seconds>.webm`` with a VP8 video stream and an Opus audio stream, holding exactly the
+<unix seconds>.webm`` with a VP8 video stream and an Opus audio stream (H264 rooms: ``.mkv``,
+Matroska with H264 + Opus; the picture size comes from the SPS), holding exactly the
 encoded frames the relay forwards. A recording is one more leg of the forwarding fan-out
 (same keyframe discipline: it starts on a keyframe). Timestamps are the frames' arrival at
 the relay, so audio and video stay in sync without RTCP clock mapping.
@@ -37,9 +38,18 @@ class ParticipantRecording:
     """One publisher's tracks muxed into one WebM file as they are forwarded."""
 
     def __init__(
-        self, directory: Path, room_id: str, participant_id: str, tracks: list[PublishedTrack]
+        self,
+        directory: Path,
+        room_id: str,
+        participant_id: str,
+        tracks: list[PublishedTrack],
+        video_codec: str = "VP8",
     ) -> None:
-        self.path = directory / f"{_safe(room_id)}-{_safe(participant_id)}-{int(time.time())}.webm"
+        # WebM holds VP8 + Opus; H264 rooms record to Matroska, WebM's parent format.
+        self._format, ext = ("webm", "webm") if video_codec == "VP8" else ("matroska", "mkv")
+        self._video_codec = video_codec
+        name = f"{_safe(room_id)}-{_safe(participant_id)}-{int(time.time())}.{ext}"
+        self.path = directory / name
         self._tracks = {t.kind: t for t in tracks}
         self._key = f"recording:{participant_id}"
         self._legs: dict[str, ForwardTrack] = {}
@@ -84,13 +94,17 @@ class ParticipantRecording:
         if "video" in self._tracks:
             if first.kind != "video":
                 return False  # wait for the video keyframe that gives the picture size
-            size = vp8_keyframe_size(first.frame.data)
-            if size is None:
+            if not first.frame.keyframe:
                 return False
-        container = av.open(str(self.path), mode="w", format="webm")
-        if size is not None:
-            video = container.add_stream("libvpx", rate=30)
-            video.width, video.height = size
+            size = vp8_keyframe_size(first.frame.data) if self._video_codec == "VP8" else None
+            if self._video_codec == "VP8" and size is None:
+                return False
+        container = av.open(str(self.path), mode="w", format=self._format)
+        if "video" in self._tracks:
+            video = container.add_stream("libvpx" if self._video_codec == "VP8" else "h264",
+                                         rate=30)
+            if size is not None:
+                video.width, video.height = size
             video.time_base = _TIME_BASES["video"]
             self._streams["video"] = video
         if "audio" in self._tracks:

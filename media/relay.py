@@ -48,10 +48,10 @@ from aiortc.sdp import candidate_from_sdp
 from im_bridge.errors import BadRequest, Conflict, Forbidden, NotFound, Unsupported
 from media import aiortc_adapter as adapter
 from media.forwarding import ForwardTrack, KeyframeRequester, PublishedTrack, publisher_bitrate
-from media.frames import AudioAssembler, Vp8Assembler
+from media.frames import AudioAssembler, VideoAssembler
 from media.host_addresses import restrict_host_addresses
 from media.recording import ParticipantRecording
-from media.sdp_codecs import FORWARDED_CODECS, check_codecs, codec_preferences
+from media.sdp_codecs import check_codecs, codec_preferences, forwarded_codecs
 from media.service import DropCallback, Emit, Event, RoomClosedCallback
 
 logger = logging.getLogger(__name__)
@@ -144,6 +144,8 @@ class Relay:
     least of the subscribers' REMB estimates but not below ``min_subscriber_bitrate``.
     ``lean_sender``: send with the relay's own RTP loop (packetize once for all legs) instead
     of aiortc's per-leg ``Encoder.pack`` loop; both forward without decoding.
+    ``video_codec``: ``VP8`` (default) or ``H264`` (constrained baseline/baseline,
+    packetization-mode 1): the codec of every video leg, publishers' and subscribers'.
     """
 
     def __init__(
@@ -165,6 +167,7 @@ class Relay:
         min_subscriber_bitrate: int = 150_000,
         remb_interval: float = 1.0,
         lean_sender: bool = True,
+        video_codec: str = "VP8",
     ) -> None:
         adapter.check_aiortc()
         if host_addresses:
@@ -189,9 +192,16 @@ class Relay:
         self._min_bitrate = min_subscriber_bitrate
         self._remb_interval = remb_interval
         self._lean_sender = lean_sender
+        self._codecs = forwarded_codecs(video_codec)
+        self._video_codec = video_codec
         self._rooms: dict[str, Room] = {}
         self._tasks: set[asyncio.Future[Any]] = set()
         self._closed = False
+
+    @property
+    def video_codec(self) -> str:
+        """The video codec every leg uses: ``VP8`` or ``H264``."""
+        return self._video_codec
 
     # ----- the interface signaling calls -------------------------------------------------
 
@@ -232,7 +242,7 @@ class Relay:
         for kind, on in (("audio", publish_audio), ("video", publish_video)):
             if on:
                 t = pc.addTransceiver(kind, direction="recvonly")
-                t.setCodecPreferences(codec_preferences(kind))
+                t.setCodecPreferences(codec_preferences(kind, self._codecs))
                 self._publish(p, t)
         for other in others:
             for track in other.published.values():
@@ -273,7 +283,7 @@ class Relay:
             if kind == "answer":
                 if p.pc.signalingState != "have-local-offer":
                     raise Conflict("no relay offer is waiting for an answer")
-                check_codecs(text, sending_only=False)
+                check_codecs(text, sending_only=False, codecs=self._codecs)
                 await self._set_remote(p, RTCSessionDescription(sdp=text, type="answer"))
                 adapter.remember_negotiated(p.pc)
                 again = p.needs_offer
@@ -282,11 +292,11 @@ class Relay:
                     raise Conflict(
                         "glare: the relay's offer is pending; roll back and answer it"
                     )
-                check_codecs(text, sending_only=True)
+                check_codecs(text, sending_only=True, codecs=self._codecs)
                 await self._set_remote(p, RTCSessionDescription(sdp=text, type="offer"))
                 for t in p.pc.getTransceivers():
                     if t.currentDirection is None and t.receiver.track is not None:
-                        adapter.keep_only_codec(t, FORWARDED_CODECS[t.kind])
+                        adapter.keep_only_codec(t, self._codecs[t.kind])
                 answer = await p.pc.createAnswer()
                 await p.pc.setLocalDescription(answer)
                 adapter.remember_negotiated(p.pc)
@@ -356,7 +366,8 @@ class Relay:
     def _record(self, room: Room, p: Participant) -> None:
         assert room.recording_dir is not None
         recording = ParticipantRecording(
-            room.recording_dir, room.room_id, p.participant_id, list(p.published.values())
+            room.recording_dir, room.room_id, p.participant_id, list(p.published.values()),
+            video_codec=self._video_codec,
         )
         recording.start()
         room.recordings[p.participant_id] = recording
@@ -428,10 +439,10 @@ class Relay:
 
         requester = KeyframeRequester(send_pli, self._keyframe_interval)
         track = PublishedTrack(
-            uuid.uuid4().hex, t.kind, p.participant_id, p.user, FORWARDED_CODECS[t.kind], requester
+            uuid.uuid4().hex, t.kind, p.participant_id, p.user, self._codecs[t.kind], requester
         )
         if t.kind == "video":
-            vp8 = Vp8Assembler()
+            vp8 = VideoAssembler(self._video_codec)
 
             def on_video(packet: Any, data: bytes) -> None:
                 if not ssrc:
@@ -482,7 +493,7 @@ class Relay:
         t = p.pc.addTransceiver(fwd, direction="sendonly")
         if self._lean_sender:
             adapter.install_lean_sender(t.sender, fwd)
-        t.setCodecPreferences(codec_preferences(track.kind))
+        t.setCodecPreferences(codec_preferences(track.kind, self._codecs))
         publisher = self._rooms[p.room_id].participants.get(track.publisher)
         adapter.set_stream_id(t.sender, publisher.stream_id if publisher else track.publisher)
         sub = Subscription(track, t, fwd)

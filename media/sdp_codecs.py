@@ -14,8 +14,18 @@ from aiortc import sdp as aiortc_sdp
 
 from im_bridge.errors import BadRequest, Unsupported
 
-# The codec each kind is forwarded with (the frame assemblers in media.frames know these).
+# The codec each kind is forwarded with by default (media.frames assembles these, and
+# H264 for rooms configured with it).
 FORWARDED_CODECS = {"audio": "audio/opus", "video": "video/VP8"}
+VIDEO_CODECS = ("video/VP8", "video/H264")
+
+
+def forwarded_codecs(video: str = "VP8") -> dict[str, str]:
+    """Per-kind MIME types for a relay whose video codec is ``video`` (``VP8`` or ``H264``)."""
+    mime = f"video/{video}"
+    if mime not in VIDEO_CODECS:
+        raise ValueError(f"the relay forwards {', '.join(VIDEO_CODECS)}, not {mime}")
+    return {"audio": "audio/opus", "video": mime}
 
 
 @dataclass(frozen=True, slots=True)
@@ -55,7 +65,9 @@ def parse_sections(sdp_text: str) -> list[MediaSection]:
     return sections
 
 
-def check_codecs(sdp_text: str, *, sending_only: bool) -> list[MediaSection]:
+def check_codecs(
+    sdp_text: str, *, sending_only: bool, codecs: dict[str, str] = FORWARDED_CODECS
+) -> list[MediaSection]:
     """Refuse (:class:`Unsupported`) a description whose media cannot be forwarded.
 
     ``sending_only``: only sections the remote sends on must carry the forwarded codec
@@ -67,7 +79,7 @@ def check_codecs(sdp_text: str, *, sending_only: bool) -> list[MediaSection]:
             continue
         if sending_only and s.direction not in ("sendrecv", "sendonly"):
             continue
-        wanted = FORWARDED_CODECS[s.kind]
+        wanted = codecs[s.kind]
         if wanted.lower() not in (c.lower() for c in s.codecs):
             offered = ", ".join(
                 sorted({c.split("/")[1] for c in s.codecs if not c.lower().endswith("/rtx")})
@@ -81,8 +93,11 @@ def check_codecs(sdp_text: str, *, sending_only: bool) -> list[MediaSection]:
     return sections
 
 
-def codec_preferences(kind: str) -> list[RTCRtpCodecCapability]:
-    """Codec preferences that make aiortc offer only the forwarded codec (plus RTX for video)."""
-    wanted = FORWARDED_CODECS[kind].lower()
+def codec_preferences(
+    kind: str, codecs: dict[str, str] = FORWARDED_CODECS
+) -> list[RTCRtpCodecCapability]:
+    """Codec preferences that make aiortc offer only the forwarded codec (plus RTX for video;
+    for H264 both of aiortc's profiles, constrained baseline and baseline, packetization 1)."""
+    wanted = codecs[kind].lower()
     caps = RTCRtpSender.getCapabilities(kind).codecs
     return [c for c in caps if c.mimeType.lower() in (wanted, "video/rtx")]

@@ -4,11 +4,18 @@ from __future__ import annotations
 
 from typing import Any
 
-from media.frames import AudioAssembler, TimestampUnwrapper, Vp8Assembler, vp8_keyframe_size
-from tests.media.vp8_stream import encode_frames, packetize
+from media.frames import (
+    AudioAssembler,
+    TimestampUnwrapper,
+    VideoAssembler,
+    Vp8Assembler,
+    h264_nal_types,
+    vp8_keyframe_size,
+)
+from tests.media.vp8_stream import encode_frames, encode_h264, packetize, packetize_h264
 
 
-def _feed(assembler: Vp8Assembler, packets: list[Any]) -> tuple[list[Any], int]:
+def _feed(assembler: VideoAssembler, packets: list[Any]) -> tuple[list[Any], int]:
     frames, asks = [], 0
     for p in packets:
         out, want = assembler.add(p, p._data)
@@ -76,3 +83,22 @@ def test_audio_late_packets_are_dropped() -> None:
 def test_timestamps_unwrap_past_32_bits() -> None:
     u = TimestampUnwrapper()
     assert [u.unwrap(t) for t in (4294967000, 200, 3200)] == [0, 496, 3496]
+
+
+def test_h264_access_units_are_rebuilt_and_a_loss_waits_for_the_next_idr() -> None:
+    encoded = encode_h264(10, keyframes=(0, 6))
+    packets = packetize_h264(encoded)
+    assert any(len(payloads) > 1 for payloads, _ in encoded), "some frames span packets"
+    frames, asks = _feed(VideoAssembler("H264"), packets)
+    assert len(frames) == 10 and asks == 0
+    assert [f.keyframe for f in frames] == [n in (0, 6) for n in range(10)]
+    types = h264_nal_types(frames[0].data)
+    assert types[:2] == [7, 8] and 5 in types  # SPS, PPS, (SEI,) IDR
+    # Lose a packet of frame 2: frames 2..5 are dropped, 6 (IDR) onwards come through.
+    starts = [sum(len(p) for p, _ in encoded[:n]) for n in range(10)]
+    lost = starts[2]
+    per_frame = max(len(p) for p, _ in encoded)
+    assembler = VideoAssembler("H264", loss_timeout=60, max_pending=per_frame + 1)
+    frames, asks = _feed(assembler, packets[:lost] + packets[lost + 1 :])
+    assert asks >= 1
+    assert [round(f.timestamp / 3000) for f in frames] == [0, 1, 6, 7, 8, 9]

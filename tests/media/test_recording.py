@@ -15,9 +15,9 @@ from tests.media.peers import HEIGHT, WIDTH, Peer, wait_for
 pytestmark = pytest.mark.netns
 
 
-@pytest.fixture
-async def relay() -> AsyncIterator[Relay]:
-    r = Relay(["127.0.0.1"], [])
+@pytest.fixture(params=["VP8", "H264"])
+async def relay(request: pytest.FixtureRequest) -> AsyncIterator[Relay]:
+    r = Relay(["127.0.0.1"], [], video_codec=request.param)
     try:
         yield r
     finally:
@@ -49,7 +49,8 @@ async def test_a_recorded_room_leaves_a_playable_webm_per_publisher(
         paths = await relay.stop_recording("r")
         assert sorted(paths) == sorted(started)
         for path in paths:
-            assert Path(path).name.startswith(("r-alice-", "r-bob-")) and path.endswith(".webm")
+            assert Path(path).name.startswith(("r-alice-", "r-bob-"))
+            assert path.endswith(".webm" if relay.video_codec == "VP8" else ".mkv")
             video, size, audio = await asyncio.to_thread(_decode, path)
             # ~2.5 s of 30 fps video and 50 audio frames/s, decodable from the first frame.
             assert video >= 40, (path, video)

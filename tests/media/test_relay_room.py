@@ -242,3 +242,31 @@ async def test_subscriber_pli_reaches_the_publisher_coalesced(relay: Relay) -> N
     finally:
         await alice.close()
         await bob.close()
+
+
+async def test_an_h264_relay_forwards_h264_to_every_leg() -> None:
+    relay = Relay(["127.0.0.1"], [], video_codec="H264")
+    peers = [Peer(relay, "h", n) for n in ("alice", "bob", "carol")]
+    try:
+        for p in peers:
+            await p.join()
+        names = [p.name for p in peers]
+        ok = await wait_for(
+            lambda: all(_receives_all(p, [n for n in names if n != p.name], 15) for p in peers), 20
+        )
+        assert ok, {p.name: dict(p.frames) for p in peers}
+        for p in peers:
+            offer = p.of_kind("room.sdp")[-1]["sdp"]["sdp"]
+            assert "H264/90000" in offer and "VP8/90000" not in offer
+            assert all(size == (WIDTH, HEIGHT) for size in p.sizes.values())
+        vp8_only = _replace_codec(peers[0].of_kind("room.sdp")[-1]["sdp"]["sdp"], "H264", "VP8")
+        with pytest.raises(Unsupported):
+            await relay.on_sdp("h", "alice", {"type": "offer", "sdp": vp8_only})
+    finally:
+        for p in peers:
+            await p.close()
+        await relay.close()
+
+
+def _replace_codec(sdp: str, old: str, new: str) -> str:
+    return sdp.replace(f"{old}/90000", f"{new}/90000").replace("a=sendonly", "a=sendrecv")

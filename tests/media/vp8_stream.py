@@ -40,3 +40,41 @@ def packetize(frames: list[tuple[list[bytes], int]], first_seq: int = 65530) -> 
             packets.append(p)
             seq = (seq + 1) % (1 << 16)
     return packets
+
+
+def encode_h264(count: int, keyframes: tuple[int, ...] = (0,)) -> list[tuple[list[bytes], int]]:
+    """``count`` H264 frames (libx264 via aiortc's encoder): (RTP payloads, timestamp) each."""
+    from aiortc.codecs.h264 import H264Encoder
+
+    encoder = H264Encoder()
+    out = []
+    for n in range(count):
+        frame = av.VideoFrame(320, 240, "yuv420p")
+        frame.planes[0].update(bytes((i * 7 + n * 13) % 256 for i in range(320 * 240)))
+        frame.planes[1].update(bytes([128]) * (160 * 120))
+        frame.planes[2].update(bytes([(n * 5) % 256]) * (160 * 120))
+        frame.pts = n * 3000
+        frame.time_base = fractions.Fraction(1, 90000)
+        payloads, ts = encoder.encode(frame, force_keyframe=n in keyframes)
+        out.append((payloads, ts))
+    return out
+
+
+def packetize_h264(
+    frames: list[tuple[list[bytes], int]], first_seq: int = 65500
+) -> list[RtpPacket]:
+    """RTP packets for H264 ``frames``, ``_data`` depayloaded as aiortc does."""
+    from aiortc.codecs.h264 import h264_depayload
+
+    packets = []
+    seq = first_seq
+    for payloads, ts in frames:
+        for i, payload in enumerate(payloads):
+            p = RtpPacket(payload_type=99, sequence_number=seq, timestamp=ts)
+            p.ssrc = 99
+            p.payload = payload
+            p.marker = int(i == len(payloads) - 1)
+            p._data = h264_depayload(payload)  # type: ignore[attr-defined]
+            packets.append(p)
+            seq = (seq + 1) % (1 << 16)
+    return packets
