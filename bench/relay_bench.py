@@ -202,7 +202,9 @@ class Counter:
 
     def tap(self, transceiver: Any) -> None:
         if transceiver.kind == "video":
-            assembler = Vp8Assembler()
+            # Loopback loses nothing (seq_gaps counts it); a long loss timeout keeps a
+            # subscriber process that is descheduled for a while from declaring loss.
+            assembler = Vp8Assembler(loss_timeout=2.0)
             self.assemblers.append(assembler)
             last_seq: list[int] = []
 

@@ -7,6 +7,7 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 import pytest
+from aiortc import RTCSessionDescription
 
 from im_bridge.errors import BadRequest, Conflict, Forbidden, Unsupported
 from media.relay import Relay
@@ -270,3 +271,37 @@ async def test_an_h264_relay_forwards_h264_to_every_leg() -> None:
 
 def _replace_codec(sdp: str, old: str, new: str) -> str:
     return sdp.replace(f"{old}/90000", f"{new}/90000").replace("a=sendonly", "a=sendrecv")
+
+
+async def _client_offer(peer: Peer, video_direction: str) -> None:
+    """The device renegotiates itself (mute/unmute): its own offer, the relay's answer."""
+    for t in peer.pc.getTransceivers():
+        if t.kind == "video" and t.sender.track is not None:
+            t.direction = video_direction
+    offer = await peer.pc.createOffer()
+    await peer.pc.setLocalDescription(offer)
+    answer = await peer.relay.on_sdp(
+        peer.room, peer.name, {"type": "offer", "sdp": peer.pc.localDescription.sdp}
+    )
+    assert answer is not None and answer["type"] == "answer"
+    await peer.pc.setRemoteDescription(RTCSessionDescription(**answer))
+
+
+async def test_mute_and_unmute_by_device_offer_keep_the_call_going(relay: Relay) -> None:
+    alice, bob = await _start(relay, ["alice", "bob"])
+    try:
+        assert await wait_for(lambda: _receives_all(bob, ["alice"]), 15)
+        await asyncio.sleep(0.5)  # let the relay's own negotiation settle
+        await _client_offer(alice, "inactive")  # camera off
+        await asyncio.sleep(0.5)
+        video, audio = bob.frames[("alice", "video")], bob.frames[("alice", "audio")]
+        await asyncio.sleep(1.0)
+        assert bob.frames[("alice", "video")] - video <= 2, "video still flowing while muted"
+        assert bob.frames[("alice", "audio")] - audio > 30, "audio must go on"
+        assert alice.frames[("bob", "video")] > 0
+        await _client_offer(alice, "sendonly")  # camera on again
+        video = bob.frames[("alice", "video")]
+        assert await wait_for(lambda: bob.frames[("alice", "video")] > video + 15, 5)
+    finally:
+        await alice.close()
+        await bob.close()
