@@ -202,3 +202,28 @@ async def test_messages_sent_while_offline_appear_after_the_network_returns(
         await expect(alice.message(f"while you were away {i}")).to_be_visible()
     # Seen on alice's open conversation: bob's ticks turn to read.
     await expect(bob.tick("while you were away 3")).to_have_attribute("data-state", "read")
+
+
+async def test_two_users_in_one_browser_profile_with_profile_urls(
+    server: Server, browser: Browser
+) -> None:
+    context = await browser.new_context()
+    pages = {}
+    for name in ("alice", "bob"):
+        page = await context.new_page()
+        await page.goto(f"{server.url}/?profile={name}")
+        await page.fill("#auth-user", name)
+        await page.fill("#auth-password", "password-123")
+        await page.click("#auth-register")
+        await expect(page.locator("#conn-status")).to_have_text("connected")
+        pages[name] = page
+    # Each profile keeps its own session and device id in the shared localStorage.
+    assert await pages["alice"].evaluate("tb.device") != await pages["bob"].evaluate("tb.device")
+    await pages["alice"].fill("#new-dm-user", "bob")
+    await pages["alice"].click("#new-dm button[type=submit]")
+    await pages["alice"].fill("#composer-input", "same browser, two people")
+    await pages["alice"].press("#composer-input", "Enter")
+    await pages["bob"].locator("#conv-list li", has_text="alice").click()
+    await expect(pages["bob"].locator("#messages")).to_contain_text("same browser, two people")
+    await pages["bob"].reload()
+    await expect(pages["bob"].locator("#me")).to_contain_text("bob")
