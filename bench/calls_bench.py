@@ -2,6 +2,7 @@
 
     scripts/netns-run .venv/bin/python bench/calls_bench.py setup --calls 50
     scripts/netns-run .venv/bin/python bench/calls_bench.py capacity --rates 25,50,100,150
+    scripts/netns-run .venv/bin/python bench/calls_bench.py nodes --rates 50,100
 
 ``setup``: two aiortc peers (audio + 160x120 video) call each other ``--calls`` times
 through talkbridge, trickling every candidate as ``call.ice``. Call setup time is from the
@@ -16,6 +17,10 @@ hangup, i.e. 24 requests and as many relayed events. Printed per rate: call setu
 second completed, hop latency (request sent -> the other side's event) p50/p99/max, and
 the server's CPU use. The server process runs alone on its event loop; this process
 drives all the clients (2-core machine: both compete for the cores).
+
+``nodes``: the capacity run with callers on one node and callees on another, both on one
+Redis (started here) and one store: every callee request is forwarded to the node holding
+the call, so the hops show what the forwarding costs.
 """
 
 from __future__ import annotations
@@ -41,7 +46,12 @@ sys.path.insert(0, str(ROOT))
 from media.host_addresses import restrict_host_addresses  # noqa: E402
 from signaling.client import Client  # noqa: E402
 from tests.calls.rtc_peer import CallPeer  # noqa: E402
-from tests.calls.server import RunningServer, run_talkbridge  # noqa: E402
+from tests.calls.server import (  # noqa: E402
+    RunningServer,
+    free_port,
+    run_redis,
+    run_talkbridge,
+)
 
 OFFER_SDP = ("v=0\r\no=- 1 1 IN IP4 127.0.0.1\r\ns=-\r\nt=0 0\r\n"
              "m=audio 9 UDP/TLS/RTP/SAVPF 111\r\na=mid:0\r\n")
@@ -235,15 +245,18 @@ async def one_call(a: Side, b: Side, hops: list[float], ice: int = 10) -> None:
 
 async def run_load(ws_url: str, token: Callable[[str], str], prefix: str, rate: float,
                    duration: float, pairs: int,
-                   ready: Callable[[], Awaitable[None]] | None = None) -> dict[str, Any]:
+                   ready: Callable[[], Awaitable[None]] | None = None,
+                   ws_url_b: str | None = None) -> dict[str, Any]:
     """Start calls open-loop at ``rate`` for ``duration`` s over ``pairs`` user pairs.
 
-    ``ready`` is awaited once every client is connected, before the first call.
+    ``ready`` is awaited once every client is connected, before the first call. Callees
+    connect to ``ws_url_b`` when given (another node).
     """
     sides: list[tuple[Side, Side]] = []
     for i in range(pairs):
         a = Client(ws_url, token(f"{prefix}a{i}"), "d", reconnect=False, request_timeout=30)
-        b = Client(ws_url, token(f"{prefix}b{i}"), "d", reconnect=False, request_timeout=30)
+        b = Client(ws_url_b or ws_url, token(f"{prefix}b{i}"), "d", reconnect=False,
+                   request_timeout=30)
         await a.connect()
         await b.connect()
         sides.append((Side(a), Side(b)))
@@ -251,6 +264,7 @@ async def run_load(ws_url: str, token: Callable[[str], str], prefix: str, rate: 
         await ready()
     free = list(range(pairs))
     hops: list[float] = []
+    errors: list[str] = []
     done = failed = skipped = 0
     tasks: set[asyncio.Task[None]] = set()
 
@@ -260,6 +274,8 @@ async def run_load(ws_url: str, token: Callable[[str], str], prefix: str, rate: 
             free.append(i)
             if t.cancelled() or t.exception() is not None:
                 failed += 1
+                if len(errors) < 5:
+                    errors.append("cancelled" if t.cancelled() else repr(t.exception()))
             else:
                 done += 1
         return cb
@@ -289,7 +305,7 @@ async def run_load(ws_url: str, token: Callable[[str], str], prefix: str, rate: 
             await caller.close()
             await callee.close()
     return {"done": done, "failed": failed, "skipped": skipped, "elapsed": elapsed,
-            "hops": hops}
+            "hops": hops, "errors": errors}
 
 
 async def worker_main(args: argparse.Namespace) -> None:
@@ -301,41 +317,47 @@ async def worker_main(args: argparse.Namespace) -> None:
         print("ready", flush=True)
         await asyncio.to_thread(sys.stdin.readline)
 
+    b_url = f"ws://127.0.0.1:{args.port_b}/ws" if args.port_b else None
     result = await run_load(srv.ws_url, srv.token, args.prefix, args.rate, args.duration,
-                            args.pairs, ready)
+                            args.pairs, ready, b_url)
     print(json.dumps(result), flush=True)
 
 
 async def bench_capacity(server: RunningServer, rates: list[float], duration: float,
-                         pairs: int, workers: int) -> None:
-    print(f"signaling capacity: {pairs} user pairs in {workers} load process(es), calls of 24 "
-          f"requests (invite, ringing, accept, 10+10 ICE, hangup), open loop, "
+                         pairs: int, workers: int, other: RunningServer | None = None) -> None:
+    where = "" if other is None else \
+        " callers on node 1, callees on node 2 (calls held by node 1, forwarded through Redis),"
+    print(f"signaling capacity:{where} {pairs} user pairs in {workers} load process(es), calls "
+          f"of 24 requests (invite, ringing, accept, 10+10 ICE, hangup), open loop, "
           f"{duration:.0f} s per rate")
+    servers = [server] if other is None else [server, other]
     for round_no, rate in enumerate(rates):
         procs = [await asyncio.create_subprocess_exec(
             sys.executable, __file__, "_worker", "--port", str(server.port),
             "--prefix", f"r{round_no}w{w}-", "--rate", str(rate / workers),
             "--duration", str(duration), "--pairs", str(pairs // workers),
+            *([] if other is None else ["--port-b", str(other.port)]),
             stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE)
             for w in range(workers)]
         for p in procs:  # every client connected before the clock starts
             assert p.stdout is not None
             assert (await p.stdout.readline()).strip() == b"ready"
-        before = await scrape(server)
-        cpu0, t0, stall0 = server_cpu(server.pid), time.perf_counter(), cpu_stall_us()
+        before = [await scrape(srv) for srv in servers]
+        cpu0 = sum(server_cpu(srv.pid) for srv in servers)
+        t0, stall0 = time.perf_counter(), cpu_stall_us()
         for p in procs:
             assert p.stdin is not None
             p.stdin.write(b"go\n")
             await p.stdin.drain()
         outs = [json.loads((await p.communicate())[0]) for p in procs]
         wall = time.perf_counter() - t0
-        cpu = (server_cpu(server.pid) - cpu0) / wall
+        cpu = (sum(server_cpu(srv.pid) for srv in servers) - cpu0) / wall
         stall1 = cpu_stall_us()
         # Share of the time some task waited for a CPU: high means the machine was
         # oversubscribed (other work on it, or this bench) and latencies say little.
         pressure = "" if stall0 is None or stall1 is None else \
             f", CPU pressure {(stall1 - stall0) / 1e6 / wall:.0%}"
-        after = await scrape(server)
+        after = [await scrape(srv) for srv in servers]
         hops = [h for o in outs for h in o["hops"]]
         done = sum(o["done"] for o in outs)
         elapsed = max(o["elapsed"] for o in outs)
@@ -344,11 +366,33 @@ async def bench_capacity(server: RunningServer, rates: list[float], duration: fl
               f"{sum(o['skipped'] for o in outs)} not started: no free pair), "
               f"hops n={len(hops)} p50 {ms(pct(hops, 50))} p99 {ms(pct(hops, 99))} "
               f"max {ms(max(hops) if hops else float('nan'))}, server CPU {cpu:.2f}{pressure}")
-        for line in server_time_report(before, after):
-            print("  " + line)
+        for err in sorted({e for o in outs for e in o["errors"]})[:5]:
+            print(f"    failure: {err}")
+        for i, (b, a) in enumerate(zip(before, after, strict=True)):
+            if other is not None:
+                print(f"    node {i + 1}:")
+            for line in server_time_report(b, a):
+                print("  " + line)
+
+
+async def bench_nodes(args: argparse.Namespace) -> None:
+    """Capacity with the two parties of every call on different nodes sharing Redis."""
+    with tempfile.TemporaryDirectory() as tmp, \
+            run_redis(Path(tmp) / "redis", free_port()) as url:
+        settings = {"redis": url, "store": f"sqlite:///{tmp}/shared.sqlite3",
+                    "log_level": "ERROR", "send_queue": "100000"}
+        with run_talkbridge(Path(tmp) / "n1", node_id="n1", **settings) as n1, \
+                run_talkbridge(Path(tmp) / "n2", node_id="n2", **settings) as n2:
+            print(f"machine: {os.cpu_count()} cores; two talkbridge nodes (pids {n1.pid}, "
+                  f"{n2.pid}), one SQLite file, Redis bus")
+            rates = [float(r) for r in args.rates.split(",")]
+            await bench_capacity(n1, rates, args.duration, args.pairs, args.workers, n2)
 
 
 async def amain(args: argparse.Namespace) -> None:
+    if args.what == "nodes":
+        await bench_nodes(args)
+        return
     with tempfile.TemporaryDirectory() as tmp, \
             run_talkbridge(Path(tmp), log_level="ERROR", send_queue="100000") as server:
         print(f"machine: {os.cpu_count()} cores; talkbridge pid {server.pid}, SQLite store, "
@@ -367,8 +411,8 @@ async def amain(args: argparse.Namespace) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("what", choices=["setup", "capacity", "all", "_worker"], nargs="?",
-                        default="all")
+    parser.add_argument("what", choices=["setup", "capacity", "nodes", "all", "_worker"],
+                        nargs="?", default="all")
     parser.add_argument("--calls", type=int, default=50)
     parser.add_argument("--rates", default="25,50,100,150")
     parser.add_argument("--duration", type=float, default=10.0)
@@ -377,6 +421,7 @@ def main() -> None:
     parser.add_argument("--port", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--prefix", default="", help=argparse.SUPPRESS)
     parser.add_argument("--rate", type=float, help=argparse.SUPPRESS)
+    parser.add_argument("--port-b", type=int, default=0, help=argparse.SUPPRESS)
     args = parser.parse_args()
     asyncio.run(worker_main(args) if args.what == "_worker" else amain(args))
 

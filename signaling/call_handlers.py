@@ -13,6 +13,7 @@ import itertools
 import json
 import logging
 import time
+from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Collection
 from typing import Any
 
@@ -223,7 +224,11 @@ class CallRouter:
 
     def __init__(self, url: str, prefix: str, node_id: str, calls: CallManager,
                  rpc_timeout: float = 5.0) -> None:
-        self.redis: aioredis.Redis = aioredis.Redis.from_url(url)
+        # A bounded pool that makes commands wait for a connection under load (the default
+        # pool raises "too many connections" instead).
+        self.redis: aioredis.Redis = aioredis.Redis(
+            connection_pool=aioredis.BlockingConnectionPool.from_url(
+                url, max_connections=32, timeout=rpc_timeout))
         self.node = node_id
         self.calls = calls
         self.p = f"{prefix}calls:"
@@ -232,7 +237,10 @@ class CallRouter:
         self._waiting: dict[str, asyncio.Future[dict[str, Any]]] = {}
         # (user, device) -> (lock, requests using it); dropped when unused
         self._device_locks: dict[tuple[str, str], tuple[asyncio.Lock, int]] = {}
-        self._forwarded: dict[str, str] = {}  # call ids whose invite we sent to another node
+        # call id -> the other node holding it (it never moves): saves a Redis round trip
+        # per forwarded request. Bounded; oldest first out.
+        self._owners: OrderedDict[str, str] = OrderedDict()
+        self.max_cached_owners = 50_000
         self._ids = itertools.count(1)
         self._tasks: set[asyncio.Task[None]] = set()
         self._listener: asyncio.Task[None] | None = None
@@ -294,7 +302,9 @@ class CallRouter:
                 try:
                     node = await self._node_for(op, call_id, req)
                 except RedisError as exc:
-                    # Without Redis only this node's own calls can be served.
+                    if op != "invite":
+                        raise Internal("calls on other nodes are unreachable now") from exc
+                    # Without Redis an invite is decided here (calls within this node work).
                     log.warning("call routing without Redis: %s", exc)
                     node = None
                 if node is None or node == self.node:
@@ -317,10 +327,6 @@ class CallRouter:
             answer = await asyncio.wait_for(fut, self.rpc_timeout)
         except TimeoutError:
             raise Internal("the node holding this call did not answer") from None
-        finally:
-            if op == "invite":
-                # That node has claimed the id by now: later requests find it in Redis.
-                self._forwarded.pop(call_id, None)
         if answer.get("ok"):
             data: dict[str, Any] = answer.get("data") or {}
             return data
@@ -328,11 +334,12 @@ class CallRouter:
 
     async def _node_for(self, op: str, call_id: str, req: dict[str, Any]) -> str | None:
         """The node to run this request on (None: here)."""
-        if call_id in self._forwarded:
-            return self._forwarded[call_id]
+        cached = self._owners.get(call_id)
+        if cached is not None:
+            return cached
         owner = await self.redis.get(self.p + "own:" + call_id)
         if owner is not None:
-            return _s(owner)
+            return self._remember(call_id, _s(owner))
         if op != "invite":
             return None  # nobody holds it: the local answer is not_found
         callee = (req.get("to") or {}).get("user") if isinstance(req.get("to"), dict) else None
@@ -340,15 +347,21 @@ class CallRouter:
             nodes = {_s(n) for n in await self.redis.hvals(self.p + "user:" + callee)}
             nodes.discard(self.node)
             if nodes:
-                node = sorted(nodes)[0]
-                self._forwarded[call_id] = node
-                return node
+                # Decided where the callee's call is; that node claims the id.
+                return self._remember(call_id, sorted(nodes)[0])
         # Claim the id for this node; a lost race means another node has it.
         if await self.redis.set(self.p + "own:" + call_id, self.node, nx=True,
                                 ex=self.own_ttl):
             return None
         owner = await self.redis.get(self.p + "own:" + call_id)
-        return _s(owner) if owner is not None else None
+        return self._remember(call_id, _s(owner)) if owner is not None else None
+
+    def _remember(self, call_id: str, node: str) -> str:
+        if node != self.node:
+            self._owners[call_id] = node
+            while len(self._owners) > self.max_cached_owners:
+                self._owners.popitem(last=False)
+        return node
 
     async def _send_request(self, node: str, op: str, user: str, device: str,
                             req: dict[str, Any]) -> asyncio.Future[dict[str, Any]]:
@@ -376,7 +389,8 @@ class CallRouter:
         requests about one of its calls are told it failed.
         """
         log.warning("node %s holds calls but does not listen: forgetting them", node)
-        self._forwarded.pop(call_id, None)
+        for cid in [c for c, n in self._owners.items() if n == node]:
+            del self._owners[cid]
         own = self.p + "own:" + call_id
         if _s(await self.redis.get(own) or b"") == node:
             await self.redis.delete(own)
@@ -422,10 +436,13 @@ class CallRouter:
     async def _serve(self, body: dict[str, Any]) -> None:
         user, device = str(body.get("user")), str(body.get("device"))
         if body["k"] == "hook":
-            if body.get("op") == "connected":
-                await self.calls.device_connected(user, device)
-            else:
-                await self.calls.device_disconnected(user, device)
+            try:
+                if body.get("op") == "connected":
+                    await self.calls.device_connected(user, device)
+                else:
+                    await self.calls.device_disconnected(user, device)
+            except Exception:
+                log.exception("device %s of a call's user on another node", body.get("op"))
             return
         answer: dict[str, Any] = {"k": "res", "id": body.get("id")}
         try:
@@ -443,7 +460,12 @@ class CallRouter:
         except Exception:
             log.exception("forwarded call request failed")
             answer.update(ok=False, error=Internal("internal error").to_wire())
-        if not await self._publish(str(body.get("reply")), encode(answer)):
+        try:
+            delivered = await self._publish(str(body.get("reply")), encode(answer))
+        except RedisError as exc:
+            log.warning("answer to a forwarded call request not sent: %s", exc)
+            return
+        if not delivered:
             log.warning("node %s did not take the answer to a forwarded call request",
                         body.get("reply"))
 
@@ -463,8 +485,6 @@ class CallRouter:
                 # Late requests still reach the node that answers them with conflict.
                 pipe.expire(self.p + "own:" + call.call_id, 300)
             await pipe.execute()
-        if call.state == "ended":
-            self._forwarded.pop(call.call_id, None)
 
     async def device_event(self, op: str, user: str, device: str) -> None:
         """Tell the nodes holding ``user``'s calls that one of their devices came or went."""

@@ -6,7 +6,6 @@ Two talkbridge processes, a real redis-server started for the module, one SQLite
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import os
 import signal
 import subprocess
@@ -20,31 +19,10 @@ from typing import Any
 import pytest
 
 from signaling.client import ClientError
-from tests.calls.server import RunningServer, free_port, run_talkbridge
+from tests.calls.server import RunningServer, free_port, run_redis, run_talkbridge
 from tests.calls.wire import ANSWER, AUDIO, OFFER, cand, connect
 
 pytestmark = pytest.mark.redis
-
-
-@contextlib.contextmanager
-def run_redis(workdir: Path, port: int) -> Iterator[str]:
-    """A redis-server on 127.0.0.1:``port`` (stopped by PID); yields the talkbridge URL."""
-    workdir.mkdir(parents=True, exist_ok=True)
-    proc = subprocess.Popen(["redis-server", "--port", str(port), "--bind", "127.0.0.1",
-                             "--save", "", "--appendonly", "no", "--dir", str(workdir)],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
-        deadline = time.monotonic() + 10
-        while subprocess.run(["redis-cli", "-p", str(port), "ping"], capture_output=True,
-                             text=True).stdout.strip() != "PONG":
-            if proc.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError("redis-server did not start")
-            time.sleep(0.05)
-        yield f"redis://127.0.0.1:{port}/0?heartbeat=0.5&node_ttl=3"
-    finally:
-        if proc.poll() is None:
-            os.kill(proc.pid, signal.SIGTERM)
-            proc.wait(timeout=10)
 
 
 @pytest.fixture(scope="module")
