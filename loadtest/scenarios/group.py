@@ -222,10 +222,14 @@ class GroupChat(Scenario):
             if creator is None:
                 return
             names = [self.ctx.users.name(self.client_index(unit, i)) for i in range(1, self.size)]
-            reply = await request(creator.conn, {
-                "type": "group.create", "id": f"create-{unit}", "name": f"load {g.tag}",
-                "members": names, "join_policy": "invite_only",
-            })
+            try:
+                reply = await request(creator.conn, {
+                    "type": "group.create", "id": f"create-{unit}", "name": f"load {g.tag}",
+                    "members": names, "join_policy": "invite_only",
+                })
+            except (TimeoutError, ConnectionError, RuntimeError) as exc:
+                self.rec.error(f"group.create:{type(exc).__name__}")
+                return
             if not reply.get("ok"):
                 self.rec.error(f"group.create:{(reply.get('error') or {}).get('code', 'unknown')}")
                 return
