@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import time
+from collections.abc import Coroutine
 from typing import Any, ClassVar
 
 import aiohttp
@@ -42,6 +43,22 @@ async def request(
         return await asyncio.wait_for(fut, timeout)
     finally:
         conn.handler = inner
+
+
+_background: set[asyncio.Task[None]] = set()
+
+
+def fire(stats: Stats, coro: Coroutine[Any, Any, None]) -> None:
+    """Run a send in the background; a failure is counted as ``send:<exception>``."""
+    task = asyncio.get_running_loop().create_task(coro)
+    _background.add(task)  # keep a reference until it is done
+
+    def done(t: asyncio.Task[None]) -> None:
+        _background.discard(t)
+        if not t.cancelled() and t.exception() is not None:
+            stats.error(f"send:{type(t.exception()).__name__}")
+
+    task.add_done_callback(done)
 
 
 class Context:

@@ -14,7 +14,7 @@ import asyncio
 import time
 from typing import Any
 
-from loadtest.scenarios.base import Context, Scenario, register
+from loadtest.scenarios.base import Context, Scenario, fire, register
 from loadtest.wire import ConnectError, Frame, SioConn, WsConn
 
 OFFER = (
@@ -124,7 +124,7 @@ class Calls(Scenario):
         return kind, run
 
     def _send(self, conn: WsConn | SioConn, frame: Frame) -> None:
-        asyncio.get_running_loop().create_task(conn.send(frame))
+        fire(self.rec, conn.send(frame))
 
     def _send_ice(self, conn: WsConn | SioConn, run: CallRun, side: str) -> None:
         run.ice_sent_at[side] = time.monotonic_ns()

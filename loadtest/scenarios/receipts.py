@@ -12,7 +12,7 @@ import collections
 import time
 from typing import Any
 
-from loadtest.scenarios.base import register
+from loadtest.scenarios.base import fire, register
 from loadtest.scenarios.chat import Chat, Pair
 from loadtest.wire import Frame, WsConn, encode
 
@@ -69,7 +69,7 @@ class Receipts(Chat):
             self.receipt_id += 1
             text = encode({"type": kind, "id": f"r{self.receipt_id}", "conv": conv, "seq": seq})
             if isinstance(conn, WsConn):
-                asyncio.get_running_loop().create_task(conn.send_text(text))
+                fire(self.rec, conn.send_text(text))
             self.rec.counts["receipts_sent"] += 1
 
     def on_receiver_frame(self, pair: Pair, frame: Frame) -> None:
