@@ -356,3 +356,43 @@ def test_group_members_spread_over_two_workers_are_all_counted(
     assert s["checks"]["ok"] is True, s
     assert c["delivered"] == c["expected_deliveries"] == 5 * c["acked"] > 0
     assert c["connected"] == 6
+
+
+@pytest.mark.postgres
+def test_chat_against_talkbridge_on_postgresql_matches_what_it_stored(tmp_path: Path) -> None:
+    import asyncpg
+
+    from tests.support import PG_ADMIN
+
+    name = f"tb_load_{secrets.token_hex(4)}"
+
+    async def admin(sql: str) -> None:
+        conn = await asyncpg.connect(PG_ADMIN)
+        try:
+            await conn.execute(sql)
+        finally:
+            await conn.close()
+
+    asyncio.run(admin(f'CREATE DATABASE "{name}"'))
+    try:
+        srv = servers.start_talkbridge(SECRET, store=f"{PG_ADMIN.rsplit('/', 1)[0]}/{name}")
+        try:
+            report = run(tmp_path, "chat", "--url", srv.url, "--pairs", "3", "--duration", "1",
+                         "--run-id", "pg1")
+            s = chat_of(report)
+            assert_all_accounted(s)
+
+            async def stored() -> int:
+                total = 0
+                for pair in range(3):
+                    a, b = f"ltpg1-{2 * pair}", f"ltpg1-{2 * pair + 1}"
+                    async with Probe(srv.url, a) as probe:
+                        msgs = await probe.history(f"dm:{min(a, b)}:{max(a, b)}")
+                        total += sum(1 for m in msgs if m["kind"] == "text")
+                return total
+
+            assert asyncio.run(stored()) == s["counts"]["acked"]
+        finally:
+            srv.stop()
+    finally:
+        asyncio.run(admin(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
