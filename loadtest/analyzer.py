@@ -157,6 +157,12 @@ def analyze(records: list[dict[str, Any]]) -> dict[str, Any]:
                 _add(h, enc)
         cls = registry.get(name)
         checks = cls.checks(dict(counts), dict(errors)) if cls else {}
+        if "storm" in hists and hists["storm"].get_max_value():
+            # connect: connections per second while the storm lasted (slowest worker).
+            checks["storm_s"] = round(hists["storm"].get_max_value() / 1e6, 3)
+            checks["storm_connects_per_s"] = round(
+                counts.get("connected", 0) / (hists["storm"].get_max_value() / 1e6), 1
+            )
         counter, lat = info["headline"]
         scen[name] = {
             "clients": info["clients"],

@@ -282,6 +282,12 @@ def summary_text(report: dict[str, Any]) -> str:
                 f"{report['label']}/{kind} {name}: throughput x{r['throughput_ratio']}, "
                 f"latency p99 x{r['latency_ratio'].get('p99')}"
             )
+    for name, s in report["scenarios"].items():
+        if "storm_connects_per_s" in s["checks"]:
+            lines.append(
+                f"{name}: {s['counts'].get('connected', 0)} connections opened in "
+                f"{s['checks']['storm_s']} s ({s['checks']['storm_connects_per_s']:,.0f}/s)"
+            )
     srv = report.get("server")
     if srv and srv.get("rss_per_connection_kb") is not None and srv["peak_connections"] >= 500:
         lines.append(
