@@ -266,13 +266,16 @@ class Chat(Scenario):
                 p.sweep(now, self.timeout_ns)
 
     async def _drive(self, pair: Pair, start: float, stop_at: float) -> None:
-        loop = asyncio.get_running_loop()
         delay = self.ramp_delay(pair.unit)
         if delay:
             await asyncio.sleep(delay)
         try:
             if self.rate > 0:
-                await self._open_loop(pair, loop.time(), stop_at)
+                # The schedule is fixed from the run start (a sender that starts late
+                # catches up), and senders are phase-shifted so they do not send in bursts.
+                phase = (pair.unit % max(1, self.total_units)) / max(1, self.total_units)
+                interval = max(1, self.total_units) / self.rate
+                await self._open_loop(pair, start + delay + phase * interval, stop_at)
             else:
                 await self._closed_loop(pair, stop_at)
         except (ConnectionError, RuntimeError) as exc:
@@ -292,7 +295,8 @@ class Chat(Scenario):
         loop = asyncio.get_running_loop()
         senders = max(1, self.total_units)
         interval = senders / self.rate
-        origin_ns = time.monotonic_ns()
+        # loop.time() is time.monotonic(): the intended send instants in the same clock.
+        origin_ns = int(start * _NS)
         n = 0
         while True:
             due = start + n * interval

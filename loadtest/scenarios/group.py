@@ -269,14 +269,16 @@ class GroupChat(Scenario):
         n_senders = max(1, self.total_units * self.senders)
         try:
             await asyncio.gather(*(
-                self._drive(g, g.members[i], stop_at, n_senders)
+                self._drive(g, g.members[i], loop.time(), stop_at, n_senders)
                 for g in self.groups if g.group_id
                 for i in range(self.senders) if i in g.members
             ))
         finally:
             sweeper.cancel()
 
-    async def _drive(self, g: Group, m: Member, stop_at: float, n_senders: int) -> None:
+    async def _drive(
+        self, g: Group, m: Member, run_start: float, stop_at: float, n_senders: int
+    ) -> None:
         loop = asyncio.get_running_loop()
         delay = self.ramp_delay(g.unit)
         if delay:
@@ -284,7 +286,9 @@ class GroupChat(Scenario):
         try:
             if self.rate > 0:
                 interval = n_senders / self.rate
-                start, origin, n = loop.time(), time.monotonic_ns(), 0
+                # Fixed schedule from the run start (loop.time() is time.monotonic()).
+                start = run_start + delay + (m.index / max(1, self.senders)) * interval
+                origin, n = int(start * _NS), 0
                 while start + n * interval < stop_at and not m.conn.closed:
                     wait = start + n * interval - loop.time()
                     if wait > 0:

@@ -139,7 +139,8 @@ def test_open_loop_sends_at_the_target_rate(tmp_path: Path, bare: servers.Server
                  "--duration", "2")
     s = chat_of(report)
     assert_all_accounted(s)
-    assert 720 <= s["counts"]["sent"] <= 840, s["counts"]
+    # A fixed schedule from the run start: 4 senders x 100/s x 2 s, whatever the lag.
+    assert 780 <= s["counts"]["sent"] <= 800, s["counts"]
 
 
 def test_baseline_ratios_are_reported(tmp_path: Path, bare: servers.Server) -> None:
