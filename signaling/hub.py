@@ -41,6 +41,11 @@ class Hub:
     def online_devices(self, user: str) -> list[str]:
         return list(self._by_user.get(user, {}))
 
+    def not_here(self, users: Iterable[str]) -> list[str]:
+        """The users with no device on this node (one dict probe each: fan-out asks per message)."""
+        by_user = self._by_user
+        return [u for u in users if u not in by_user]
+
     async def register(self, session: Session) -> None:
         """Add a session; an older session of the same device is replaced and closed."""
         devices = self._by_user.setdefault(session.user, {})
