@@ -43,11 +43,10 @@ async def deliver_message(
     mentioned_all = bool(msg.mentions and "@all" in msg.mentions)
     # Members with a device on this node are online: a cheap local look-up spares the
     # presence port (one await per member per message) for all but the rest.
-    local = state.hub.online_devices
     offline = []
-    for user in members:
-        if user == msg.sender or local(user):
-            continue  # never push to the sender's own devices, nor to online members
+    for user in state.hub.not_here(members):
+        if user == msg.sender:
+            continue  # never push to the sender's own devices
         if await state.bus.online_devices(user):
             continue
         offline.append(user)
