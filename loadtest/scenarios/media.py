@@ -1,0 +1,139 @@
+"""``media``: aiortc participants publishing stamped audio+video into group calls.
+
+Each unit is a group of ``--media-size`` members; the first creates the group, every member
+joins its room (``room.join``) and answers the relay's offers as PROTOCOL.md says (the
+relay's ``recvonly`` sections are where a device publishes). Every video frame carries its
+send time and number (loadtest/stamp.py), so subscribers measure end-to-end frame delay and
+count missing frames per received stream. Checks: every publisher's video reached every
+other member.
+
+Run it inside a loopback-only network namespace (scripts/netns-run) or with the relay's
+candidates on 127.0.0.1 (``TALKBRIDGE_RELAY_ADDRESSES=127.0.0.1``): participants gather host
+candidates on 127.0.0.1 only and never use a STUN server.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import time
+from typing import Any
+
+from loadtest.scenarios.base import Context, Scenario, register, request
+from loadtest.wire import ConnectError
+
+
+@register
+class MediaCalls(Scenario):
+    """Group calls through the relay with synthetic, stamped media."""
+
+    name = "media"
+    help = "aiortc participants publishing stamped audio+video into group calls (relay)"
+    headline = ("video_frames_received", "frame_delay")
+
+    def __init__(self, ctx: Context, units: list[int], first_client: int, total_units: int) -> None:
+        super().__init__(ctx, units, first_client, total_units)
+        self.size = int(self.opts.media_size)
+        self.publishers = min(self.size, int(self.opts.media_publishers) or self.size)
+        self.fps = float(self.opts.media_fps)
+        self.rooms: list[list[Any]] = []
+        self.peer_cls: Any = None
+
+    @classmethod
+    def add_arguments(cls, parser: argparse.ArgumentParser) -> None:
+        """Room size, publishers, frame rate."""
+        parser.add_argument("--media-size", type=int, default=3, help="media: members per call")
+        parser.add_argument("--media-publishers", type=int, default=0,
+                            help="media: members that publish (default all)")
+        parser.add_argument("--media-fps", type=float, default=15.0,
+                            help="media: video frames per second per publisher")
+
+    @classmethod
+    def per_unit(cls, opts: argparse.Namespace) -> int:
+        """A unit is one call's members."""
+        return int(opts.media_size)
+
+    @classmethod
+    def checks(cls, counts: dict[str, int], errors: dict[str, int]) -> dict[str, Any]:
+        """Every publisher's video reached every other member; how much went missing."""
+        expected = counts.get("expected_video_streams", 0)
+        receiving = counts.get("video_streams_receiving", 0)
+        got = counts.get("video_frames_received", 0)
+        missing = counts.get("video_frames_missing", 0)
+        return {
+            "expected_video_streams": expected,
+            "video_streams_receiving": receiving,
+            "video_frames_received": got,
+            "video_frames_missing": missing,
+            "video_loss": round(missing / (got + missing), 4) if got + missing else None,
+            "ok": expected > 0 and receiving >= expected and not errors,
+        }
+
+    async def setup(self) -> None:
+        """Connect the members, create each call's group, join the rooms."""
+        # aiortc only when media runs. Loopback host candidates only: aioice skips loopback
+        # unless told otherwise, and no STUN server is ever configured.
+        from loadtest.media_peer import Participant
+        from media.host_addresses import restrict_host_addresses
+
+        restrict_host_addresses(["127.0.0.1"])
+        for unit in self.units:
+            members: list[Participant] = []
+            try:
+                for i in range(self.size):
+                    conn = await self.connect(self.client_index(unit, i))
+                    p = Participant(self.rec, i, conn, i < self.publishers, self.fps)
+                    conn.start()
+                    p.tasks.append(asyncio.get_running_loop().create_task(p.run_inbox()))
+                    members.append(p)
+            except ConnectError:
+                for p in members:
+                    await p.close()
+                continue
+            creator = members[0]
+            reply = await request(creator.conn, {
+                "type": "group.create", "id": f"create|{unit}",
+                "name": f"media {self.ctx.users.run}.{unit}",
+                "members": [p.conn.user for p in members[1:]], "join_policy": "invite_only",
+            })
+            if not reply.get("ok"):
+                self.rec.error(f"group.create:{(reply.get('error') or {}).get('code')}")
+                continue
+            group = (reply.get("data") or {}).get("group")
+            for p in members:
+                publish = p.video is not None
+                joined = await request(p.conn, {
+                    "type": "room.join", "id": f"room.join|{unit}.{p.index}", "group": group,
+                    "media": {"audio": publish, "video": publish},
+                })
+                if not joined.get("ok"):
+                    self.rec.error(f"room.join:{(joined.get('error') or {}).get('code')}")
+                    continue
+                p.room = str((joined.get("data") or {}).get("room", ""))
+            self.rec.counts["expected_video_streams"] += self.publishers * (self.size - 1)
+            self.rooms.append(members)
+
+    async def run(self, stop_at: float) -> None:
+        """Media flows by itself; count what was sent when the run ends."""
+        loop = asyncio.get_running_loop()
+        await asyncio.sleep(max(0.0, stop_at - loop.time()))
+        for members in self.rooms:
+            for p in members:
+                if p.video is not None:
+                    self.rec.counts["video_frames_sent"] += p.video.sent
+
+    async def drain(self, deadline: float) -> None:
+        """Leave the rooms and close the peers."""
+        t = time.monotonic()
+        for members in self.rooms:
+            for p in members:
+                if p.room:
+                    await p.conn.send({"type": "room.leave", "id": f"room.leave|{p.index}",
+                                       "room": p.room})
+                await p.close()
+        self.rec.latency("leave", (time.monotonic() - t) * 1e6)
+
+    def finish(self) -> dict[str, Any]:
+        """Calls and their size."""
+        return {"calls": len(self.rooms), "members_per_call": self.size,
+                "publishers_per_call": self.publishers}
