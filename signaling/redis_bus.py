@@ -297,9 +297,14 @@ class RedisBus(Bus):
         self._closed = False
         self._outbox: deque[_Outgoing] = deque()
         self._wake = asyncio.Event()
+        # Lookups and presence updates: concurrent calls share one pipeline per round trip,
+        # so a connect storm or a burst of sends needs a couple of connections, not hundreds.
+        self._calls: deque[tuple[_Outgoing, asyncio.Future[Any]]] = deque()
+        self._calls_wake = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
         self._had_connection = False
         self._connected_long_enough = False
+        self._serving = False
         hub.on_connect.append(self._on_connect)
         hub.on_disconnect.append(self._on_disconnect)
 
@@ -311,6 +316,7 @@ class RedisBus(Bus):
         self._tasks = [
             loop.create_task(self._supervise(), name="redis-bus-supervisor"),
             loop.create_task(self._flusher(), name="redis-bus-flusher"),
+            loop.create_task(self._caller(), name="redis-bus-caller"),
         ]
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(self._ready.wait(), 5.0)
@@ -385,10 +391,11 @@ class RedisBus(Bus):
             except asyncio.CancelledError:
                 raise
             except (RedisError, OSError, TimeoutError) as exc:
-                if self._ready.is_set():
-                    log.warning("lost Redis (%s): not ready; reconnecting", exc)
+                if self._serving:
+                    log.warning("lost Redis (%r): not ready; reconnecting", exc)
                 else:
-                    log.info("Redis unreachable (%s); retrying in %.1fs", exc, delay)
+                    log.info("Redis unreachable (%r); retrying in %.1fs", exc, delay)
+            self._serving = False
             self._ready.clear()
             await self._drop_client()
             if self._closed:
@@ -426,6 +433,7 @@ class RedisBus(Bus):
             await self._beat(refresh=True)
             self._failed.clear()
             self._ready.set()
+            self._serving = True
             if self._had_connection:
                 log.warning("Redis is back: node %s resumes", self.node_id)
                 self._resync_sessions("bus reconnected")
@@ -557,30 +565,68 @@ class RedisBus(Bus):
                     elif isinstance(x, Exception):
                         log.error("bus publish script failed: %s", x)  # a bug, not an outage
 
+    async def _call(self, script: str, keys: list[str], args: list[Any]) -> Any:
+        """Run one script in the next shared pipeline and return its result."""
+        fut: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        self._calls.append((_Outgoing(script, keys, args), fut))
+        self._calls_wake.set()
+        return await fut
+
+    async def _caller(self) -> None:
+        calls = self._calls
+        while True:
+            await self._calls_wake.wait()
+            self._calls_wake.clear()
+            while calls:
+                n = min(len(calls), self.settings.batch)
+                batch = [calls.popleft() for _ in range(n)]
+                r = self._redis
+                if not self._ready.is_set() or r is None:
+                    for _, fut in batch:
+                        if not fut.done():
+                            fut.set_exception(RedisError("not connected to Redis"))
+                    continue
+                pipe = r.pipeline(transaction=False)
+                for item, _ in batch:
+                    await self._scripts[item.script](keys=item.keys, args=item.args, client=pipe)
+                try:
+                    results = await pipe.execute(raise_on_error=False)
+                except (RedisError, OSError, TimeoutError) as exc:
+                    self._failed.set()
+                    for _, fut in batch:
+                        if not fut.done():
+                            fut.set_exception(exc)
+                    continue
+                for (_, fut), res in zip(batch, results, strict=True):
+                    if fut.done():
+                        continue
+                    if isinstance(res, Exception):
+                        fut.set_exception(res)
+                    else:
+                        fut.set_result(res)
+
     # ------------------------------------------------------------ presence hooks
 
     async def _on_connect(self, session: Session) -> None:
         if not self._ready.is_set() or self._redis is None:
             return  # registered by the resync after Redis comes back
         p = self.settings.prefix
-        await self._script("register")(
-            keys=[self._k_nodes, f"{p}p:{session.user}", self._k_nu],
-            args=[
-                session.device, self.node_id, session.session_id, self.settings.key_ttl_s, p,
-                session.user,
-            ],
+        await self._call(
+            "register",
+            [self._k_nodes, f"{p}p:{session.user}", self._k_nu],
+            [session.device, self.node_id, session.session_id, self.settings.key_ttl_s, p,
+             session.user],
         )
 
     async def _on_disconnect(self, session: Session) -> None:
         if not self._ready.is_set() or self._redis is None:
             return  # the reap after reconnecting removes it
         p = self.settings.prefix
-        await self._script("unregister")(
-            keys=[f"{p}p:{session.user}", self._k_nu],
-            args=[
-                session.device, f"{self.node_id} {session.session_id}",
-                f"{session.user} {session.device}",
-            ],
+        await self._call(
+            "unregister",
+            [f"{p}p:{session.user}", self._k_nu],
+            [session.device, f"{self.node_id} {session.session_id}",
+             f"{session.user} {session.device}"],
         )
 
     # ------------------------------------------------------------ the Bus port
@@ -621,11 +667,12 @@ class RedisBus(Bus):
         if not self._ready.is_set() or r is None:
             return self._local_devices(users)
         try:
-            flat = await self._script("online")(
-                keys=[self._k_nodes], args=[self._ttl_ms, self.settings.prefix, *users]
+            flat = await self._call(
+                "online", [self._k_nodes], [self._ttl_ms, self.settings.prefix, *users]
             )
-        except (RedisError, OSError, TimeoutError):
-            self._failed.set()
+        except (RedisError, OSError, TimeoutError) as exc:
+            # An outage: the caller already set _failed; answer from this node meanwhile.
+            log.debug("presence lookup failed (%r)", exc)
             return self._local_devices(users)
         out = [_str(x) for x in flat]
         return [(out[i], out[i + 1], out[i + 2]) for i in range(0, len(out), 3)]
