@@ -409,7 +409,7 @@ async def reconnect_row(workdir: Path, store: str, redis: Proc,
 
 
 async def main(args: argparse.Namespace) -> dict[str, Any]:
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    _soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
     only = set(args.only.split(",")) if args.only else {"saturation", "hop", "reconnect"}
     workdir = Path(tempfile.mkdtemp(prefix="tb-scaleout-"))
