@@ -67,7 +67,7 @@ async def test_a_call_between_two_nodes_goes_through_end_to_end(nodes):
         assert (await b_in.wait("call.ice"))["candidate"] == cand(1)
         for n in range(2, 6):  # order is kept across the hop between nodes
             await bob.request("call.ice", call_id=cid, candidate=cand(n))
-        await asyncio.sleep(0.3)
+        await a_in.wait("call.ice", lambda e: e["candidate"] == cand(5))
         assert [e["candidate"] for e in a_in.of("call.ice")] == [cand(n) for n in range(2, 6)]
         reply = await bob.request("call.hangup", call_id=cid)
         assert reply["reason"] == "hangup"
