@@ -56,11 +56,17 @@ def _policy(value: Any) -> str:
     return str(value)
 
 
-def _users(value: Any, field: str = "users", *, allow_empty: bool = False) -> list[str]:
+def _users(
+    value: Any,
+    field: str = "users",
+    *,
+    allow_empty: bool = False,
+    max_items: int = MAX_USERS_PER_CALL,
+) -> list[str]:
     if not isinstance(value, list) or (not value and not allow_empty):
         raise BadRequest(f"'{field}' must be a non-empty list of user ids", field=field)
-    if len(value) > MAX_USERS_PER_CALL:
-        raise BadRequest(f"'{field}' has more than {MAX_USERS_PER_CALL} users", field=field)
+    if len(value) > max_items:
+        raise BadRequest(f"'{field}' has more than {max_items} users", field=field)
     return list(dict.fromkeys(check_user_id(u, field) for u in value))
 
 
@@ -176,7 +182,12 @@ class GroupService:
         """Create a group owned by ``owner`` with initial ``members``."""
         gid = new_id("") if group is None else check_group_id(group)
         nm = _text(name, "name", MAX_NAME, required=True)
-        users = [] if members is None else _users(members, "members", allow_empty=True)
+        # A group may start at full size: the member limit (a conflict) bounds the list.
+        users = (
+            []
+            if members is None
+            else _users(members, "members", allow_empty=True, max_items=max(self.member_limit, 1))
+        )
         policy = _policy(join_policy)
         ann = _text(announcement, "announcement", MAX_ANNOUNCEMENT, required=False)
         av = _text(avatar, "avatar", MAX_AVATAR, required=False)

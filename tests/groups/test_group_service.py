@@ -112,3 +112,9 @@ async def test_role_of_answers_for_current_members_of_active_groups_only(store: 
     assert await svc.role_of("g4", "owner") is None
     assert await svc.role_of("nosuch", "owner") is None
     assert GroupService.group_of("g:g4") == "g4" and GroupService.conv_of("g4") == "g:g4"
+
+
+async def test_a_group_may_start_with_more_members_than_one_invite_carries(store: Store):
+    svc = GroupService(store, member_limit=700)
+    made = await svc.create("owner", "Big", [f"u{i:03d}" for i in range(600)], "open")
+    assert len(await svc.members(made.group.conv)) == 601
