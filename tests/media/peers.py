@@ -59,7 +59,8 @@ class MovingPicture(MediaStreamTrack):
 
 
 class Tone(MediaStreamTrack):
-    """A 440 Hz tone in 20 ms frames (loud enough to count as speaking)."""
+    """A 440 Hz tone in 20 ms frames (the default is loud enough to count as speaking;
+    ``amplitude=0`` is silence)."""
 
     kind = "audio"
 
@@ -96,6 +97,7 @@ class Peer:
         *,
         publish: bool = True,
         answer: bool = True,
+        loudness: int = 8000,
     ) -> None:
         self.relay = relay
         self.room = room
@@ -116,7 +118,7 @@ class Peer:
         self._inbox: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
         self._tasks: list[asyncio.Task[None]] = []
         self._video = MovingPicture() if publish else None
-        self._audio = Tone() if publish else None
+        self._audio = Tone(loudness) if publish else None
         self.connected_at: float | None = None
         self.pc.on("track", self._on_track)
 

@@ -172,12 +172,16 @@ def _replace_video_codecs(sdp: str) -> str:
 
 
 async def test_speaker_event_names_the_one_who_talks(relay: Relay) -> None:
-    peers = await _start(relay, ["alice", "bob"])
+    talker = Peer(relay, "r1", "alice")
+    quiet = [Peer(relay, "r1", n, loudness=0) for n in ("bob", "carol")]
     try:
-        assert await wait_for(lambda: bool(peers[1].of_kind("room.speaker")), 10)
-        assert peers[1].of_kind("room.speaker")[0]["user"] in ("alice", "bob")
+        for p in [*quiet, talker]:
+            await p.join()
+        assert await wait_for(lambda: all(p.of_kind("room.speaker") for p in [*quiet, talker]), 10)
+        for p in [*quiet, talker]:
+            assert [e["user"] for e in p.of_kind("room.speaker")] == ["alice"]
     finally:
-        for p in peers:
+        for p in [talker, *quiet]:
             await p.close()
 
 
