@@ -16,7 +16,6 @@ import contextlib
 import json
 import os
 import secrets
-import shutil
 import signal
 import subprocess
 import sys
@@ -313,59 +312,71 @@ def summary_text(report: dict[str, Any]) -> str:
 
 
 def profile_command(opts: argparse.Namespace) -> dict[str, Any]:
-    """Start talkbridge under py-spy or pyinstrument, run the load, save the flame graph."""
+    """Run the load against a server this command starts, under a sampling profiler.
+
+    py-spy attaches to the running server once it is ready (start-up imports stay out of the
+    picture) and samples until the load is over; pyinstrument has to start the server itself.
+    """
     opts.start = opts.start or "talkbridge"
-    out_dir = _out_dir(opts, f"profile-{opts.start}")
+    out_dir = os.path.abspath(_out_dir(opts, f"profile-{opts.start}"))
     opts.out = out_dir
-    out_dir = os.path.abspath(out_dir)
+    secret = opts.secret or _secret(opts)
+    wrap: list[str] | None = None
+    spy: subprocess.Popen[bytes] | None = None
+    raw = os.path.join(out_dir, "stacks.txt")
     if opts.profiler == "py-spy":
         exe = servers.which("py-spy")
         if exe is None:
             raise SystemExit("py-spy is not installed: pip install py-spy==0.4.3")
         path = os.path.join(out_dir, "flame.svg")
-        # Collapsed stacks: we draw the flame graph and rank the hot functions from them.
-        raw = os.path.join(out_dir, "stacks.txt")
-        wrap = [
-            exe,
-            "record",
-            "--format",
-            "raw",
-            "--rate",
-            str(opts.profile_rate),
-            "--output",
-            raw,
-            "--subprocesses",
-            "--",
-        ]
     else:
-        if shutil.which("pyinstrument") is None and servers.which("pyinstrument") is None:
+        exe = servers.which("pyinstrument")
+        if exe is None:
             raise SystemExit("pyinstrument is not installed: pip install pyinstrument==5.1.3")
         path = os.path.join(out_dir, "profile.html")
-        wrap = [servers.which("pyinstrument") or "pyinstrument", "-r", "html", "-o", path]
+        wrap = [exe, "-r", "html", "-o", path]
     if opts.start == "talkbridge":
-        srv = servers.start_talkbridge(opts.secret or _secret(opts), store=opts.store, wrap=wrap)
-    else:
+        srv = servers.start_talkbridge(secret, store=opts.store, wrap=wrap)
+    elif wrap:
         srv = _wrapped_baseline(opts, wrap)
+    else:
+        srv = servers.start_baseline(opts.start, secret)
+    pid = procstat.listening_pid(srv.port) or srv.pid
     try:
+        if exe is not None and wrap is None:
+            # Collapsed stacks: we draw the flame graph and rank the hot functions from them.
+            spy = subprocess.Popen(
+                [exe, "record", "--pid", str(pid), "--format", "raw", "--rate",
+                 str(opts.profile_rate), "--output", raw, "--subprocesses"],
+                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+            )
         inner = argparse.Namespace(**vars(opts))
         inner.start = None
         inner.url = srv.url
         inner.transport = srv.transport
-        inner.server_pid = procstat.listening_pid(srv.port)
+        inner.server_pid = pid
         inner.baseline = None
         inner.label = f"{opts.start} (under {opts.profiler})"
         report = run_command(inner)
     finally:
-        # SIGINT lets the profiler write its output before the server goes.
-        if srv.proc.poll() is None:
+        if spy is not None:
+            # SIGINT: py-spy stops sampling and writes what it has.
+            spy.send_signal(signal.SIGINT)
+            try:
+                spy.wait(60)
+            except subprocess.TimeoutExpired:
+                spy.kill()
+                spy.wait()
+        if wrap is not None and srv.proc.poll() is None:
+            # SIGINT lets pyinstrument write its report before the server goes.
             srv.proc.send_signal(signal.SIGINT)
             try:
                 srv.proc.wait(60)
             except subprocess.TimeoutExpired:
-                srv.stop()
+                pass
         srv.stop()
     report["profile"] = {"profiler": opts.profiler, "path": path}
-    if opts.profiler == "py-spy" and os.path.exists(raw):
+    if spy is not None and os.path.exists(raw):
         with open(raw) as f:
             stacks = flame.parse_collapsed(f.read())
         with open(path, "w") as f:
@@ -432,7 +443,8 @@ def main(argv: list[str] | None = None) -> int:
             print(f"profile: {report['profile']['path']}")
             hot = report["profile"].get("hot")
             if hot:
-                print(f"hottest functions (self time, of {hot['samples']} samples):")
+                print(f"hottest functions (self time, of {hot['working_samples']} working samples;"
+                      f" {hot['waiting_share'] * 100:.0f}% of all samples were waits):")
                 for h in hot["self"][:10]:
                     print(f"  {h['share'] * 100:5.1f}%  {h['function']}")
     return 0 if report["ok"] else 1

@@ -31,14 +31,28 @@ def function_of(frame: str) -> str:
     return _LINENO.sub(")", frame)
 
 
+# Leaves where a thread sits waiting rather than working (py-spy samples them as active):
+# the event loop's poll, an idle executor thread, lock and event waits.
+WAITING = (
+    "EpollSelector.select (selectors.py)",
+    "_worker (concurrent/futures/thread.py)",
+    "Condition.wait (threading.py)",
+    "Event.wait (threading.py)",
+    "Thread.join (threading.py)",
+)
+
+
 def hot_functions(stacks: Counter[tuple[str, ...]], n: int = 25) -> dict[str, Any]:
-    """Top functions by self samples and by inclusive samples, with their shares."""
-    total = sum(stacks.values()) or 1
+    """Top functions by self and by inclusive samples, waiting samples left out.
+
+    Shares are of the working samples; ``waiting_share`` is the part left out.
+    """
+    everything = sum(stacks.values()) or 1
+    working = {s: c for s, c in stacks.items() if s and function_of(s[-1]) not in WAITING}
+    total = sum(working.values()) or 1
     self_c: Counter[str] = Counter()
     incl: Counter[str] = Counter()
-    for stack, count in stacks.items():
-        if not stack:
-            continue
+    for stack, count in working.items():
         self_c[function_of(stack[-1])] += count
         for fn in {function_of(f) for f in stack}:
             incl[fn] += count
@@ -49,7 +63,13 @@ def hot_functions(stacks: Counter[tuple[str, ...]], n: int = 25) -> dict[str, An
             for fn, k in c.most_common(n)
         ]
 
-    return {"samples": total, "self": top(self_c), "inclusive": top(incl)}
+    return {
+        "samples": everything,
+        "working_samples": sum(working.values()),
+        "waiting_share": round(1 - sum(working.values()) / everything, 4),
+        "self": top(self_c),
+        "inclusive": top(incl),
+    }
 
 
 def render_svg(stacks: Counter[tuple[str, ...]], title: str, width: int = 1200) -> str:

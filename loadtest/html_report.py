@@ -254,7 +254,10 @@ def render(report: dict[str, Any]) -> str:
         )
     hot = (report.get("profile") or {}).get("hot")
     if hot:
-        parts.append(f"<h2>Where the server's CPU went ({hot['samples']} samples)</h2>")
+        parts.append(
+            f"<h2>Where the server's CPU went ({hot.get('working_samples', hot['samples'])} "
+            f"working samples; waits left out: {hot.get('waiting_share', 0) * 100:.0f}%)</h2>"
+        )
         parts.append(
             _table([[h["function"], h["samples"], f"{h['share'] * 100:.1f}%"] for h in hot["self"]],
                    ["function (self time)", "samples", "share"])

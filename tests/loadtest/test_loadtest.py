@@ -308,8 +308,9 @@ def test_profile_saves_a_flame_graph_of_the_server(tmp_path: Path) -> None:
     assert "<svg" in flame.read_text()[:2000]
     hot = report["profile"]["hot"]
     assert hot["samples"] > 0 and hot["self"] and hot["inclusive"]
-    # The server's own entry point holds (almost) every sample inclusively.
-    assert any("signaling/cli.py" in h["function"] for h in hot["inclusive"][:5])
+    # The server's own code is among what ran (sampled after start-up, so no import noise).
+    assert any("signaling/" in h["function"] for h in hot["inclusive"])
+    assert not any("importlib" in h["function"] for h in hot["inclusive"])
 
 
 def test_lost_and_duplicated_deliveries_are_caught(tmp_path: Path) -> None:
