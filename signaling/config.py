@@ -66,7 +66,8 @@ class Config:
     turn_ttl: int = 86400
     # Media relay
     relay_addresses: list[str] = field(default_factory=list)
-    relay_workers: int = 0  # 0 = one per core
+    relay_workers: int = 0  # relay worker processes; 0 = one per core
+    relay_in_process: bool = False  # run the relay in the signaling process (tests, tiny demos)
     # Push
     push_webhook: str = ""
     push_retries: int = 5

@@ -1,0 +1,60 @@
+"""Handlers of the group-call frames: room.join, room.sdp, room.ice, room.leave."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from im_bridge.errors import BadRequest
+from im_bridge.ids import check_group_id
+from signaling.codec import req_obj
+from signaling.dispatch import RequestContext, handler
+from signaling.rooms import RoomManager
+from signaling.state import AppState
+
+
+def _rooms(ctx: RequestContext) -> RoomManager:
+    rooms: RoomManager = ctx.state.rooms
+    return rooms
+
+
+@handler("room.join")
+async def room_join(ctx: RequestContext, req: dict[str, Any]) -> dict[str, Any]:
+    group = check_group_id(req.get("group"))
+    media = req_obj(req, "media")
+    audio, video = media.get("audio", False), media.get("video", False)
+    if not isinstance(audio, bool) or not isinstance(video, bool):
+        raise BadRequest("'media.audio' and 'media.video' must be true or false", field="media")
+    return await _rooms(ctx).join(ctx.session, group, audio, video)
+
+
+@handler("room.sdp")
+async def room_sdp(ctx: RequestContext, req: dict[str, Any]) -> dict[str, Any]:
+    return await _rooms(ctx).sdp(ctx.session, req.get("room"), req_obj(req, "sdp"))
+
+
+@handler("room.ice")
+async def room_ice(ctx: RequestContext, req: dict[str, Any]) -> dict[str, Any]:
+    candidate = req.get("candidate")
+    if candidate is not None and not isinstance(candidate, dict):
+        raise BadRequest("'candidate' must be an object or null", field="candidate")
+    await _rooms(ctx).ice(ctx.session, req.get("room"), candidate)
+    return {}
+
+
+@handler("room.leave")
+async def room_leave(ctx: RequestContext, req: dict[str, Any]) -> dict[str, Any]:
+    await _rooms(ctx).leave(ctx.session, req.get("room"))
+    return {}
+
+
+async def setup(state: AppState) -> None:
+    """Attach the room manager; hook it to device sessions and group membership."""
+    rooms = RoomManager(state)
+    state.rooms = rooms
+    state.hub.on_connect.append(rooms.on_connect)
+    state.hub.on_disconnect.append(rooms.on_disconnect)
+    state.groups.on_members_changed.append(rooms.on_members_changed)
+
+
+async def teardown(state: AppState) -> None:
+    await state.rooms.close()

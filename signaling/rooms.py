@@ -1,0 +1,283 @@
+"""Group calls: rooms bound to groups, carried by the media relay.
+
+The relay (media/) knows rooms and participants by opaque ids; this module ties them to
+groups and devices. Only current members of an active group join its room; a member who
+is removed mid-call is dropped from it; a device whose signaling socket drops keeps its
+media (ICE does not depend on the socket) for ``call_grace`` seconds and, once it is back,
+receives the relay's events again, since they are addressed to the device, not to its
+socket. Starting, leaving and ending a call are ``notice`` messages in the group timeline.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from im_bridge.errors import BadRequest, Forbidden, NotFound, TalkbridgeError
+from im_bridge.ids import group_conv, new_id, now_ms
+from media.service import RelayService
+from signaling.codec import encode
+from signaling.delivery import deliver_message, publish
+from signaling.session import Session
+from signaling.state import AppState
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class ActiveRoom:
+    """A running group call."""
+
+    room: str
+    group: str
+    started_by: str
+    started_at: float
+    participants: dict[str, tuple[str, str]] = field(default_factory=dict)  # pid -> (user, dev)
+    joined_users: list[str] = field(default_factory=list)  # everyone who took part, in order
+
+    @property
+    def conv(self) -> str:
+        return group_conv(self.group)
+
+
+def participant_id(user: str, device: str) -> str:
+    """The relay's id for a device (one participation per device)."""
+    return f"{user}/{device}"
+
+
+class RoomManager:
+    """The rooms of this node and the relay that carries their media."""
+
+    def __init__(self, state: AppState) -> None:
+        self.state = state
+        self._relay: RelayService | None = None
+        self._relay_lock = asyncio.Lock()
+        self.by_room: dict[str, ActiveRoom] = {}
+        self.by_group: dict[str, ActiveRoom] = {}
+        self._grace: dict[str, asyncio.TimerHandle] = {}  # pid -> pending leave
+        self._tasks: set[asyncio.Task[Any]] = set()
+
+    # ------------------------------------------------------------ the relay
+
+    def relay_addresses(self) -> list[str]:
+        """Where the relay gathers ICE candidates: as configured, else loopback for a
+        node that only listens on loopback (single-machine demos), else every interface."""
+        cfg = self.state.config
+        if cfg.relay_addresses:
+            return list(cfg.relay_addresses)
+        return ["127.0.0.1"] if cfg.host in ("127.0.0.1", "localhost") else []
+
+    async def relay(self) -> RelayService:
+        """The relay service, started on first use (worker processes cost a second or two)."""
+        async with self._relay_lock:
+            if self._relay is None:
+                cfg = self.state.config
+                callbacks: dict[str, Any] = {
+                    "on_dropped": self._on_dropped,
+                    "on_room_closed": self._on_room_closed,
+                }
+                if cfg.relay_in_process:
+                    from media.relay import Relay
+
+                    self._relay = Relay(self.relay_addresses(), [], **callbacks)
+                else:
+                    from media.pool import RelayPool
+
+                    pool = RelayPool(
+                        self.relay_addresses(), [], workers=cfg.relay_workers or None, **callbacks
+                    )
+                    await pool.start()
+                    self._relay = pool
+            return self._relay
+
+    async def close(self) -> None:
+        for handle in self._grace.values():
+            handle.cancel()
+        for room in list(self.by_room.values()):
+            await self._end(room)
+        if self._relay is not None:
+            await self._relay.close()
+
+    def _spawn(self, coro: Any) -> None:
+        task = asyncio.get_running_loop().create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    # ------------------------------------------------------------ requests
+
+    async def join(self, session: Session, group: str, audio: bool, video: bool) -> dict[str, Any]:
+        """``room.join``: join (or start) the group's call."""
+        user, device = session.user, session.device
+        if await self.state.groups.role_of(group, user) is None:
+            raise Forbidden("only members of the group join its call")
+        room = self.by_group.get(group)
+        started = room is None
+        if room is None:
+            room = ActiveRoom(new_id("room_"), group, user, time.time())
+            self.by_room[room.room] = room
+            self.by_group[group] = room
+        pid = participant_id(user, device)
+        self._cancel_grace(pid)
+        relay = await self.relay()
+        try:
+            result = await relay.join(
+                room.room, pid, user=user, device=device, publish_audio=audio,
+                publish_video=video, emit=self._emitter(user, device),
+            )
+        except TalkbridgeError:
+            if started:
+                self._forget(room)
+            raise
+        room.participants[pid] = (user, device)
+        if user not in room.joined_users:
+            room.joined_users.append(user)
+        if started:
+            await self._notice(room, user, {"event": "call_started", "room": room.room})
+            members = await self.state.groups.members(room.conv)
+            await publish(
+                self.state, [m for m in members if m != user],
+                {"type": "room.started", "group": group, "room": room.room, "by": user},
+            )
+        return {
+            "room": room.room,
+            "group": group,
+            "participants": result.get("participants", []),
+            "ice_servers": self.state.ice_servers(user),
+        }
+
+    def get(self, room_id: Any, session: Session) -> tuple[ActiveRoom, str]:
+        """The room and the device's participant id, or an error (``room.*`` frames)."""
+        if not isinstance(room_id, str) or not room_id:
+            raise BadRequest("'room' must be a room id", field="room")
+        room = self.by_room.get(room_id)
+        if room is None:
+            raise NotFound("no such room (the call may have ended)")
+        pid = participant_id(session.user, session.device)
+        if pid not in room.participants:
+            raise Forbidden("you are not in this room")
+        return room, pid
+
+    async def sdp(self, session: Session, room_id: Any, sdp: Any) -> dict[str, Any]:
+        room, pid = self.get(room_id, session)
+        answer = await (await self.relay()).on_sdp(room.room, pid, sdp)
+        return {"room": room.room, "sdp": answer} if answer else {"room": room.room}
+
+    async def ice(self, session: Session, room_id: Any, candidate: Any) -> None:
+        room, pid = self.get(room_id, session)
+        await (await self.relay()).on_ice(room.room, pid, candidate)
+
+    async def leave(self, session: Session, room_id: Any) -> None:
+        room, pid = self.get(room_id, session)
+        await self._leave(room, pid, "left")
+
+    # ------------------------------------------------------------ membership and sessions
+
+    async def _leave(self, room: ActiveRoom, pid: str, why: str) -> None:
+        """Take a device out of its room; the room ends with its last participant."""
+        entry = room.participants.pop(pid, None)
+        self._cancel_grace(pid)
+        if entry is None:
+            return
+        last = not room.participants
+        with contextlib.suppress(TalkbridgeError):
+            await (await self.relay()).leave(room.room, pid)
+        user = entry[0]
+        still_here = any(u == user for u, _ in room.participants.values())
+        if not last and not still_here:
+            await self._notice(room, user, {"event": "call_left", "room": room.room, "reason": why})
+        if last:
+            await self._end(room)
+
+    async def _end(self, room: ActiveRoom) -> None:
+        if self.by_room.get(room.room) is not room:
+            return
+        self._forget(room)
+        for pid in list(room.participants):
+            with contextlib.suppress(TalkbridgeError):
+                await (await self.relay()).leave(room.room, pid)
+        room.participants.clear()
+        duration = max(0, round(time.time() - room.started_at))
+        await self._notice(
+            room, room.started_by,
+            {
+                "event": "call_ended", "room": room.room, "started_by": room.started_by,
+                "participants": room.joined_users, "duration_s": duration,
+            },
+        )
+        members = await self.state.groups.members(room.conv)
+        ended = {"type": "room.ended", "group": room.group, "room": room.room}
+        await publish(self.state, members, ended)
+
+    def _forget(self, room: ActiveRoom) -> None:
+        self.by_room.pop(room.room, None)
+        if self.by_group.get(room.group) is room:
+            del self.by_group[room.group]
+
+    async def on_disconnect(self, session: Session) -> None:
+        """A device's socket closed: keep its media for the grace period, then leave."""
+        pid = participant_id(session.user, session.device)
+        for room in list(self.by_room.values()):
+            if pid in room.participants:
+                self._cancel_grace(pid)
+                self._grace[pid] = asyncio.get_running_loop().call_later(
+                    self.state.config.call_grace, self._grace_expired, room, pid
+                )
+
+    def _grace_expired(self, room: ActiveRoom, pid: str) -> None:
+        self._grace.pop(pid, None)
+        self._spawn(self._leave(room, pid, "disconnected"))
+
+    async def on_connect(self, session: Session) -> None:
+        """The device is back: its relay events reach it again, so the grace timer stops."""
+        self._cancel_grace(participant_id(session.user, session.device))
+
+    def _cancel_grace(self, pid: str) -> None:
+        handle = self._grace.pop(pid, None)
+        if handle is not None:
+            handle.cancel()
+
+    def on_members_changed(self, conv: str) -> None:
+        """Group membership changed: drop participants who are no longer members."""
+        if not conv.startswith("g:"):
+            return
+        room = self.by_group.get(conv[2:])
+        if room is not None:
+            self._spawn(self._check_members(room))
+
+    async def _check_members(self, room: ActiveRoom) -> None:
+        for pid, (user, device) in list(room.participants.items()):
+            if await self.state.groups.role_of(room.group, user) is None:
+                await self.state.bus.publish_device(
+                    user, device,
+                    encode({"type": "room.dropped", "room": room.room, "reason": "removed"}),
+                )
+                await self._leave(room, pid, "removed")
+
+    # ------------------------------------------------------------ relay callbacks
+
+    def _emitter(self, user: str, device: str) -> Any:
+        async def emit(event: dict[str, Any]) -> None:
+            await self.state.bus.publish_device(user, device, encode(event))
+
+        return emit
+
+    async def _on_dropped(self, room_id: str, pid: str, reason: str) -> None:
+        room = self.by_room.get(room_id)
+        if room is not None and pid in room.participants:
+            await self._leave(room, pid, reason)
+
+    async def _on_room_closed(self, room_id: str) -> None:
+        room = self.by_room.get(room_id)
+        if room is not None and not room.participants:
+            await self._end(room)
+
+    async def _notice(self, room: ActiveRoom, actor: str, body: dict[str, Any]) -> None:
+        sent = await self.state.chat.post_system(
+            room.conv, "notice", {**body, "actor": actor, "ts": now_ms()}, actor=actor
+        )
+        if sent.created:
+            await deliver_message(self.state, sent.message, sent.members, push=False)

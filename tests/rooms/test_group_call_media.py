@@ -1,0 +1,87 @@
+"""A group call with real media through the server: aiortc devices, the signaling of a real
+node (``room.*`` over the WebSocket) and the relay in its worker process."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+
+from tests.media.peers import HEIGHT, WIDTH, Peer, wait_for
+from tests.rooms.wire_relay import WireRelay
+from tests.support import Node, start_node
+
+pytestmark = pytest.mark.netns
+
+
+@pytest.fixture
+async def node(tmp_path: Path) -> AsyncIterator[Node]:
+    n = await start_node(
+        f"sqlite:///{tmp_path / 's.db'}",
+        tmp_path,
+        relay_workers=1,
+        relay_addresses=["127.0.0.1"],
+    )
+    try:
+        yield n
+    finally:
+        await n.stop()
+
+
+async def _device(node: Node, user: str, group: str) -> tuple[Peer, WireRelay]:
+    client = await node.client(user)
+    wire = WireRelay(client, group)
+    peer = Peer(wire, "", user)  # type: ignore[arg-type]
+    await peer.join()
+    return peer, wire
+
+
+def _gets_video_and_audio_of(peer: Peer, others: list[str], frames: int = 10) -> bool:
+    return all(
+        peer.frames[(o, "video")] >= frames and peer.frames[(o, "audio")] >= frames for o in others
+    )
+
+
+async def test_three_members_see_and_hear_each_other_and_a_late_joiner_catches_up(node: Node):
+    owner = await node.client("alice")
+    created = await owner.request(
+        "group.create", name="call", members=["bob", "carol", "dave"], join_policy="open"
+    )
+    group = created["group"]["id"] if isinstance(created["group"], dict) else created["group"]
+    names = ["alice", "bob", "carol"]
+    devices = [await _device(node, n, group) for n in names]
+    peers = [p for p, _ in devices]
+    late: tuple[Peer, WireRelay] | None = None
+    try:
+        for p in peers:
+            others = [o for o in names if o != p.name]
+            assert await wait_for(lambda p=p, o=others: _gets_video_and_audio_of(p, o), 20), (
+                p.name,
+                dict(p.frames),
+            )
+            for o in others:
+                assert p.sizes[o] == (WIDTH, HEIGHT)
+            assert (p.name, "video") not in p.frames
+        late = await _device(node, "dave", group)
+        assert await wait_for(lambda: _gets_video_and_audio_of(late[0], names, 1), 10), dict(
+            late[0].frames
+        )
+        # One leaves: the others keep receiving each other.
+        await peers[2].leave()
+        before = {
+            p.name: p.frames[(o, "video")] for p in peers[:2] for o in names[:2] if o != p.name
+        }
+        assert await wait_for(
+            lambda: all(
+                p.frames[(o, "video")] > before[p.name] + 15
+                for p in peers[:2]
+                for o in names[:2]
+                if o != p.name
+            ),
+            10,
+        )
+    finally:
+        for p, wire in [*devices, *([late] if late else [])]:
+            await wire.close()
+            await p.close()
