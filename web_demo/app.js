@@ -106,9 +106,31 @@ class App {
     if (e === "room_ended" || e === "call_ended") {
       this.rooms.active.delete(c.group);
       this.onRoomChange(c.group);
+    } else if ((e === "call_started" || e === "room_started") && !this.rooms.active.has(c.group)) {
+      this.rooms.active.set(c.group, { room: ev.body.room, by: ev.body.actor });
+      this.onRoomChange(c.group);
     }
     if ((e === "updated" || e === "created") && ev.body.name) c.name = ev.body.name;
     this.groups.onNotice(c.group, ev.body || {});
+  }
+
+  /**
+   * After a reload nothing says a group call is running except the timeline: a
+   * call_started notice with no call_ended after it.
+   */
+  inferRoom(c) {
+    if (this.rooms.active.has(c.group)) return;
+    const seqs = [...c.messages.keys()].sort((a, b) => b - a);
+    for (const s of seqs) {
+      const m = c.messages.get(s);
+      const e = m.kind === "notice" && m.body && m.body.event;
+      if (e === "call_ended" || e === "room_ended") return;
+      if (e === "call_started" || e === "room_started") {
+        this.rooms.active.set(c.group, { room: m.body.room, by: m.body.actor });
+        this.onRoomChange(c.group);
+        return;
+      }
+    }
   }
 
   /** Show or hide the "call running" banner of the open group. */

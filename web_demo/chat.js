@@ -83,6 +83,8 @@ export function describeNotice(body, nameOf) {
     case "room_started":
     case "call_started":
       return `${actor} started a group call`;
+    case "call_left":
+      return `${actor} left the group call`;
     case "room_ended":
     case "call_ended":
       return `The group call ended${b.duration_s ? ` after ${Math.round(b.duration_s)} s` : ""}`;
@@ -347,6 +349,7 @@ export class Chat {
       }
       if (this.openConv === c) this.renderTimeline({ toBottom: true });
       if (c.last_seq > c.maxSeq && c.loaded) await this._fillGap(c);
+      if (c.kind === "group") this.app.inferRoom(c);
     }
     this._loadReceipts(c);
     this._markRead();

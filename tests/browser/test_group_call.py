@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+from typing import Any
 
 import pytest
 from playwright.async_api import Browser, expect
@@ -11,6 +12,10 @@ from tests.browser.pages import User, new_device, screenshot, video_stats
 from tests.browser.server import Server
 
 pytestmark = pytest.mark.netns
+
+
+def notice(user: User, text: str) -> Any:
+    return user.page.locator("#messages li.notice", has_text=text)
 
 
 async def remote_tiles_decoding(user: User, others: list[str]) -> None:
@@ -50,6 +55,10 @@ async def test_three_people_in_a_group_call_see_each_other(
 
     await alice.page.click("#btn-room")
     await expect(alice.page.locator("#room-view")).to_be_visible()
+    # A member who reloads learns of the running call from the group's timeline.
+    await carol.page.reload()
+    await carol.page.locator("#conv-list li", has_text="Standup").click()
+    await expect(notice(carol, "alice started a group call")).to_be_visible()
     # The others see that a call is running and join from the banner.
     for u in (bob, carol):
         await expect(u.page.locator("#room-banner")).to_be_visible()
@@ -70,4 +79,7 @@ async def test_three_people_in_a_group_call_see_each_other(
     await remote_tiles_decoding(alice, ["bob"])
     await alice.page.click("#room-leave")
     await bob.page.click("#room-leave")
+    # The last one out ends the call: a notice in the timeline, and the banner goes away.
+    await expect(notice(carol, "The group call ended")).to_be_visible()
+    await expect(carol.page.locator("#room-banner")).to_be_hidden()
     assert not alice.errors and not bob.errors and not carol.errors
