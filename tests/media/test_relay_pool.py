@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
+import signal
 from collections.abc import AsyncIterator
 
 import pytest
@@ -72,3 +74,34 @@ async def test_placement_puts_a_new_room_on_the_least_loaded_worker() -> None:
     await placement.release("r1")
     assert await placement.place("r3") == "w0"
     assert await placement.lookup("r2") == "w1"
+
+
+async def test_a_crashed_worker_drops_only_its_rooms(pool: RelayPool) -> None:
+    dropped: list[tuple[str, str, str]] = []
+    pool._on_dropped = lambda room, pid, reason: dropped.append((room, pid, reason))
+    peers = [Peer(pool, room, name) for room in ("a", "b") for name in ("alice", "bob")]
+    try:
+        for p in peers:
+            await p.join()
+        assert await wait_for(lambda: all(p.frames[(o, "video")] > 5 for p in peers
+                                          for o in ("alice", "bob") if o != p.name), 20)
+        victim = await pool.worker_of("a")
+        assert victim is not None
+        os.kill(pool.worker_pids()[victim], signal.SIGKILL)
+        assert await wait_for(lambda: len(dropped) == 2, 5), dropped
+        assert sorted(dropped) == [("a", "alice", "relay_failed"), ("a", "bob", "relay_failed")]
+        assert all(p.of_kind("room.dropped") for p in peers[:2])
+        assert pool.participants("a") == [] and await pool.worker_of("a") is None
+        survivors = peers[2:]
+
+        def video() -> list[int]:
+            return [p.frames[(o, "video")] for p in survivors for o in ("alice", "bob")
+                    if o != p.name]
+
+        before = video()
+        await asyncio.sleep(1.0)
+        after = video()
+        assert all(b > a + 10 for a, b in zip(before, after, strict=True)), (before, after)
+    finally:
+        for p in peers:
+            await p.close()
