@@ -44,6 +44,7 @@ def summarize(h: HdrHistogram) -> dict[str, float | int]:
         "mean": ms(h.get_mean_value()),
         "p50": ms(h.get_value_at_percentile(50)),
         "p90": ms(h.get_value_at_percentile(90)),
+        "p95": ms(h.get_value_at_percentile(95)),
         "p99": ms(h.get_value_at_percentile(99)),
         "p999": ms(h.get_value_at_percentile(99.9)),
         "max": ms(h.get_max_value()),

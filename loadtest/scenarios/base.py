@@ -144,7 +144,7 @@ class Scenario:
     @classmethod
     def unit_count(cls, clients: int, opts: argparse.Namespace) -> int:
         """How many units ``clients`` clients make."""
-        return max(1, clients // cls.clients_per_unit)
+        return max(1, clients // cls.per_unit(opts))
 
     @classmethod
     def units_for(cls, worker: int, workers: int, total_units: int) -> list[int]:
