@@ -43,7 +43,7 @@ from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 import redis.asyncio as aioredis
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
-from redis.exceptions import RedisError
+from redis.exceptions import NoScriptError, RedisError
 
 from signaling.bus import Bus
 from signaling.codec import encode
@@ -238,6 +238,17 @@ return out
 )
 
 
+_SCRIPTS = {
+    "register": _REGISTER,
+    "unregister": _UNREGISTER,
+    "heartbeat": _HEARTBEAT,
+    "reap": _REAP,
+    "publish_users": _PUBLISH_USERS,
+    "publish_device": _PUBLISH_DEVICE,
+    "online": _ONLINE,
+}
+
+
 @dataclass
 class RedisBusSettings:
     """Timings of the Redis bus (defaults suit a LAN; tests shorten them)."""
@@ -292,6 +303,7 @@ class RedisBus(Bus):
         self._channel = f"{p}ch:{node_id}".encode()
         self._redis: aioredis.Redis | None = None
         self._scripts: dict[str, Any] = {}
+        self._shas: dict[str, str] = {}
         self._ready = asyncio.Event()
         self._failed = asyncio.Event()
         self._closed = False
@@ -363,6 +375,9 @@ class RedisBus(Bus):
     def _script(self, name: str) -> Any:
         return self._scripts[name]
 
+    def _queue_on(self, pipe: Any, item: _Outgoing) -> None:
+        pipe.evalsha(self._shas[item.script], len(item.keys), *item.keys, *item.args)
+
     def _new_client(self) -> aioredis.Redis:
         s = self.settings
         # No silent retries: an error must reach the supervisor, which knows that pub/sub
@@ -409,16 +424,11 @@ class RedisBus(Bus):
         self._connected_long_enough = False
         r = self._new_client()
         self._redis = r
-        self._scripts = {
-            "register": r.register_script(_REGISTER),
-            "unregister": r.register_script(_UNREGISTER),
-            "heartbeat": r.register_script(_HEARTBEAT),
-            "reap": r.register_script(_REAP),
-            "publish_users": r.register_script(_PUBLISH_USERS),
-            "publish_device": r.register_script(_PUBLISH_DEVICE),
-            "online": r.register_script(_ONLINE),
-        }
+        self._scripts = {name: r.register_script(src) for name, src in _SCRIPTS.items()}
         await r.ping()
+        # Loaded once per connection: pipelines then send bare EVALSHAs (redis-py would ask
+        # SCRIPT EXISTS before every pipeline). A restarted Redis means a new connection.
+        self._shas = {name: await r.script_load(src) for name, src in _SCRIPTS.items()}
         pubsub = r.pubsub(ignore_subscribe_messages=True)
         try:
             await pubsub.subscribe(self._channel)
@@ -548,13 +558,16 @@ class RedisBus(Bus):
                 batch = [outbox[i] for i in range(n)]
                 pipe = self._redis.pipeline(transaction=False)
                 for item in batch:
-                    script = self._scripts[item.script]
-                    await script(keys=item.keys, args=item.args, client=pipe)
+                    self._queue_on(pipe, item)
                 try:
                     results = await pipe.execute(raise_on_error=False)
                 except (RedisError, OSError, TimeoutError) as exc:
                     # Kept in the outbox; the supervisor reconnects and we publish again.
                     log.warning("publish failed (%s); kept %d frames for later", exc, len(outbox))
+                    self._failed.set()
+                    break
+                if any(isinstance(x, NoScriptError) for x in results):
+                    # SCRIPT FLUSH behind our back: reconnect (reloads them), publish again.
                     self._failed.set()
                     break
                 for _ in range(n):
@@ -588,7 +601,7 @@ class RedisBus(Bus):
                     continue
                 pipe = r.pipeline(transaction=False)
                 for item, _ in batch:
-                    await self._scripts[item.script](keys=item.keys, args=item.args, client=pipe)
+                    self._queue_on(pipe, item)
                 try:
                     results = await pipe.execute(raise_on_error=False)
                 except (RedisError, OSError, TimeoutError) as exc:
@@ -601,6 +614,8 @@ class RedisBus(Bus):
                     if fut.done():
                         continue
                     if isinstance(res, Exception):
+                        if isinstance(res, NoScriptError):
+                            self._failed.set()
                         fut.set_exception(res)
                     else:
                         fut.set_result(res)
