@@ -7,7 +7,13 @@ import time
 
 import pytest
 
-from media.forwarding import ForwardTrack, KeyframeRequester, OutgoingFrame, PublishedTrack
+from media.forwarding import (
+    ForwardTrack,
+    KeyframeRequester,
+    OutgoingFrame,
+    PublishedTrack,
+    publisher_bitrate,
+)
 from media.frames import EncodedFrame
 
 
@@ -119,3 +125,12 @@ async def test_request_before_the_publisher_ssrc_is_known_is_sent_once_it_is() -
     ready = True
     requester.retry_pending()
     assert sent == [1]
+
+
+def test_publisher_bitrate_is_the_weakest_subscriber_within_floor_and_cap() -> None:
+    cap, floor = 1_500_000, 150_000
+    assert publisher_bitrate(cap, floor, None, []) == cap
+    assert publisher_bitrate(cap, floor, None, [900_000, 600_000, 2_000_000]) == 600_000
+    assert publisher_bitrate(cap, floor, None, [50_000, 900_000]) == floor, "one bad link"
+    assert publisher_bitrate(cap, floor, 400_000, [900_000]) == 400_000, "publisher's uplink"
+    assert publisher_bitrate(cap, floor, None, [3_000_000]) == cap
