@@ -542,7 +542,7 @@ class Relay:
         """Send ``p`` an offer for its current transceivers (or mark one needed after the
         pending answer)."""
         async with p.lock:
-            if p.closed:
+            if p.closed or self._closed:
                 return
             if p.pc.signalingState != "stable":
                 p.needs_offer = True

@@ -48,6 +48,14 @@ class RelayService(Protocol):
         """Remove a device from its room."""
         ...
 
+    async def start_recording(self, room_id: str, directory: str) -> list[str]:
+        """Record the room's publishers (as forwarded, no decoding) into ``directory``."""
+        ...
+
+    async def stop_recording(self, room_id: str) -> list[str]:
+        """Stop recording; returns the finished files."""
+        ...
+
     def participants(self, room_id: str) -> list[dict[str, Any]]:
         """The room's participants: ``{participant, user, device, media}`` each."""
         ...
