@@ -3,16 +3,25 @@
 Publisher, relay and subscribers are aiortc peers in separate processes on loopback
 (run it inside the loopback-only namespace):
 
-    scripts/netns-run .venv/bin/python bench/relay_bench.py --forward 0,8,32 --stock 0,2,4,8
+    scripts/netns-run .venv/bin/python bench/relay_bench.py \
+        --forward 0,8,16,32 --forward-pack 32 --stock 0,1,2,4 --direct --profile /tmp/relay.prof
 
-The publisher sends pre-encoded 640x480 30 fps VP8 at about 1 Mbps plus Opus (so its own
-CPU does not depend on the mode). Subscribers never decode: they reassemble frames with the
-relay's own assembler and count them. Printed per run: relay CPU (CPU-s per s), marginal CPU
-per subscriber against the 0-subscriber run, subscriber fps (mean and worst), audio packet
-rate, frame delay (publisher send to subscriber frame complete; forward and direct runs only:
-the stock relay re-encodes, so the send-time trailer is lost) and the ratio of the two
-modes' marginal cost. ``--direct`` also measures the publisher-to-subscriber path without a
-relay, which is subtracted to give the relay's added latency.
+Modes: ``forward`` (our relay, its lean send loop), ``forward-pack`` (our relay on aiortc's
+own per-leg ``Encoder.pack`` send loop), ``stock`` (aiortc's MediaRelay: decode once,
+re-encode per subscriber), ``direct`` (no relay: the baseline path for latency).
+
+The publisher sends pre-encoded 640x480 30 fps VP8 at about 1 Mbps plus Opus (cached in
+/tmp, so its own CPU does not depend on the mode; it ignores keyframe requests, keyframes
+every 2 s). Subscribers never decode: they reassemble frames with the relay's own assembler
+and count them. Printed per run: relay CPU (CPU-s per s, from /proc), marginal CPU per
+subscriber against the 0-subscriber run, subscriber fps (mean, and the worst single second
+of any subscriber), audio packets/s, frame delay p50/p95 (publisher send to subscriber frame
+complete, from a send-time trailer; forward and direct runs only: the stock relay
+re-encodes, so the trailer is lost), the relay's own queueing delay p95 (frame complete at
+the relay to its sender taking it), subscriber processes' CPU, how busy the whole machine
+was (other tenants' load shows here), and the stock/forward ratio of marginal cost.
+``--profile FILE`` adds a separate cProfile run of the largest forward case and prints the
+per-outgoing-packet cost split (it never feeds the table: cProfile doubles the cost).
 
 Subcommands ``serve``, ``publish`` and ``subscribe`` are the processes the orchestrator starts.
 """
