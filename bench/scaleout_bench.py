@@ -53,7 +53,7 @@ import jwt
 import msgspec
 from hdrh.histogram import HdrHistogram
 
-from loadtest.procstat import cpu_seconds
+from loadtest.procstat import cpu_seconds, machine_busy_seconds
 from signaling.client import Client
 
 REPO = Path(__file__).resolve().parent.parent
@@ -280,6 +280,22 @@ def cpu(pids: list[int]) -> float:
     return sum(cpu_seconds(p) or 0.0 for p in pids)
 
 
+def postgres_pids() -> list[int]:
+    """Every postgres process (the server is shared: other users' queries count too)."""
+    out = []
+    for d in Path("/proc").iterdir():
+        if d.name.isdigit():
+            with contextlib.suppress(OSError):
+                if (d / "comm").read_text().strip() == "postgres":
+                    out.append(int(d.name))
+    return out
+
+
+def own_cpu() -> float:
+    ru = resource.getrusage(resource.RUSAGE_SELF)
+    return ru.ru_utime + ru.ru_stime
+
+
 async def saturation_row(workdir: Path, store: str, redis: Proc | None, nodes: int,
                          args: argparse.Namespace, label: str) -> dict[str, Any]:
     redis_url = f"redis://127.0.0.1:{redis.port}/0?prefix={label}:" if redis else None
@@ -290,6 +306,8 @@ async def saturation_row(workdir: Path, store: str, redis: Proc | None, nodes: i
         load_before = loadavg()
         c0 = cpu([p.pid for p in procs])
         r0 = cpu([redis.pid]) if redis else 0.0
+        pg = postgres_pids()
+        pg0, g0, m0 = cpu(pg), own_cpu(), machine_busy_seconds()
         # CPU is sampled over the whole run (warm-up included); scale to the measured window.
         t0 = time.monotonic()
         st = await chat_run(urls, args.pairs, args.window, args.rate_sat, args.duration,
@@ -297,6 +315,9 @@ async def saturation_row(workdir: Path, store: str, redis: Proc | None, nodes: i
         wall = time.monotonic() - t0
         node_cpu = (cpu([p.pid for p in procs]) - c0) / wall
         redis_cpu = ((cpu([redis.pid]) - r0) / wall) if redis else 0.0
+        pg_cpu = (cpu(pg) - pg0) / wall
+        gen_cpu = (own_cpu() - g0) / wall
+        machine = (machine_busy_seconds() - m0) / wall
     finally:
         for p in procs:
             p.stop()
@@ -309,6 +330,8 @@ async def saturation_row(workdir: Path, store: str, redis: Proc | None, nodes: i
         "node_cpu_cores": round(node_cpu, 2),
         "msgs_per_node_cpu_s": round(rate / node_cpu) if node_cpu else None,
         "redis_cpu_cores": round(redis_cpu, 3),
+        "postgres_cpu_cores": round(pg_cpu, 2), "generator_cpu_cores": round(gen_cpu, 2),
+        "machine_busy_cores": round(machine, 2),
         "redis_cpu_per_10k_msgs_s": round(redis_cpu / (rate / 10000), 3) if rate and redis
         else None,
         "loadavg_before": load_before, "loadavg_after": loadavg(),
