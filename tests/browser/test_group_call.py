@@ -83,3 +83,29 @@ async def test_three_people_in_a_group_call_see_each_other(
     await expect(notice(carol, "The group call ended")).to_be_visible()
     await expect(carol.page.locator("#room-banner")).to_be_hidden()
     assert not alice.errors and not bob.errors and not carol.errors
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="server side not landed: room.* signaling (room.join answers 'unknown request type')",
+)
+async def test_group_call_with_relay_only_ice_goes_through_turn(
+    turn_server: Server, browser: Browser
+) -> None:
+    alice = await new_device(browser, turn_server.url, "alice", register=True)
+    bob = await new_device(browser, turn_server.url, "bob", register=True)
+    await alice.page.evaluate(
+        """() => tb.client.request('group.create',
+             {name: 'Relayed', members: ['bob'], join_policy: 'invite_only'})"""
+    )
+    await alice.page.click("#dev-toggle")
+    await alice.page.check("#dev-relay-only")
+    for u in (alice, bob):
+        await u.page.locator("#conv-list li", has_text="Relayed").click()
+        await u.page.click("#btn-room")
+        await expect(u.page.locator("#room-view")).to_be_visible()
+    await remote_tiles_decoding(alice, ["bob"])
+    await remote_tiles_decoding(bob, ["alice"])
+    card = alice.page.locator("#dev-peers .peer-card")
+    await expect(card.locator('[data-field="ICE policy"]')).to_have_text("relay")
+    await expect(card.locator('[data-field="candidate pair"]')).to_contain_text("relay →")
