@@ -32,6 +32,36 @@ def cpu_seconds(pid: int) -> float | None:
     return (int(fields[11]) + int(fields[12])) / _TICK
 
 
+def descendants(pid: int) -> list[int]:
+    """Every process below ``pid`` (children, their children, ...), from /proc."""
+    children: dict[int, list[int]] = {}
+    for name in os.listdir("/proc"):
+        if not name.isdigit():
+            continue
+        try:
+            with open(f"/proc/{name}/stat") as f:
+                raw = f.read()
+        except OSError:
+            continue
+        ppid = int(raw[raw.rfind(")") + 2 :].split()[1])
+        children.setdefault(ppid, []).append(int(name))
+    out: list[int] = []
+    todo = [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            out.append(child)
+            todo.append(child)
+    return out
+
+
+def tree_cpu_seconds(pid: int) -> float | None:
+    """CPU seconds of ``pid`` and its live descendants (a server's relay workers, say)."""
+    own = cpu_seconds(pid)
+    if own is None:
+        return None
+    return own + sum(cpu_seconds(c) or 0.0 for c in descendants(pid))
+
+
 def machine_busy_seconds() -> float:
     """CPU seconds all cores spent busy since boot (everything but idle and iowait)."""
     with open("/proc/stat") as f:

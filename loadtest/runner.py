@@ -229,12 +229,14 @@ class Run:
         if self.server_pid is None:
             return None
         rss = procstat.rss_kb(self.server_pid)
-        cpu = procstat.cpu_seconds(self.server_pid)
+        # The whole tree: a server may run its media relay in worker processes.
+        cpu = procstat.tree_cpu_seconds(self.server_pid)
         if rss is None or cpu is None:
             return last
         load = None
         if last is not None and now > last[0]:
-            load = (cpu - last[1]) / (now - last[0])
+            # A descendant that exited takes its CPU seconds with it: never below zero.
+            load = max(0.0, (cpu - last[1]) / (now - last[0]))
         rec = {
             "kind": "server",
             "t": now,

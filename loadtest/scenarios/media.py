@@ -37,6 +37,7 @@ class MediaCalls(Scenario):
         self.publishers = min(self.size, int(self.opts.media_publishers) or self.size)
         self.fps = float(self.opts.media_fps)
         self.rooms: list[list[Any]] = []
+        self.calls = 0  # calls whose group this worker created
         self.peer_cls: Any = None
 
     @classmethod
@@ -77,41 +78,82 @@ class MediaCalls(Scenario):
         from media.host_addresses import restrict_host_addresses
 
         restrict_host_addresses(["127.0.0.1"])
-        for unit in self.units:
-            members: list[Participant] = []
-            try:
-                for i in range(self.size):
-                    conn = await self.connect(self.client_index(unit, i))
-                    p = Participant(self.rec, i, conn, i < self.publishers, self.fps)
-                    conn.start()
-                    p.tasks.append(asyncio.get_running_loop().create_task(p.run_inbox()))
-                    members.append(p)
-            except ConnectError:
-                for p in members:
-                    await p.close()
-                continue
-            creator = members[0]
-            reply = await request(creator.conn, {
-                "type": "group.create", "id": f"create|{unit}",
-                "name": f"media {self.ctx.users.run}.{unit}",
-                "members": [p.conn.user for p in members[1:]], "join_policy": "invite_only",
-            })
-            if not reply.get("ok"):
-                self.rec.error(f"group.create:{(reply.get('error') or {}).get('code')}")
-                continue
-            group = (reply.get("data") or {}).get("group")
+        await asyncio.gather(*(self._setup_call(unit, Participant) for unit in self.units))
+
+    def owner(self, unit: int, member: int) -> int:
+        """The worker holding ``member`` of call ``unit``: members are spread, since decoding
+        every stream is the subscribers' heavy part; the creator sits on the home worker."""
+        return (unit + member) % self.ctx.workers
+
+    async def _setup_call(self, unit: int, participant_cls: Any) -> None:
+        me = self.ctx.worker
+        mine = [i for i in range(self.size) if self.owner(unit, i) == me]
+        members: list[Any] = []
+        try:
+            for i in mine:
+                conn = await self.connect(self.client_index(unit, i))
+                p = participant_cls(self.rec, i, conn, i < self.publishers, self.fps)
+                conn.start()
+                p.tasks.append(asyncio.get_running_loop().create_task(p.run_inbox()))
+                members.append(p)
+        except ConnectError:
             for p in members:
-                publish = p.video is not None
-                joined = await request(p.conn, {
-                    "type": "room.join", "id": f"room.join|{unit}.{p.index}", "group": group,
-                    "media": {"audio": publish, "video": publish},
-                })
-                if not joined.get("ok"):
-                    self.rec.error(f"room.join:{(joined.get('error') or {}).get('code')}")
-                    continue
-                p.room = str((joined.get("data") or {}).get("room", ""))
+                await p.close()
+            return
+        if not members:
+            return
+        home = self.owner(unit, 0) == me
+        group = await (self._create_group(unit, members[0]) if home
+                       else self._find_group(members[0]))
+        if group is None:
+            return
+        for p in members:
+            publish = p.video is not None
+            joined = await request(p.conn, {
+                "type": "room.join", "id": f"room.join|{unit}.{p.index}", "group": group,
+                "media": {"audio": publish, "video": publish},
+            })
+            if not joined.get("ok"):
+                self.rec.error(f"room.join:{(joined.get('error') or {}).get('code')}")
+                continue
+            p.room = str((joined.get("data") or {}).get("room", ""))
+        if home:
+            self.calls += 1
             self.rec.counts["expected_video_streams"] += self.publishers * (self.size - 1)
-            self.rooms.append(members)
+        self.rooms.append(members)
+
+    async def _create_group(self, unit: int, creator: Any) -> str | None:
+        names = [self.ctx.users.name(self.client_index(unit, i)) for i in range(1, self.size)]
+        reply = await request(creator.conn, {
+            "type": "group.create", "id": f"group.create|{unit}",
+            "name": f"media {self.ctx.users.run}.{unit}", "members": names,
+            "join_policy": "invite_only",
+        })
+        if not reply.get("ok"):
+            self.rec.error(f"group.create:{(reply.get('error') or {}).get('code')}")
+            return None
+        return str((reply.get("data") or {}).get("group"))
+
+    async def _find_group(self, member: Any) -> str | None:
+        """Members on other workers wait for the home worker to create the call's group
+        (each simulated user belongs to exactly one group)."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + 30.0
+        n = 0
+        while loop.time() < deadline:
+            n += 1
+            reply = await request(member.conn, {"type": "group.list", "id": f"group.list|{n}"})
+            groups = (reply.get("data") or {}).get("groups") or []
+            if groups:
+                return str(groups[0]["group"])
+            await asyncio.sleep(0.2)
+        self.rec.error("group.list:never_created")
+        return None
+
+    @classmethod
+    def units_for(cls, worker: int, workers: int, total_units: int) -> list[int]:
+        """Every worker holds a share of every call's members."""
+        return list(range(total_units))
 
     async def run(self, stop_at: float) -> None:
         """Media flows by itself; count what was sent when the run ends."""
@@ -135,5 +177,5 @@ class MediaCalls(Scenario):
 
     def finish(self) -> dict[str, Any]:
         """Calls and their size."""
-        return {"calls": len(self.rooms), "members_per_call": self.size,
+        return {"calls": self.calls, "members_per_call": self.size,
                 "publishers_per_call": self.publishers}

@@ -21,7 +21,8 @@ def test_every_publisher_reaches_every_member_with_stamped_frames(tmp_path: Path
     try:
         opts = build_parser().parse_args([
             "run", "media", "--url", srv.url, "--secret", secret, "--media-size", "3",
-            "--clients", "3", "--duration", "4", "--out", str(tmp_path / "out"), "--quiet",
+            "--clients", "3", "--duration", "4", "--workers", "2", "--out", str(tmp_path / "out"),
+            "--quiet",
         ])
         report = run_command(opts)
     finally:
