@@ -13,8 +13,9 @@ then, one configuration after the other:
    node without Redis and on two nodes with every message crossing nodes; the difference in
    p50/p99 is what the hop costs.
 3. Reconnect and sync: ``--clients`` clients on node 3 (signaling.client.Client, failing
-   over to the others), SIGKILL node 3, a message is sent to each of them right after; time
-   until every client is reconnected and until every client holds its message.
+   over to the others). Node 3 is frozen (SIGSTOP), one message per client is stored, then
+   node 3 is killed (SIGKILL) and the clock starts: time until every client is reconnected
+   and until every client has synced its missed message.
 
     .venv/bin/python bench/scaleout_bench.py
     .venv/bin/python bench/scaleout_bench.py --duration 10 --only saturation
@@ -377,7 +378,9 @@ async def reconnect_row(workdir: Path, store: str, redis: Proc,
 
         async def make(i: int) -> Client:
             async with sem:
-                c = Client([urls[2], urls[0], urls[1]], token(f"rc{i}"), device="d",
+                # Half fail over to n1 first, half to n2 (what a load balancer would do).
+                order = [urls[2], urls[0], urls[1]] if i % 2 else [urls[2], urls[1], urls[0]]
+                c = Client(order, token(f"rc{i}"), device="d",
                            max_backoff=2.0, request_timeout=60)
                 await c.connect()
                 return c
@@ -389,7 +392,14 @@ async def reconnect_row(workdir: Path, store: str, redis: Proc,
         await asyncio.sleep(2)
         for c in clients:
             c.pending_events()
+        # Node 3 is frozen first, then one message per client is stored: none can reach its
+        # client live, and all are in PostgreSQL before the clock starts.
+        procs[2].popen.send_signal(signal.SIGSTOP)
+        for i in range(0, args.clients, 50):
+            await asyncio.gather(*(sender.send_text("missed", user=f"rc{j}")
+                                   for j in range(i, min(i + 50, args.clients))))
         load_before = loadavg()
+        g0, n0 = own_cpu(), cpu([procs[0].pid, procs[1].pid])
         t_kill = time.monotonic()
         procs[2].popen.kill()
         procs[2].popen.wait()
@@ -404,11 +414,10 @@ async def reconnect_row(workdir: Path, store: str, redis: Proc,
             synced.append(time.monotonic() - t_kill)
 
         watchers = asyncio.gather(*(watch(c) for c in clients), return_exceptions=True)
-        # Sent right after the kill: none of it can reach the clients live on n3.
-        for i in range(0, args.clients, 50):
-            await asyncio.gather(*(sender.send_text("missed", user=f"rc{j}")
-                                   for j in range(i, min(i + 50, args.clients))))
         results = await watchers
+        wall = time.monotonic() - t_kill
+        gen_cpu = (own_cpu() - g0) / wall
+        node_cpu = (cpu([procs[0].pid, procs[1].pid]) - n0) / wall
         failures = [r for r in results if isinstance(r, BaseException)]
         await sender.close()
     finally:
@@ -427,6 +436,8 @@ async def reconnect_row(workdir: Path, store: str, redis: Proc,
         "synced_all_s": round(max(synced), 2) if synced else None,
         "synced_p50_s": pct(synced, 0.5), "synced_p99_s": pct(synced, 0.99),
         "mean_synced_s": round(statistics.mean(synced), 2) if synced else None,
+        "client_process_cpu_cores": round(gen_cpu, 2),
+        "surviving_nodes_cpu_cores": round(node_cpu, 2),
         "loadavg_before": load_before, "loadavg_after": loadavg(),
     }
 
