@@ -61,12 +61,16 @@ class MediaCalls(Scenario):
         receiving = counts.get("video_streams_receiving", 0)
         got = counts.get("video_frames_received", 0)
         missing = counts.get("video_frames_missing", 0)
+        # Frames the publishers produced times the members who should see each of them.
+        owed = counts.get("video_frames_owed", 0)
         return {
             "expected_video_streams": expected,
             "video_streams_receiving": receiving,
             "video_frames_received": got,
             "video_frames_missing": missing,
             "video_loss": round(missing / (got + missing), 4) if got + missing else None,
+            # Below 1 when streams fall behind (frames still queued or dropped at the end).
+            "video_delivery_ratio": round(got / owed, 4) if owed else None,
             "ok": expected > 0 and receiving >= expected and not errors,
         }
 
@@ -163,6 +167,7 @@ class MediaCalls(Scenario):
             for p in members:
                 if p.video is not None:
                     self.rec.counts["video_frames_sent"] += p.video.sent
+                    self.rec.counts["video_frames_owed"] += p.video.sent * (self.size - 1)
 
     async def drain(self, deadline: float) -> None:
         """Leave the rooms and close the peers."""

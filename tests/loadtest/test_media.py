@@ -37,6 +37,8 @@ def test_every_publisher_reaches_every_member_with_stamped_frames(tmp_path: Path
     assert s["latency_ms"]["frame_delay"]["count"] > 0
     # Loopback, three participants: nothing should go missing.
     assert s["checks"]["video_loss"] is not None and s["checks"]["video_loss"] < 0.05
+    # And the streams keep up: most of what the publishers produced reached every member.
+    assert s["checks"]["video_delivery_ratio"] > 0.8, s["checks"]
 
 
 class RelayLink:
