@@ -35,10 +35,6 @@ async def remote_tiles_decoding(user: User, others: list[str]) -> None:
         assert second["frames"] > first["frames"], (user.name, name, first, second)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="server side not landed: room.* signaling (room.join answers 'unknown request type')",
-)
 async def test_three_people_in_a_group_call_see_each_other(
     server: Server, browser: Browser
 ) -> None:
@@ -85,10 +81,6 @@ async def test_three_people_in_a_group_call_see_each_other(
     assert not alice.errors and not bob.errors and not carol.errors
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="server side not landed: room.* signaling (room.join answers 'unknown request type')",
-)
 async def test_group_call_with_relay_only_ice_goes_through_turn(
     turn_server: Server, browser: Browser
 ) -> None:
