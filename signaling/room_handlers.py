@@ -6,7 +6,7 @@ from typing import Any
 
 from im_bridge.errors import BadRequest
 from im_bridge.ids import check_group_id
-from signaling.codec import req_obj
+from signaling.codec import req_bool, req_obj
 from signaling.dispatch import RequestContext, handler
 from signaling.rooms import RoomManager
 from signaling.state import AppState
@@ -45,6 +45,11 @@ async def room_ice(ctx: RequestContext, req: dict[str, Any]) -> dict[str, Any]:
 async def room_leave(ctx: RequestContext, req: dict[str, Any]) -> dict[str, Any]:
     await _rooms(ctx).leave(ctx.session, req.get("room"))
     return {}
+
+
+@handler("room.record")
+async def room_record(ctx: RequestContext, req: dict[str, Any]) -> dict[str, Any]:
+    return await _rooms(ctx).record(ctx.session, req.get("room"), req_bool(req, "on"))
 
 
 async def setup(state: AppState) -> None:

@@ -15,6 +15,7 @@ import contextlib
 import logging
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from im_bridge.errors import BadRequest, Forbidden, NotFound, TalkbridgeError
@@ -38,6 +39,7 @@ class ActiveRoom:
     started_at: float
     participants: dict[str, tuple[str, str]] = field(default_factory=dict)  # pid -> (user, dev)
     joined_users: list[str] = field(default_factory=list)  # everyone who took part, in order
+    recording: bool = False
 
     @property
     def conv(self) -> str:
@@ -59,6 +61,7 @@ class RoomManager:
         self.by_room: dict[str, ActiveRoom] = {}
         self.by_group: dict[str, ActiveRoom] = {}
         self._grace: dict[str, asyncio.TimerHandle] = {}  # pid -> pending leave
+        self._held: dict[str, list[dict[str, Any]]] = {}  # pid -> events held until the reply
         self._tasks: set[asyncio.Task[Any]] = set()
 
     # ------------------------------------------------------------ the relay
@@ -123,12 +126,16 @@ class RoomManager:
         pid = participant_id(user, device)
         self._cancel_grace(pid)
         relay = await self.relay()
+        # The relay's first offer may be ready before this reply: hold the device's events
+        # until the reply is queued, so a client always knows the room id first.
+        self._held[pid] = []
         try:
             result = await relay.join(
                 room.room, pid, user=user, device=device, publish_audio=audio,
-                publish_video=video, emit=self._emitter(user, device),
+                publish_video=video, emit=self._emitter(user, device, pid),
             )
         except TalkbridgeError:
+            self._held.pop(pid, None)
             if started:
                 self._forget(room)
             raise
@@ -142,6 +149,9 @@ class RoomManager:
                 self.state, [m for m in members if m != user],
                 {"type": "room.started", "group": group, "room": room.room, "by": user},
             )
+        # Last, with no await after it: the gateway queues the reply in the same step as this
+        # handler returns, so the held events, released by a callback, follow the reply.
+        asyncio.get_running_loop().call_soon(self._release, user, device, pid)
         return {
             "room": room.room,
             "group": group,
@@ -173,6 +183,32 @@ class RoomManager:
     async def leave(self, session: Session, room_id: Any) -> None:
         room, pid = self.get(room_id, session)
         await self._leave(room, pid, "left")
+
+    async def record(self, session: Session, room_id: Any, on: bool) -> dict[str, Any]:
+        """``room.record``: an owner or admin turns recording of the room on or off.
+
+        Files go under ``<data dir>/recordings/<room>/`` (WebM: VP8 + Opus as forwarded,
+        nothing decoded). Everyone in the room and the timeline are told: recording is
+        never silent.
+        """
+        room, _ = self.get(room_id, session)
+        if await self.state.groups.role_of(room.group, session.user) not in ("owner", "admin"):
+            raise Forbidden("only the group's owner or an admin may record its calls")
+        relay = await self.relay()
+        if on:
+            directory = Path(self.state.config.data_dir) / "recordings" / room.room
+            files = await relay.start_recording(room.room, str(directory))
+        else:
+            files = await relay.stop_recording(room.room)
+        room.recording = on
+        event = {"type": "room.recording", "room": room.room, "on": on, "by": session.user}
+        users = list(dict.fromkeys(u for u, _ in room.participants.values()))
+        await publish(self.state, users, event)
+        await self._notice(
+            room, session.user, {"event": "recording_started" if on else "recording_stopped",
+                                 "room": room.room},
+        )
+        return {"room": room.room, "recording": on, "files": files}
 
     # ------------------------------------------------------------ membership and sessions
 
@@ -259,11 +295,25 @@ class RoomManager:
 
     # ------------------------------------------------------------ relay callbacks
 
-    def _emitter(self, user: str, device: str) -> Any:
+    def _emitter(self, user: str, device: str, pid: str) -> Any:
         async def emit(event: dict[str, Any]) -> None:
+            held = self._held.get(pid)
+            if held is not None:
+                held.append(event)
+                return
             await self.state.bus.publish_device(user, device, encode(event))
 
         return emit
+
+    def _release(self, user: str, device: str, pid: str) -> None:
+        self._spawn(self._drain_held(user, device, pid))
+
+    async def _drain_held(self, user: str, device: str, pid: str) -> None:
+        # Events emitted meanwhile are appended to the same list, so order is kept.
+        held = self._held.get(pid)
+        while held:
+            await self.state.bus.publish_device(user, device, encode(held.pop(0)))
+        self._held.pop(pid, None)
 
     async def _on_dropped(self, room_id: str, pid: str, reason: str) -> None:
         room = self.by_room.get(room_id)

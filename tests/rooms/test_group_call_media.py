@@ -85,3 +85,34 @@ async def test_three_members_see_and_hear_each_other_and_a_late_joiner_catches_u
         for p, wire in [*devices, *([late] if late else [])]:
             await wire.close()
             await p.close()
+
+
+async def test_a_recorded_call_leaves_playable_files_of_every_publisher(node: Node, tmp_path: Path):
+    import av
+
+    owner = await node.client("alice")
+    created = await owner.request("group.create", name="rec", members=["bob"], join_policy="open")
+    group = created["group"]["id"] if isinstance(created["group"], dict) else created["group"]
+    devices = [await _device(node, n, group) for n in ("alice", "bob")]
+    try:
+        alice = devices[0][0]
+        assert await wait_for(lambda: _gets_video_and_audio_of(alice, ["bob"]), 20)
+        wire = devices[0][1]  # alice's device in the room (the owner's)
+        room = wire.room
+        await wire.client.request("room.record", room=room, on=True)
+        before = alice.frames[("bob", "video")]
+        assert await wait_for(lambda: alice.frames[("bob", "video")] > before + 60, 10)
+        files = (await wire.client.request("room.record", room=room, on=False))["files"]
+        assert len(files) == 2 and all(
+            Path(f).is_relative_to(Path(node.config.data_dir)) for f in files
+        )
+        for f in files:
+            with av.open(f) as container:
+                video = [s for s in container.streams if s.type == "video"]
+                assert video, f"{f} has no video stream"
+                decoded = sum(1 for _ in container.decode(video=0))
+            assert decoded >= 30, f"{f}: {decoded} frames"
+    finally:
+        for p, wire in devices:
+            await wire.close()
+            await p.close()

@@ -7,6 +7,7 @@ device answers them.
 from __future__ import annotations
 
 import asyncio
+import json
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -167,3 +168,34 @@ async def test_a_device_that_reconnects_within_grace_stays_in_the_room(node: Nod
     await asyncio.sleep(1.0)  # twice the grace period
     assert not [e for e in alice.pending_events() if e["type"] == "room.left"]
     await back.request("room.leave", room=room)  # still a participant
+
+
+async def test_only_owner_or_admin_may_record_and_everyone_is_told(node: Node):
+    alice = await node.client("alice")
+    bob = await node.client("bob")
+    group = await _group(node, alice, "bob")
+    room = (await alice.request("room.join", group=group, media=AV))["room"]
+    await bob.request("room.join", group=group, media=AV)
+    with pytest.raises(ClientError) as e:
+        await bob.request("room.record", room=room, on=True)
+    assert e.value.code == "forbidden"
+    data = await alice.request("room.record", room=room, on=True)
+    assert data["recording"] is True
+    ev = await bob.next_event("room.recording")
+    assert ev == {"type": "room.recording", "room": room, "on": True, "by": "alice"}
+    await alice.request("room.record", room=room, on=False)
+    events = [n["event"] for n in await _notices(bob, group)]
+    assert events[-2:] == ["recording_started", "recording_stopped"]
+
+
+async def test_the_join_reply_comes_before_any_event_of_the_room(node: Node):
+    alice = await node.client("alice")
+    group = await _group(node, alice, "bob")
+    join = json.dumps({"type": "room.join", "id": "j", "group": group, "media": AV})
+    for i in range(5):
+        device = await node.client("alice", f"phone{i}")  # a fresh event queue each time
+        await device.send_raw(join)
+        first = await device.next_event(where=lambda e: e["type"] in ("reply", "room.sdp"))
+        assert first["type"] == "reply" and first["ok"], first
+        offer = await device.next_event("room.sdp")
+        assert offer["room"] == first["data"]["room"]
