@@ -8,6 +8,7 @@ import os
 import signal
 import socket
 import subprocess
+import sys
 import time
 import urllib.error
 import urllib.request
@@ -16,7 +17,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
-TALKBRIDGE = ROOT / ".venv" / "bin" / "talkbridge"
 JWT_SECRET = "browser-tests-secret-0123456789abcdef"
 
 
@@ -47,10 +47,11 @@ class Server:
     def start(self) -> None:
         env = {**os.environ, **self.env}
         log = self.log_path.open("ab")
+        # The interpreter running the tests has talkbridge installed (make test's venv).
         self.proc = subprocess.Popen(
-            [str(TALKBRIDGE), "serve", "--host", "127.0.0.1", "--port", str(self.port),
-             "--data-dir", str(self.data_dir)],
-            env=env, stdout=log, stderr=subprocess.STDOUT,
+            [sys.executable, "-m", "signaling", "serve", "--host", "127.0.0.1",
+             "--port", str(self.port), "--data-dir", str(self.data_dir)],
+            env=env, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT,
         )
         log.close()
         deadline = time.monotonic() + 20
