@@ -2,8 +2,11 @@
 
 Starts talkbridge (SQLite in a temp dir) and the baseline relays itself and runs:
 chat (100 pairs x 8 in flight) with bare and socket.io ratios, 500-member group fan-out,
-call setups, and idle connections with server RSS per connection (talkbridge and the bare
-relay). Prints a Markdown table; ``--json`` writes the rows too.
+call setups, idle connections with server RSS per connection (talkbridge and the bare
+relay), and group calls of growing size through the relay (frame delay p95 and delivered
+share per size). Prints a Markdown table; ``--json`` writes the rows too. The media rows
+use loopback ICE candidates only; run it inside scripts/netns-run to be sure no packet
+leaves the host.
 """
 
 from __future__ import annotations
@@ -60,6 +63,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--group-size", type=int, default=500)
     p.add_argument("--call-pairs", type=int, default=100)
     p.add_argument("--store", default=None, help="TALKBRIDGE_STORE for talkbridge")
+    p.add_argument("--media-sizes", default="3,6,9",
+                   help="media: call sizes to try, one call each ('' to skip)")
     stamp = time.strftime("%Y%m%d-%H%M%S")
     p.add_argument("--out", default=os.path.join("loadtest-out", f"figures-{stamp}"))
     p.add_argument("--json", default=None)
@@ -105,6 +110,32 @@ def main(argv: list[str] | None = None) -> int:
     rows.append(_row(f"call setups, {args.call_pairs} caller/callee pairs, 4 ICE each way",
                      rep, "calls", "calls/s"))
 
+    media: list[dict[str, Any]] = []
+    for size in [int(x) for x in args.media_sizes.split(",") if x.strip()]:
+        # Relay and participants gather loopback candidates only (no STUN anywhere).
+        srv = servers.start_talkbridge(
+            secret, store=args.store, extra_env={"TALKBRIDGE_RELAY_ADDRESSES": "127.0.0.1"}
+        )
+        with srv:
+            print(f"-- media, one call of {size}", file=sys.stderr, flush=True)
+            rep = _run(["media", "--url", srv.url, "--server-pid", str(srv.pid),
+                        "--media-size", str(size), "--clients", str(size),
+                        "--duration", str(min(args.duration, 10.0)), *common_tb,
+                        *out(f"media-{size}")])
+        s = rep["scenarios"]["media"]
+        c, fd = s["checks"], s["latency_ms"].get("frame_delay", {})
+        delivery = c.get("video_delivery_ratio") or 0.0
+        media.append({
+            "size": size, "streams": c.get("expected_video_streams"),
+            "receiving": c.get("video_streams_receiving"), "p50_ms": fd.get("p50"),
+            "p95_ms": fd.get("p95"), "delivery": delivery, "loss": c.get("video_loss"),
+            "within": bool(fd.get("p95") is not None and fd["p95"] <= 200 and delivery >= 0.99
+                           and (c.get("video_loss") or 0) <= 0.01),
+            "noise_cores": rep["generator"].get("other_processes_cores"),
+            "cpu_pressure": rep["generator"].get("cpu_pressure"),
+            "ok": c.get("ok"),
+        })
+
     idle: dict[str, Any] = {}
     for kind in ("talkbridge", "bare"):
         srv = fresh() if kind == "talkbridge" else servers.start_baseline("bare", secret)
@@ -134,9 +165,16 @@ def main(argv: list[str] | None = None) -> int:
     print(f"| idle connections held | {tb_idle['held']:,} | connect p99 "
           f"{tb_idle['connect_p99_ms']} ms | RSS/conn {tb_idle['rss_per_connection_kb']} KB | "
           f"bare relay {bare_idle['rss_per_connection_kb']} KB | {ratio} | | | |")
-    print("| media | not measured: room.* signaling not in the server yet | | | | | | | |")
+    for m in media:
+        verdict = "within" if m["within"] else "beyond"
+        print(f"| media: one call of {m['size']} ({m['streams']} relayed video streams, "
+              f"{m['receiving']} arriving) | {m['delivery'] * 100:.1f}% of frames delivered | "
+              f"{m['p50_ms']} | p95 {m['p95_ms']} | | {verdict} p95 200 ms / loss 1% | | "
+              f"{m['noise_cores']} | {m['cpu_pressure']} |")
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"rows": rows, "idle": idle, "cpus": os.cpu_count()}, f, indent=1)
-    ok = all(r["ok"] for r in rows) and all(v["ok"] for v in idle.values())
+            json.dump({"rows": rows, "idle": idle, "media": media, "cpus": os.cpu_count()}, f,
+                      indent=1)
+    ok = (all(r["ok"] for r in rows) and all(v["ok"] for v in idle.values())
+          and all(m["ok"] for m in media))
     return 0 if ok else 1

@@ -62,6 +62,9 @@ class Participant:
         self.inbox: asyncio.Queue[Frame] = asyncio.Queue()
         self.tasks: list[asyncio.Task[None]] = []
         self.n = 0
+        # Wall-clock ms of the run's start: frames sent before it (while calls were being
+        # set up) are neither timed nor owed.
+        self.count_from_ms: int | None = None
         conn.handler = self.on_frame
         self.pc.on("track", self._on_track)
 
@@ -147,8 +150,11 @@ class Participant:
                 rec.counts["video_frames_unreadable"] += 1
                 continue
             sent_ms, counter = got
-            rec.latency("frame_delay", stamp.delay_ms(sent_ms) * 1000)
             last = self.last_counter.get(key)
+            if self.count_from_ms is not None and sent_ms >= self.count_from_ms:
+                # Sent during the run: timed, and owed to this member.
+                rec.counts["video_frames_received_in_run"] += 1
+                rec.latency("frame_delay", stamp.delay_ms(sent_ms) * 1000)
             if last is None:
                 rec.counts["video_streams_receiving"] += 1
             elif counter > last + 1:

@@ -101,14 +101,24 @@ class StampedVideo(MediaStreamTrack):
         self.fps = fps
         self.sent = 0
         self._start: float | None = None
+        self._paused: asyncio.Future[None] | None = None
+
+    def pause(self) -> None:
+        """Produce no more frames (the sender just waits), so ``sent`` is final."""
+        if self._paused is None:
+            self._paused = asyncio.get_running_loop().create_future()
 
     async def recv(self) -> av.VideoFrame:
         """The next frame, on schedule."""
+        if self._paused is not None:
+            await self._paused
         if self._start is None:
             self._start = time.monotonic()
         wait = self._start + self.sent / self.fps - time.monotonic()
         if wait > 0:
             await asyncio.sleep(wait)
+        if self._paused is not None:  # paused while this call slept
+            await self._paused
         frame = av.VideoFrame(WIDTH, HEIGHT, "yuv420p")
         draw(frame, int(time.time() * 1000), self.sent)
         frame.pts = int(self.sent * 90000 / self.fps)

@@ -60,6 +60,7 @@ class MediaCalls(Scenario):
         expected = counts.get("expected_video_streams", 0)
         receiving = counts.get("video_streams_receiving", 0)
         got = counts.get("video_frames_received", 0)
+        in_run = counts.get("video_frames_received_in_run", 0)
         missing = counts.get("video_frames_missing", 0)
         # Frames the publishers produced times the members who should see each of them.
         owed = counts.get("video_frames_owed", 0)
@@ -70,7 +71,7 @@ class MediaCalls(Scenario):
             "video_frames_missing": missing,
             "video_loss": round(missing / (got + missing), 4) if got + missing else None,
             # Below 1 when streams fall behind (frames still queued or dropped at the end).
-            "video_delivery_ratio": round(got / owed, 4) if owed else None,
+            "video_delivery_ratio": round(in_run / owed, 4) if owed else None,
             "ok": expected > 0 and receiving >= expected and not errors,
         }
 
@@ -160,17 +161,33 @@ class MediaCalls(Scenario):
         return list(range(total_units))
 
     async def run(self, stop_at: float) -> None:
-        """Media flows by itself; count what was sent when the run ends."""
+        """Media flows by itself; at the end publishers stop, so what they sent is final.
+
+        Only frames sent during the run count: receivers time and count frames stamped at or
+        after the run's start (wall clock, common to all workers); publishers owe the frames
+        they produce from then on to every other member.
+        """
         loop = asyncio.get_running_loop()
+        start_ms = int(time.time() * 1000)
+        base: dict[int, int] = {}
+        for members in self.rooms:
+            for p in members:
+                p.count_from_ms = start_ms
+                if p.video is not None:
+                    base[id(p)] = p.video.sent
         await asyncio.sleep(max(0.0, stop_at - loop.time()))
         for members in self.rooms:
             for p in members:
                 if p.video is not None:
-                    self.rec.counts["video_frames_sent"] += p.video.sent
-                    self.rec.counts["video_frames_owed"] += p.video.sent * (self.size - 1)
+                    p.video.pause()
+                    sent = p.video.sent - base.get(id(p), 0)
+                    self.rec.counts["video_frames_sent"] += sent
+                    self.rec.counts["video_frames_owed"] += sent * (self.size - 1)
 
     async def drain(self, deadline: float) -> None:
-        """Leave the rooms and close the peers."""
+        """Let the frames still on their way arrive, then leave the rooms and close."""
+        loop = asyncio.get_running_loop()
+        await asyncio.sleep(max(0.0, min(1.5, deadline - loop.time())))
         t = time.monotonic()
         for members in self.rooms:
             for p in members:

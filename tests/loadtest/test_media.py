@@ -82,6 +82,7 @@ async def test_participants_negotiate_with_the_relay_and_read_every_stream() -> 
             link = RelayLink(relay, "r1", name)
             p = Participant(stats, len(people), link, True, 15.0)  # type: ignore[arg-type]
             p.room = "r1"
+            p.count_from_ms = 0  # time and count every frame
             p.tasks.append(asyncio.get_running_loop().create_task(p.run_inbox()))
             await relay.join("r1", name, user=name, device="d1", publish_audio=True,
                              publish_video=True, emit=p.on_frame)
