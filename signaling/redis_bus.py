@@ -417,7 +417,8 @@ class RedisBus(Bus):
                 return
             if self._had_connection and self._connected_long_enough:
                 delay = self.settings.backoff_min_s
-            await asyncio.sleep(delay * (1 + random.random()))
+            # Jitter, so that nodes (and their clients' resyncs) do not come back in step.
+            await asyncio.sleep(delay * (0.5 + random.random() / 2))
             delay = min(delay * 2, self.settings.backoff_max_s)
 
     async def _connect_and_serve(self) -> None:
@@ -444,7 +445,9 @@ class RedisBus(Bus):
             self._failed.clear()
             self._ready.set()
             self._serving = True
-            if self._had_connection:
+            if self._had_connection or len(self.hub):
+                # Sessions here may have missed frames (or were never registered, if they
+                # came while Redis was away): they reconnect and sync.
                 log.warning("Redis is back: node %s resumes", self.node_id)
                 self._resync_sessions("bus reconnected")
             self._had_connection = True
@@ -459,7 +462,7 @@ class RedisBus(Bus):
                 for t in done:
                     if t is not failed:
                         t.result()  # re-raise the Redis error
-                raise RedisError("a publish failed")
+                raise RedisError("a Redis command failed or the subscription ended")
             finally:
                 for t in (listener, beater, failed):
                     t.cancel()
@@ -713,6 +716,7 @@ _URL_SETTINGS = {
     "key_ttl": "key_ttl_s",
     "prefix": "prefix",
     "outbox": "outbox_limit",
+    "backoff_max": "backoff_max_s",
 }
 
 

@@ -18,7 +18,7 @@ from signaling.client import Client
 from tests.support import ServerProcess, free_port, server_env, token
 
 # Short heartbeats so a killed node's presence goes within seconds in tests.
-BUS_PARAMS = "heartbeat=0.5&node_ttl=3"
+BUS_PARAMS = "heartbeat=0.5&node_ttl=3&backoff_max=1"
 
 
 async def until(check: Callable[[], bool | Awaitable[bool]], timeout: float,

@@ -14,7 +14,7 @@ from signaling.bus import MemoryBus
 from signaling.client import Client
 from signaling.codec import encode
 from signaling.redis_bus import RedisBus, parse_redis_url
-from tests.scaleout.cluster import until
+from tests.scaleout.cluster import BUS_PARAMS, until
 from tests.scaleout.redis_server import RedisServer
 from tests.support import Node, fresh_pg_database, start_node
 
@@ -22,7 +22,7 @@ from tests.support import Node, fresh_pg_database, start_node
 @asynccontextmanager
 async def two_redis_nodes(redis_server: RedisServer, workdir: Path) -> AsyncIterator[list[Node]]:
     """Two in-process nodes sharing ``redis_server`` (own key prefix) and a fresh database."""
-    url = f"{redis_server.url}?heartbeat=0.5&node_ttl=3&prefix=b{secrets.token_hex(3)}:"
+    url = f"{redis_server.url}?{BUS_PARAMS}&prefix=b{secrets.token_hex(3)}:"
     async with fresh_pg_database() as db:
         started: list[Node] = []
         try:
@@ -178,3 +178,44 @@ def test_bus_settings_ride_on_the_redis_url() -> None:
     url, s = parse_redis_url("redis://h:6380/2?heartbeat=0.5&node_ttl=4&prefix=x:&db=2")
     assert url == "redis://h:6380/2?db=2"
     assert (s.heartbeat_s, s.node_ttl_s, s.prefix) == (0.5, 4.0, "x:")
+
+
+@pytest.mark.redis
+@pytest.mark.postgres
+async def test_a_node_started_while_redis_is_down_serves_once_it_is_back(
+    redis_server: RedisServer, tmp_path: Path
+) -> None:
+    url = f"{redis_server.url}?{BUS_PARAMS}&prefix=s{secrets.token_hex(3)}:"
+    async with fresh_pg_database() as db:
+        redis_server.stop()
+        late: Node | None = None
+        other: Node | None = None
+        try:
+            late = await start_node(db, tmp_path / "late", redis=url, node_id="late")
+            assert not await late.state.bus.ping()
+            jill = await late.client("jill", "d1")  # chat works without Redis, alone
+        finally:
+            redis_server.start()
+        try:
+            other = await start_node(db, tmp_path / "other", redis=url, node_id="other")
+
+            async def ready() -> bool:
+                return await late.state.bus.ping()
+
+            await until(ready, 15)
+            # jill connected while her node could not register her: she is made to resync,
+            # then reachable from the other node like anyone else
+            await jill.next_event("client.reconnected", timeout=10)
+
+            async def registered() -> bool:
+                return await other.state.bus.online_devices("jill") == ["d1"]
+
+            await until(registered, 5)
+            kim = await other.client("kim", "d1")
+            await kim.send_text("found you", user="jill")
+            ev = await jill.next_event("msg.new", where=lambda e: e["from"] == "kim")
+            assert ev["body"] == {"text": "found you"}
+        finally:
+            for n in (late, other):
+                if n is not None:
+                    await n.stop()
