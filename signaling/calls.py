@@ -111,12 +111,14 @@ class CallSettings:
     remember_ended: float = 120.0  # seconds an ended call still answers with conflict
     max_early_ice: int = 100  # caller candidates buffered before the answer
     max_held: int = 500  # events held for a party's device while it is away
+    force_relay: bool = False  # every call's media goes through the media relay
 
     @classmethod
     def from_config(cls, config: Any) -> CallSettings:
         """Settings from a :class:`signaling.config.Config`."""
         return cls(timeout=float(config.call_timeout), grace=float(config.call_grace),
-                   call_waiting=bool(config.call_waiting))
+                   call_waiting=bool(config.call_waiting),
+                   force_relay=bool(getattr(config, "call_via_relay", False)))
 
 
 @dataclass
@@ -149,6 +151,8 @@ class Call:
     early_ice: list[Any] = field(default_factory=list)
     timer: Timer | None = None  # ring timeout while ringing, forget-me timer once ended
     away: dict[tuple[str, str], _Away] = field(default_factory=dict)
+    # "p2p": SDP and ICE relayed between the devices; "relay": both join the call's room.
+    via: str = "p2p"
 
     def is_party(self, user: str) -> bool:
         return user in (self.caller, self.callee)
@@ -177,6 +181,8 @@ class Call:
 
     def summary(self) -> dict[str, Any]:
         data: dict[str, Any] = {"call_id": self.call_id, "state": self.state}
+        if self.via == "relay":
+            data["via"] = "relay"
         if self.state == "ringing":
             data["expires_at"] = _ms(self.expires_at)
         if self.end_reason is not None:
@@ -249,6 +255,15 @@ def parse_candidate(req: Mapping[str, Any]) -> dict[str, Any] | None:
     return out
 
 
+def parse_via(value: Any) -> str:
+    """Where a call's media goes: ``"p2p"`` (default) or ``"relay"`` (the media relay)."""
+    if value is None:
+        return "p2p"
+    if value not in ("p2p", "relay"):
+        raise BadRequest("'via' must be \"p2p\" or \"relay\"", field="via")
+    return str(value)
+
+
 def parse_media(value: Any) -> dict[str, bool]:
     """``media {audio, video}``: booleans, at least one true."""
     if not isinstance(value, Mapping):
@@ -318,7 +333,9 @@ class CallManager:
         call_id = parse_call_id(req)
         callee = parse_callee(req)
         media = parse_media(req.get("media"))
-        offer = parse_sdp(req.get("sdp"), ("offer",))
+        via = "relay" if self.settings.force_relay else parse_via(req.get("via"))
+        # Through the relay, each device negotiates with the relay (room.*), not its peer.
+        offer = parse_sdp(req.get("sdp"), ("offer",)) if via == "p2p" else {}
         if callee == user:
             raise BadRequest("cannot call yourself", field="to")
         known = self._calls.get(call_id)
@@ -331,7 +348,7 @@ class CallManager:
         settled = asyncio.get_running_loop().create_future()
         self._pending[call_id] = settled
         try:
-            return await self._invite(user, device, call_id, callee, media, offer)
+            return await self._invite(user, device, call_id, callee, media, offer, via)
         finally:
             del self._pending[call_id]
             settled.set_result(None)
@@ -349,7 +366,7 @@ class CallManager:
             return call.summary()
 
     async def _invite(self, user: str, device: str, call_id: str, callee: str,
-                      media: dict[str, bool], offer: dict[str, str]) -> Event:
+                      media: dict[str, bool], offer: dict[str, str], via: str) -> Event:
         await self.env.check_may_call(user, callee)
         # Asked before any state changes: if presence fails, the invite fails cleanly.
         devices = await self.env.online_devices(callee)
@@ -360,7 +377,7 @@ class CallManager:
             now = self.env.now()
             call = Call(call_id=call_id, caller=user, caller_device=device, callee=callee,
                         media=media, offer=offer, created_at=now,
-                        expires_at=now + self.settings.timeout)
+                        expires_at=now + self.settings.timeout, via=via)
             self._calls[call_id] = call
             rival = next((c for c in self.live_calls_of(callee)
                           if c.state == "ringing" and c.caller == callee and c.callee == user),
@@ -418,7 +435,7 @@ class CallManager:
         await self._settled(req)
         async with self._lock:
             call = self._call_for(user, req)
-            answer = parse_sdp(req.get("sdp"), ("answer",))
+            answer = parse_sdp(req.get("sdp"), ("answer",)) if call.via == "p2p" else None
             self._require_callee_device(call, user, device)
             if call.state == "connected":
                 raise Conflict("the call was already answered", reason="answered")
@@ -431,9 +448,12 @@ class CallManager:
             call.answered_at = self.env.now()
             others = sorted(call.rung - {device})
             call.rung.add(device)
-            self._to_party(call, call.caller, call.caller_device, {
-                "type": "call.accepted", "call_id": call.call_id, "device": device,
-                "sdp": answer})
+            accepted: Event = {"type": "call.accepted", "call_id": call.call_id, "device": device}
+            if answer is None:
+                accepted["via"] = "relay"
+            else:
+                accepted["sdp"] = answer
+            self._to_party(call, call.caller, call.caller_device, accepted)
             for d in others:
                 self._emit(user, d, {"type": "call.ended", "call_id": call.call_id,
                                      "reason": "answered_elsewhere"})
@@ -466,6 +486,7 @@ class CallManager:
             call = self._call_for(user, req)
             cand = parse_candidate(req)
             self._require_participant(call, user, device)
+            self._require_p2p(call)
             self._require_live(call)
             if call.state == "ringing":
                 if (user, device) != (call.caller, call.caller_device):
@@ -491,6 +512,7 @@ class CallManager:
             call = self._call_for(user, req)
             desc = parse_sdp(req.get("sdp"), ("offer", "answer"))
             self._require_participant(call, user, device)
+            self._require_p2p(call)
             self._require_live(call)
             if call.state != "connected":
                 raise Conflict("renegotiate after the call is answered")
@@ -636,13 +658,21 @@ class CallManager:
         if call.state != state:
             raise Conflict(f"the call is {call.state}", state=call.state)
 
+    def _require_p2p(self, call: Call) -> None:
+        if call.via != "p2p":
+            raise BadRequest("this call's media goes through the relay: negotiate with room.*")
+
     def _busy_besides(self, call: Call) -> bool:
         return any(c.call_id != call.call_id for c in self.live_calls_of(call.callee))
 
     def _invite_event(self, call: Call, waiting: bool) -> Event:
         event: Event = {"type": "call.invite", "call_id": call.call_id, "from": call.caller,
                         "from_device": call.caller_device, "media": dict(call.media),
-                        "sdp": dict(call.offer), "expires_at": _ms(call.expires_at)}
+                        "expires_at": _ms(call.expires_at)}
+        if call.via == "relay":
+            event["via"] = "relay"
+        else:
+            event["sdp"] = dict(call.offer)
         if waiting:
             event["waiting"] = True
         return event

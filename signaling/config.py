@@ -60,6 +60,7 @@ class Config:
     call_timeout: float = 45.0
     call_grace: float = 20.0  # seconds a disconnected party may take to resume a call
     call_waiting: bool = False
+    call_via_relay: bool = False  # policy: every 1:1 call's media goes through the media relay
     stun_urls: list[str] = field(default_factory=list)
     turn_urls: list[str] = field(default_factory=list)
     turn_secret: str = ""

@@ -6,7 +6,7 @@ from typing import Any
 
 from im_bridge.errors import BadRequest
 from im_bridge.ids import check_group_id
-from signaling.codec import req_bool, req_obj
+from signaling.codec import req_bool, req_obj, req_str
 from signaling.dispatch import RequestContext, handler
 from signaling.rooms import RoomManager
 from signaling.state import AppState
@@ -19,11 +19,14 @@ def _rooms(ctx: RequestContext) -> RoomManager:
 
 @handler("room.join")
 async def room_join(ctx: RequestContext, req: dict[str, Any]) -> dict[str, Any]:
-    group = check_group_id(req.get("group"))
     media = req_obj(req, "media")
     audio, video = media.get("audio", False), media.get("video", False)
     if not isinstance(audio, bool) or not isinstance(video, bool):
         raise BadRequest("'media.audio' and 'media.video' must be true or false", field="media")
+    if req.get("call") is not None:
+        call_id = req_str(req, "call", max_len=128)
+        return await _rooms(ctx).join_call(ctx.session, call_id, audio, video)
+    group = check_group_id(req.get("group"))
     return await _rooms(ctx).join(ctx.session, group, audio, video)
 
 

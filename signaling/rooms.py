@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from im_bridge.errors import BadRequest, Forbidden, NotFound, TalkbridgeError
+from im_bridge.errors import BadRequest, Conflict, Forbidden, NotFound, TalkbridgeError
 from im_bridge.ids import group_conv, new_id, now_ms
 from media.service import RelayService
 from signaling.codec import encode
@@ -31,18 +31,20 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class ActiveRoom:
-    """A running group call."""
+    """A running group call, or the room of a 1:1 call whose media goes through the relay."""
 
     room: str
-    group: str
+    group: str | None
     started_by: str
     started_at: float
     participants: dict[str, tuple[str, str]] = field(default_factory=dict)  # pid -> (user, dev)
     joined_users: list[str] = field(default_factory=list)  # everyone who took part, in order
     recording: bool = False
+    call_id: str | None = None
 
     @property
     def conv(self) -> str:
+        assert self.group is not None
         return group_conv(self.group)
 
 
@@ -60,6 +62,7 @@ class RoomManager:
         self._relay_lock = asyncio.Lock()
         self.by_room: dict[str, ActiveRoom] = {}
         self.by_group: dict[str, ActiveRoom] = {}
+        self.by_call: dict[str, ActiveRoom] = {}
         self._grace: dict[str, asyncio.TimerHandle] = {}  # pid -> pending leave
         self._held: dict[str, list[dict[str, Any]]] = {}  # pid -> events held until the reply
         self._tasks: set[asyncio.Task[Any]] = set()
@@ -114,7 +117,7 @@ class RoomManager:
 
     async def join(self, session: Session, group: str, audio: bool, video: bool) -> dict[str, Any]:
         """``room.join``: join (or start) the group's call."""
-        user, device = session.user, session.device
+        user = session.user
         if await self.state.groups.role_of(group, user) is None:
             raise Forbidden("only members of the group join its call")
         room = self.by_group.get(group)
@@ -123,6 +126,35 @@ class RoomManager:
             room = ActiveRoom(new_id("room_"), group, user, time.time())
             self.by_room[room.room] = room
             self.by_group[group] = room
+        return await self._join(session, room, started, audio, video)
+
+    async def join_call(
+        self, session: Session, call_id: str, audio: bool, video: bool
+    ) -> dict[str, Any]:
+        """``room.join {call}``: a party's device joins the room of a 1:1 call via the relay."""
+        user, device = session.user, session.device
+        calls = self.state.calls
+        call = calls.get(call_id) if calls is not None else None
+        if call is None or not call.is_party(user):
+            raise NotFound("no such call")
+        if call.via != "relay":
+            raise BadRequest("this call is peer to peer: it has no room", field="call")
+        if call.state != "connected":
+            raise Conflict(f"the call is {call.state}: join its room once it is answered")
+        if not call.is_participant(user, device):
+            raise Forbidden("another device of yours took this call")
+        room = self.by_call.get(call_id)
+        started = room is None
+        if room is None:
+            room = ActiveRoom(new_id("room_"), None, call.caller, time.time(), call_id=call_id)
+            self.by_room[room.room] = room
+            self.by_call[call_id] = room
+        return await self._join(session, room, started, audio, video)
+
+    async def _join(
+        self, session: Session, room: ActiveRoom, started: bool, audio: bool, video: bool
+    ) -> dict[str, Any]:
+        user, device = session.user, session.device
         pid = participant_id(user, device)
         self._cancel_grace(pid)
         relay = await self.relay()
@@ -142,19 +174,20 @@ class RoomManager:
         room.participants[pid] = (user, device)
         if user not in room.joined_users:
             room.joined_users.append(user)
-        if started:
+        if started and room.group is not None:
             await self._notice(room, user, {"event": "call_started", "room": room.room})
             members = await self.state.groups.members(room.conv)
             await publish(
                 self.state, [m for m in members if m != user],
-                {"type": "room.started", "group": group, "room": room.room, "by": user},
+                {"type": "room.started", "group": room.group, "room": room.room, "by": user},
             )
         # Last, with no await after it: the gateway queues the reply in the same step as this
         # handler returns, so the held events, released by a callback, follow the reply.
         asyncio.get_running_loop().call_soon(self._release, user, device, pid)
+        where = {"group": room.group} if room.group is not None else {"call": room.call_id}
         return {
             "room": room.room,
-            "group": group,
+            **where,
             "participants": result.get("participants", []),
             "ice_servers": self.state.ice_servers(user),
         }
@@ -192,6 +225,8 @@ class RoomManager:
         never silent.
         """
         room, _ = self.get(room_id, session)
+        if room.group is None:
+            raise Forbidden("1:1 calls are not recorded")
         if await self.state.groups.role_of(room.group, session.user) not in ("owner", "admin"):
             raise Forbidden("only the group's owner or an admin may record its calls")
         relay = await self.relay()
@@ -223,7 +258,7 @@ class RoomManager:
             await (await self.relay()).leave(room.room, pid)
         user = entry[0]
         still_here = any(u == user for u, _ in room.participants.values())
-        if not last and not still_here:
+        if not last and not still_here and room.group is not None:
             await self._notice(room, user, {"event": "call_left", "room": room.room, "reason": why})
         if last:
             await self._end(room)
@@ -236,6 +271,8 @@ class RoomManager:
             with contextlib.suppress(TalkbridgeError):
                 await (await self.relay()).leave(room.room, pid)
         room.participants.clear()
+        if room.group is None:
+            return  # a 1:1 call's room: the call log in the dm says it all
         duration = max(0, round(time.time() - room.started_at))
         await self._notice(
             room, room.started_by,
@@ -250,8 +287,16 @@ class RoomManager:
 
     def _forget(self, room: ActiveRoom) -> None:
         self.by_room.pop(room.room, None)
-        if self.by_group.get(room.group) is room:
+        if room.group is not None and self.by_group.get(room.group) is room:
             del self.by_group[room.group]
+        if room.call_id is not None and self.by_call.get(room.call_id) is room:
+            del self.by_call[room.call_id]
+
+    async def end_call(self, call_id: str) -> None:
+        """A 1:1 call through the relay ended: close its room."""
+        room = self.by_call.get(call_id)
+        if room is not None:
+            await self._end(room)
 
     async def on_disconnect(self, session: Session) -> None:
         """A device's socket closed: keep its media for the grace period, then leave."""
@@ -285,6 +330,7 @@ class RoomManager:
             self._spawn(self._check_members(room))
 
     async def _check_members(self, room: ActiveRoom) -> None:
+        assert room.group is not None
         for pid, (user, device) in list(room.participants.items()):
             if await self.state.groups.role_of(room.group, user) is None:
                 await self.state.bus.publish_device(

@@ -116,3 +116,41 @@ async def test_a_recorded_call_leaves_playable_files_of_every_publisher(node: No
         for p, wire in devices:
             await wire.close()
             await p.close()
+
+
+async def test_a_one_to_one_call_through_the_relay_carries_media_both_ways(node: Node):
+    alice_c = await node.client("alice", "a1")
+    bob_c = await node.client("bob", "b1")
+    await alice_c.request(
+        "call.invite",
+        call_id="rc1",
+        to={"user": "bob"},
+        media={"audio": True, "video": True},
+        via="relay",
+    )
+    await bob_c.next_event("call.invite")
+    await bob_c.request("call.accept", call_id="rc1")
+    await alice_c.next_event("call.accepted")
+    devices = []
+    try:
+        for client in (alice_c, bob_c):
+            wire = WireRelay(client, call="rc1")
+            peer = Peer(wire, "", client.user)  # type: ignore[arg-type]
+            await peer.join()
+            devices.append((peer, wire))
+        alice, bob = devices[0][0], devices[1][0]
+        assert await wait_for(lambda: _gets_video_and_audio_of(alice, ["bob"], 20), 20), dict(
+            alice.frames
+        )
+        assert await wait_for(lambda: _gets_video_and_audio_of(bob, ["alice"], 20), 20), dict(
+            bob.frames
+        )
+        assert alice.sizes["bob"] == (WIDTH, HEIGHT) and bob.sizes["alice"] == (WIDTH, HEIGHT)
+        for _, wire in devices:
+            await wire.close()  # stop forwarding events to the peers: the test reads them now
+        await alice_c.request("call.hangup", call_id="rc1")
+        assert (await bob_c.next_event("call.ended"))["reason"] == "hangup"
+    finally:
+        for p, wire in devices:
+            await wire.close()
+            await p.close()

@@ -17,9 +17,10 @@ from signaling.client import Client
 class WireRelay:
     """The relay as seen by one device through the server."""
 
-    def __init__(self, client: Client, group: str) -> None:
+    def __init__(self, client: Client, group: str | None = None, call: str | None = None) -> None:
         self.client = client
-        self.group = group
+        # What the room belongs to: a group (group call) or a 1:1 call through the relay.
+        self.where = {"group": group} if group is not None else {"call": call}
         self.room = ""
         self.reply: dict[str, Any] = {}
         self._pump: asyncio.Task[None] | None = None
@@ -37,7 +38,7 @@ class WireRelay:
     ) -> dict[str, Any]:
         self._pump = asyncio.ensure_future(self._forward(emit))
         self.reply = await self.client.request(
-            "room.join", group=self.group, media={"audio": publish_audio, "video": publish_video}
+            "room.join", **self.where, media={"audio": publish_audio, "video": publish_video}
         )
         self.room = self.reply["room"]
         return self.reply
