@@ -22,7 +22,7 @@ def line_chart(
     title: str, xs: list[float], series: dict[str, list[float | None]], unit: str = ""
 ) -> str:
     """An SVG line chart; ``None`` values break the line."""
-    w, h, left, bottom, top, right = 720, 220, 60, 30, 24, 130
+    w, h, left, bottom, top, right = 780, 220, 60, 30, 24, 200
     pts = [v for vals in series.values() for v in vals if v is not None]
     if not xs or not pts:
         return f"<h3>{_esc(title)}</h3><p>no data</p>"
