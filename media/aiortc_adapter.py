@@ -341,6 +341,7 @@ _MID_URI = "urn:ietf:params:rtp-hdrext:sdes:mid"
 _ABS_SEND_TIME_URI = "http://www.webrtc.org/experiments/rtp-hdrext/abs-send-time"
 _AUDIO_LEVEL_URI = "urn:ietf:params:rtp-hdrext:ssrc-audio-level"
 _NTP_EPOCH_OFFSET = 2208988800  # seconds from 1900 (NTP) to 1970 (Unix)
+_RESUME_SEQUENCE_JUMP = 2000
 
 
 class FrameLike(Protocol):
@@ -359,6 +360,7 @@ class FrameSource(Protocol):
     """Where a lean sender takes its frames (``media.forwarding.ForwardTrack``)."""
 
     kind: str
+    discontinuity: bool
 
     async def next_frame(self) -> FrameLike: ...
 
@@ -427,6 +429,14 @@ async def _lean_rtp_loop(sender: Any, source: FrameSource, codec: Any, parameter
             out = await source.next_frame()
             if not sender._enabled:
                 continue
+            if source.discontinuity:
+                # Resuming after a pause (audio-only period): packets lost before it will
+                # never be repaired, and receivers that wait for them in order (aiortc's
+                # jitter buffer) would stall. A jump past their NACK windows (Chrome gives
+                # up beyond 1000 missing, aiortc's buffer holds 512) lets them start over
+                # at the keyframe that comes next.
+                source.discontinuity = False
+                seq = (seq + _RESUME_SEQUENCE_JUMP) & 0xFFFF
             payloads = out.payloads()
             timestamp = (origin + out.timestamp) & 0xFFFFFFFF
             ntp = int((time.time() + _NTP_EPOCH_OFFSET) * 4294967296)

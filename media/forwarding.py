@@ -169,6 +169,9 @@ class ForwardTrack(MediaStreamTrack):
         self._waiting_keyframe = kind == "video"
         self._started = False
         self.paused = False
+        # Set when forwarding resumes after a pause: the send loop then skips ahead in
+        # sequence numbers so receivers drop what they still wait for from before the pause.
+        self.discontinuity = False
         self.frames_in = 0
         self.frames_out = 0
         self.overflows = 0
@@ -207,6 +210,7 @@ class ForwardTrack(MediaStreamTrack):
         """Start forwarding again after :attr:`paused` (waits for a fresh keyframe)."""
         if self.paused:
             self.paused = False
+            self.discontinuity = True
             if self.kind == "video":
                 self._waiting_keyframe = True
                 self._request_keyframe()

@@ -18,7 +18,9 @@ at a time; ``emit`` may be a plain function or a coroutine function):
   (off with ``membership_events=False`` when signaling sends its own).
 - ``{"type": "room.speaker", "room", "user", "participant"}``: the active speaker changed.
 - ``{"type": "room.audio_only", "room", "reason"}``: video to this device stopped because
-  its link keeps losing packets.
+  its link keeps losing packets (more than ``audio_only_loss`` for ``audio_only_after`` s);
+  ``{"type": "room.video_resumed", "room"}`` when it is tried again (after
+  ``audio_only_retry`` s, doubling after each relapse).
 - ``{"type": "room.dropped", "room", "reason"}``: the relay dropped this device
   (``ice_timeout``, ``ice_failed``).
 """
@@ -97,6 +99,9 @@ class Participant:
     )
     event_task: asyncio.Task[None] | None = None
     joined_at: float = field(default_factory=time.monotonic)
+    video_since: float = field(default_factory=time.monotonic)
+    audio_only_count: int = 0
+    audio_only_timer: asyncio.TimerHandle | None = None
 
     def send(self, event: Event) -> None:
         """Queue an event for this device (dropped, with a warning, if the queue is full)."""
@@ -163,6 +168,7 @@ class Relay:
         speaker_threshold: int = 60,
         audio_only_loss: float = 0.15,
         audio_only_after: float = 5.0,
+        audio_only_retry: float = 30.0,
         max_publish_bitrate: int = 1_500_000,
         min_subscriber_bitrate: int = 150_000,
         remb_interval: float = 1.0,
@@ -188,6 +194,7 @@ class Relay:
         self._speaker_threshold = speaker_threshold
         self._audio_only_loss = audio_only_loss
         self._audio_only_after = audio_only_after
+        self._audio_only_retry = audio_only_retry
         self._max_bitrate = max_publish_bitrate
         self._min_bitrate = min_subscriber_bitrate
         self._remb_interval = remb_interval
@@ -525,16 +532,40 @@ class Relay:
         """Move a subscriber whose video keeps getting lost to audio only, and tell it."""
         if sub.published.kind != "video" or p.audio_only:
             return
+        # No judgement in the first seconds of (resumed) video: reports then still cover the
+        # join, or the sequence jump at the resume, which are not losses of this link.
+        grace = self._audio_only_after if p.audio_only_count == 0 else max(
+            self._audio_only_after, 2.0
+        )
+        if time.monotonic() - p.video_since < grace:
+            return
         sub.loss = 0.7 * sub.loss + 0.3 * fraction
         if sub.loss < self._audio_only_loss:
-            return
-        if time.monotonic() - p.joined_at < self._audio_only_after:
             return
         p.audio_only = True
         for s in p.subscriptions.values():
             if s.published.kind == "video":
                 s.track.paused = True
         p.send({"type": "room.audio_only", "room": p.room_id, "reason": "loss"})
+        # Links recover: try video again later, waiting twice as long after each relapse.
+        retry = self._audio_only_retry * (2 ** p.audio_only_count)
+        p.audio_only_count += 1
+        p.audio_only_timer = asyncio.get_running_loop().call_later(
+            retry, self._resume_video, p
+        )
+
+    def _resume_video(self, p: Participant) -> None:
+        """Give an audio-only subscriber video again (from a fresh keyframe), and tell it."""
+        p.audio_only_timer = None
+        if p.closed or not p.audio_only:
+            return
+        p.audio_only = False
+        p.video_since = time.monotonic()
+        for s in p.subscriptions.values():
+            s.loss = 0.0
+            if s.published.kind == "video":
+                s.track.resume()
+        p.send({"type": "room.video_resumed", "room": p.room_id})
 
     # ----- negotiation --------------------------------------------------------------------
 
@@ -643,8 +674,9 @@ class Relay:
         if p.closed or room is None:
             return
         p.closed = True
-        if p.ice_timer is not None:
-            p.ice_timer.cancel()
+        for timer in (p.ice_timer, p.audio_only_timer):
+            if timer is not None:
+                timer.cancel()
         room.participants.pop(p.participant_id, None)
         recording = room.recordings.pop(p.participant_id, None)
         if recording is not None:

@@ -42,6 +42,10 @@ def _throttle(port: int) -> None:
         "flowid", "1:20")
 
 
+def _unthrottle() -> None:
+    _tc("filter", "del", "dev", "lo", "parent", "1:", "prio", "1")
+
+
 def _local_port(peer: Peer) -> int:
     transport = peer.pc.getTransceivers()[0].receiver.transport.transport
     candidates = transport.iceGatherer.getLocalCandidates()
@@ -50,7 +54,9 @@ def _local_port(peer: Peer) -> int:
 
 @pytest.fixture
 async def relay() -> AsyncIterator[Relay]:
-    r = Relay(["127.0.0.1"], [], max_publish_bitrate=300_000, audio_only_after=1.0)
+    r = Relay(
+        ["127.0.0.1"], [], max_publish_bitrate=300_000, audio_only_after=1.0, audio_only_retry=6.0
+    )
     try:
         yield r
     finally:
@@ -79,7 +85,7 @@ async def test_publishers_are_held_to_the_bitrate_cap(relay: Relay) -> None:
         await bob.close()
 
 
-async def test_a_throttled_subscriber_goes_audio_only_and_the_others_keep_their_frame_rate(
+async def test_a_throttled_subscriber_goes_audio_only_the_others_keep_their_frame_rate(
     relay: Relay, shaper: list[int]
 ) -> None:
     peers = [Peer(relay, "r", n) for n in ("alice", "bob", "carol")]
@@ -112,6 +118,12 @@ async def test_a_throttled_subscriber_goes_audio_only_and_the_others_keep_their_
         await asyncio.sleep(1.5)
         assert carol.frames[("alice", "audio")] > audio
         assert carol.frames[("alice", "video")] - video <= 2
+
+        # Her link recovers: the relay tries video again and it flows.
+        _unthrottle()
+        assert await wait_for(lambda: bool(carol.of_kind("room.video_resumed")), 10)
+        video = carol.frames[("alice", "video")]
+        assert await wait_for(lambda: carol.frames[("alice", "video")] > video + 15, 5)
     finally:
         for p in peers:
             await p.close()
