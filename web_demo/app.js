@@ -110,7 +110,13 @@ class App {
       this.rooms.active.set(c.group, { room: ev.body.room, by: ev.body.actor });
       this.onRoomChange(c.group);
     }
-    if ((e === "updated" || e === "created") && ev.body.name) c.name = ev.body.name;
+    if ((e === "updated" || e === "created") && ev.body.name) {
+      c.name = ev.body.name;
+      const g = this.groups.info.get(c.group);
+      if (g) g.name = ev.body.name;
+      if (this.chat.openConv === c) $("chat-title").textContent = this.chat.title(c);
+      if (this.rooms.room && this.rooms.room.group === c.group) $("room-title").textContent = `Group call · ${ev.body.name}`;
+    }
     this.groups.onNotice(c.group, ev.body || {});
   }
 

@@ -79,6 +79,18 @@ async def test_group_life_from_creation_to_dissolution(server: Server, browser: 
     await expect(failed).to_contain_text("can anyone hear me?")
     await expect(carol.page.locator("#toasts")).to_contain_text("Message not sent")
 
+    # Invite someone directly, and rename the group from the settings.
+    server.register("dave")
+    invite = alice.page.locator("#group-body form.inline-form")
+    await invite.locator("input").fill("dave")
+    await invite.locator("button").click()
+    await expect(notice(bob, "alice invited dave")).to_be_visible()
+    settings = alice.page.locator("#group-body form.settings")
+    await settings.locator('input[name="name"]').fill("Weekend trip (Sat)")
+    await settings.locator("button[type=submit]").click()
+    await expect(notice(bob, "alice renamed it “Weekend trip (Sat)”")).to_be_visible()
+    await expect(bob.page.locator("#chat-title")).to_have_text("Weekend trip (Sat)")
+
     # Kick, leave, dissolve.
     await carol_row.locator("button", has_text="Kick").click()
     await expect(notice(alice, "alice removed carol")).to_be_visible()
