@@ -368,6 +368,10 @@ class App {
       this.toast("Not connected to the server: calls need the signaling connection.", "error");
       return;
     }
+    if (this.rooms.room) {
+      this.toast("Leave the group call before starting a 1:1 call.", "warn");
+      return;
+    }
     this.calls.start(c.peer, media);
   }
 
@@ -381,6 +385,10 @@ class App {
     }
     if (!this.client || !this.client.isOpen) {
       this.toast("Not connected to the server: calls need the signaling connection.", "error");
+      return;
+    }
+    if (this.calls.call) {
+      this.toast("Hang up the 1:1 call before joining a group call.", "warn");
       return;
     }
     this.rooms.join(c.group, { audio: true, video: true });

@@ -83,9 +83,6 @@ export class CallManager {
       for (const t of call.localStream.getTracks()) call.pc.addTrack(t, call.localStream);
       // Receive what we send at least; an audio call still receives audio only.
       if (!media.audio) call.pc.addTransceiver("audio", { direction: "recvonly" });
-      if (!media.video) {
-        /* audio call: no video section */
-      }
       const offer = await call.pc.createOffer();
       await call.pc.setLocalDescription(offer);
       if (call.ended) return;
@@ -129,7 +126,7 @@ export class CallManager {
       this.accept(ev.call_id);
       return;
     }
-    if (this.call) {
+    if (this.call || this.app.rooms.room) {
       // This device is busy: say so, so the caller hears "busy" rather than ringing forever.
       this.app.client.request("call.reject", { call_id: ev.call_id, reason: "busy" }).catch(() => {});
       return;
