@@ -186,8 +186,8 @@ export class Client extends EventTarget {
 export function jwtPayload(token) {
   try {
     const part = token.split(".")[1];
-    const json = atob(part.replace(/-/g, "+").replace(/_/g, "/").padEnd(Math.ceil(part.length / 4) * 4, "="));
-    return JSON.parse(decodeURIComponent(escape(json)));
+    const bin = atob(part.replace(/-/g, "+").replace(/_/g, "/").padEnd(Math.ceil(part.length / 4) * 4, "="));
+    return JSON.parse(new TextDecoder().decode(Uint8Array.from(bin, (ch) => ch.charCodeAt(0))));
   } catch {
     return null;
   }
