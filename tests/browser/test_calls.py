@@ -99,6 +99,27 @@ async def test_declined_call_tells_the_caller_and_leaves_a_log(
     await call_log(alice, "Audio call · declined")
 
 
+async def test_answering_audio_only_sends_no_video_but_still_sees_the_caller(
+    server: Server, browser: Browser
+) -> None:
+    alice = await new_device(browser, server.url, "alice", register=True)
+    bob = await new_device(browser, server.url, "bob", register=True)
+    await alice.open_dm("bob")
+    await alice.page.click("#btn-video")
+    await bob.page.click("#incoming-accept-audio")
+    await wait_video_playing(bob.page, "#call-remote-video")
+    await expect(alice.page.locator("#call-status")).to_contain_text("In call")
+    # bob's camera stays off: alice receives his audio and no video.
+    assert await bob.state("tbCall.localStream.getVideoTracks().length") == 0
+    assert await alice.state("tbCall.remoteStream.getAudioTracks().length") == 1
+    assert await alice.state(
+        "tbCall.pc.getReceivers().filter((r) => r.track.kind === 'video')"
+        ".every((r) => r.track.muted)"
+    )
+    await bob.page.click("#call-hangup")
+    await call_log(alice, "Video call · completed")
+
+
 async def test_relay_only_call_connects_through_coturn(
     turn_server: Server, browser: Browser
 ) -> None:
