@@ -475,12 +475,27 @@ class RedisBus(Bus):
                 await pubsub.aclose()  # type: ignore[no-untyped-call]
 
     def _resync_sessions(self, why: str) -> None:
-        """Close every local session with 1012: each client reconnects and syncs."""
+        """Close every local session with 1012: each client reconnects and syncs.
+
+        Spread over up to 3 s (a second per 1,000 sessions), so that thousands of clients
+        do not reconnect and sync in the same instant. Until its turn a session misses
+        nothing it will not sync.
+        """
+        sessions = self.hub.sessions()
         notice = encode({"type": "server.resync", "reason": why, "reconnect_after_ms": 200})
-        for s in self.hub.sessions():
+        spread = min(3.0, len(sessions) / 1000)
+        loop = asyncio.get_running_loop()
+
+        def close(s: Session) -> None:
             s.send(notice)
             s.close_soon(CLOSE_RESYNC, why)
+
+        for s in sessions:
             self.stats.resync_closes += 1
+            if spread:
+                loop.call_later(random.uniform(0, spread), close, s)
+            else:
+                close(s)
 
     async def _beat(self, refresh: bool) -> None:
         assert self._redis is not None
