@@ -646,11 +646,13 @@ export class Chat {
       this.renderList();
       if (this.openConv === c) this.renderTimeline({ toBottom: true });
     } catch (err) {
-      if (err instanceof ServerError && (err.code === "network" || err.code === "timeout")) {
+      if (err instanceof ServerError && err.code === "network") {
         // Resent on reconnect; the server deduplicates by client_msg_id.
         this.renderTimeline({});
         return;
       }
+      // Anything else (timeout included) shows as not sent, with a Retry button: a retry
+      // reuses the client_msg_id, so a message the server did store is not duplicated.
       p.failed = true;
       p.error = err.message;
       this.app.toast(`Message not sent: ${err.message}`, "error");

@@ -10,6 +10,9 @@ export class ServerError extends Error {
 }
 
 const REQUEST_TIMEOUT_MS = 15000;
+// The server's default frame limit (TALKBRIDGE_MAX_FRAME). Larger frames get an error
+// without the request id, so the request would only time out: refuse them here instead.
+const MAX_FRAME = 65536;
 
 export class Client extends EventTarget {
   constructor({ url, token, device }) {
@@ -130,8 +133,8 @@ export class Client extends EventTarget {
     }
   }
 
-  _sendRaw(frame) {
-    this.ws.send(JSON.stringify(frame));
+  _sendRaw(frame, text = JSON.stringify(frame)) {
+    this.ws.send(text);
     this._emit("frame", { dir: "out", ts: Date.now(), frame });
   }
 
@@ -165,6 +168,13 @@ export class Client extends EventTarget {
       return Promise.reject(new ServerError("network", `${type}: not connected`));
     }
     const id = `r${this.nextId++}`;
+    const frame = { ...fields, type, id };
+    const text = JSON.stringify(frame);
+    if (text.length > MAX_FRAME) {
+      return Promise.reject(
+        new ServerError("too_large", `${type}: too long (${text.length} characters; the server takes up to ${MAX_FRAME})`),
+      );
+    }
     return new Promise((resolve, reject) => {
       const timer = setTimeout(() => {
         this.pending.delete(id);
@@ -172,7 +182,7 @@ export class Client extends EventTarget {
       }, REQUEST_TIMEOUT_MS);
       this.pending.set(id, { resolve, reject, timer, type });
       try {
-        this._sendRaw({ ...fields, type, id });
+        this._sendRaw(frame, text);
       } catch (err) {
         clearTimeout(timer);
         this.pending.delete(id);

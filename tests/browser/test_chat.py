@@ -227,3 +227,18 @@ async def test_two_users_in_one_browser_profile_with_profile_urls(
     await expect(pages["bob"].locator("#messages")).to_contain_text("same browser, two people")
     await pages["bob"].reload()
     await expect(pages["bob"].locator("#me")).to_contain_text("bob")
+
+
+async def test_a_message_too_long_for_the_server_is_marked_not_sent(
+    server: Server, browser: Browser
+) -> None:
+    alice = await new_device(browser, server.url, "alice", register=True)
+    server.register("bob")
+    await alice.open_dm("bob")
+    await alice.page.fill("#composer-input", "x" * 70000)
+    await alice.page.press("#composer-input", "Enter")
+    await expect(alice.page.locator("#toasts")).to_contain_text("Message not sent")
+    await expect(alice.page.locator("#messages li.msg.failed")).to_have_count(1)
+    # The connection is fine: a normal message still goes through.
+    await alice.send("short one")
+    await expect(alice.tick("short one")).to_have_attribute("data-state", "sent")
