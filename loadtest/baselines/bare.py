@@ -97,6 +97,11 @@ def make_app(secret: str, drop_every: int = 0, dup_every: int = 0) -> web.Applic
                         for _ in range(copies):
                             if not peer.closed:
                                 await peer.send_str(text)
+                    # The sender's other devices get their own message too (multi-device).
+                    if recipient != user:
+                        for peer in tuple(online.get(user, ())):
+                            if peer is not ws and not peer.closed:
+                                await peer.send_str(text)
                 elif kind == "ping":
                     await ws.send_str('{"type":"pong"}')
                 else:

@@ -56,6 +56,9 @@ def make_app(secret: str) -> web.Application:
             recipient, reply, event = out
             await sio.emit("frame", reply, to=sid)
             await sio.emit("frame", event, room=recipient)
+            if recipient != user:
+                # The sender's other devices get their own message too (multi-device).
+                await sio.emit("frame", event, room=user, skip_sid=sid)
         elif kind == "ping":
             await sio.emit("frame", {"type": "pong"}, to=sid)
         else:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import functools
 import time
 from typing import Any, ClassVar
 
@@ -21,31 +22,47 @@ _NS = 1_000_000_000
 
 
 class Pair:
-    """One sender, one receiver, and the messages between them."""
+    """One sender, one receiver, and the messages between them.
+
+    With ``--devices D`` both users have D devices: the sender's first device sends, every
+    receiver device must get each message once, and so must the sender's other devices
+    (the protocol syncs a user's own messages to their other devices).
+    """
 
     def __init__(
-        self, scenario: Chat, unit: int, sender: WsConn | SioConn, receiver: WsConn | SioConn
+        self,
+        scenario: Chat,
+        unit: int,
+        senders: list[WsConn | SioConn],
+        receivers: list[WsConn | SioConn],
     ) -> None:
         self.s = scenario
         self.unit = unit
-        self.sender = sender
-        self.receiver = receiver
+        self.sender = senders[0]
+        self.receiver = receivers[0]
+        self.receivers = receivers
+        self.syncs = senders[1:]
+        # Deliveries each message owes: every receiver device and the sender's other devices.
+        self.owed = len(receivers) + len(self.syncs)
         self.tag = f"{scenario.ctx.users.run}.{scenario.name}.{unit}"
-        # k -> [send time ns, replied, delivered]
+        # k -> [send time ns, replied, deliveries still owed]
         self.pending: dict[int, list[Any]] = {}
-        self.received: set[int] = set()
-        self.overdue: set[int] = set()  # acked, timed out before delivery
+        # Per receiving device (receivers first, then the sender's other devices).
+        self.seen: list[set[int]] = [set() for _ in range(self.owed)]
+        self.received = self.seen[0]
+        self.overdue: dict[int, int] = {}  # acked, timed out: deliveries still owed
         self.next_k = 0
         self.window: asyncio.Semaphore | None = None
         pad = "x" * max(0, scenario.size - 20)
         # Pre-built frame text: the hot path only formats two numbers in.
         self.template = (
-            '{{"type":"msg.send","id":"{k}","to":{{"user":"' + receiver.user + '"}},'
+            '{{"type":"msg.send","id":"{k}","to":{{"user":"' + self.receiver.user + '"}},'
             '"client_msg_id":"' + self.tag + '.{k}",'
             '"kind":"text","body":{{"text":"{t} ' + pad + '"}}}}'
         )
-        sender.handler = self.on_sender_frame
-        receiver.handler = self.on_receiver_frame
+        self.sender.handler = self.on_sender_frame
+        for i, conn in enumerate([*receivers, *self.syncs]):
+            conn.handler = functools.partial(self.on_receiver_frame, i)
 
     def frame_text(self, k: int, t_ns: int) -> str:
         """The msg.send frame for message ``k`` stamped ``t_ns``."""
@@ -55,7 +72,7 @@ class Pair:
         """Send the next message, stamped with ``t_ns`` (its intended send time)."""
         k = self.next_k
         self.next_k = k + 1
-        self.pending[k] = [t_ns, False, False]
+        self.pending[k] = [t_ns, False, self.owed]
         self.s.rec.in_flight += 1
         if isinstance(self.sender, WsConn):
             await self.sender.send_text(self.frame_text(k, t_ns))
@@ -85,15 +102,18 @@ class Pair:
                 return
             if frame.get("ok"):
                 rec.counts["acked"] += 1
+                rec.counts["expected_deliveries"] += len(self.receivers)
+                if self.syncs:
+                    rec.counts["expected_synced"] += len(self.syncs)
                 rec.latency("send_reply", (time.monotonic_ns() - entry[0]) / 1000)
                 entry[1] = True
                 self.s.on_acked(self, frame, entry[0])
-                if entry[2]:
+                if entry[2] <= 0:
                     self._complete(k)
             else:
                 err = frame.get("error") or {}
                 rec.error(f"msg.send:{err.get('code', 'unknown')}")
-                if entry[2]:
+                if entry[2] < self.owed:
                     rec.counts["delivered_unacked"] += 1
                 self._complete(k)
         elif kind == "error":
@@ -103,15 +123,17 @@ class Pair:
         else:
             self.s.on_sender_event(self, frame)
 
-    def on_receiver_frame(self, frame: Frame) -> None:
-        """Deliveries to the receiver."""
+    def on_receiver_frame(self, device: int, frame: Frame) -> None:
+        """Deliveries to receiving device ``device`` (0: the receiver's first device)."""
         kind = frame.get("type")
         rec = self.s.rec
         if kind != "msg.new":
             if kind == "error":
                 rec.error(f"error:{frame.get('code', 'unknown')}")
-            else:
+            elif device == 0:
                 self.s.on_receiver_frame(self, frame)
+            else:
+                rec.counts["other_events"] += 1
             return
         now = time.monotonic_ns()
         try:
@@ -120,21 +142,28 @@ class Pair:
         except (KeyError, IndexError, TypeError, ValueError):
             rec.error("deliver:unparsable")
             return
-        if k in self.received:
+        seen = self.seen[device]
+        if k in seen:
             rec.counts["duplicates"] += 1
             return
-        self.received.add(k)
-        rec.counts["delivered"] += 1
-        rec.latency("send_deliver", (now - t_ns) / 1000)
-        self.s.on_delivered(self, frame)
+        seen.add(k)
+        if device < len(self.receivers):
+            rec.counts["delivered"] += 1
+            rec.latency("send_deliver", (now - t_ns) / 1000)
+            if device == 0:
+                self.s.on_delivered(self, frame)
+        else:
+            rec.counts["synced"] += 1
+            rec.latency("send_sync", (now - t_ns) / 1000)
         entry = self.pending.get(k)
         if entry is None:
-            if k in self.overdue:
-                self.overdue.discard(k)
+            left = self.overdue.get(k)
+            if left:
+                self.overdue[k] = left - 1
                 rec.counts["late_deliveries"] += 1
             return
-        entry[2] = True
-        if entry[1]:
+        entry[2] -= 1
+        if entry[1] and entry[2] <= 0:
             self._complete(k)
 
     def sweep(self, now_ns: int, timeout_ns: int) -> None:
@@ -143,8 +172,8 @@ class Pair:
         for k in old:
             entry = self.pending[k]
             self.s.rec.counts["timeouts"] += 1
-            if entry[1] and not entry[2]:
-                self.overdue.add(k)
+            if entry[1] and entry[2] > 0:
+                self.overdue[k] = entry[2]
             elif not entry[1]:
                 self.s.rec.error("msg.send:no_reply")
             self._complete(k)
@@ -168,12 +197,17 @@ class Chat(Scenario):
         self.window = int(self.opts.window)
         self.rate = float(self.opts.rate)
         self.timeout_ns = int(float(self.opts.msg_timeout) * _NS)
+        self.devices = max(1, int(getattr(self.opts, "devices", 1) or 1))
 
     @classmethod
     def add_arguments(cls, parser: argparse.ArgumentParser) -> None:
         """``--pairs`` fixes the number of pairs regardless of ``--clients`` and weights."""
         parser.add_argument(
             "--pairs", type=int, default=0, help="chat: number of sender/receiver pairs"
+        )
+        parser.add_argument(
+            "--devices", type=int, default=1,
+            help="chat/receipts: devices per user (every one gets every message)",
         )
 
     @classmethod
@@ -183,14 +217,16 @@ class Chat(Scenario):
 
     @classmethod
     def checks(cls, counts: dict[str, int], errors: dict[str, int]) -> dict[str, Any]:
-        """Every acked message delivered exactly once, nothing failed."""
+        """Every acked message delivered exactly once to every device, nothing failed."""
         sent, acked, delivered = (
             counts.get("sent", 0),
             counts.get("acked", 0),
             counts.get("delivered", 0),
         )
+        expected = counts.get("expected_deliveries", acked)
+        synced, expected_synced = counts.get("synced", 0), counts.get("expected_synced", 0)
         lost, dups = counts.get("lost", 0), counts.get("duplicates", 0)
-        return {
+        out = {
             "sent": sent,
             "acked": acked,
             "delivered": delivered,
@@ -198,11 +234,16 @@ class Chat(Scenario):
             "duplicates": dups,
             "ok": sent > 0
             and sent == acked
-            and acked == delivered
+            and delivered == expected
+            and synced == expected_synced
             and not lost
             and not dups
             and not errors,
         }
+        if expected != acked or expected_synced:
+            out.update({"expected_deliveries": expected, "synced": synced,
+                        "expected_synced": expected_synced})
+        return out
 
     def frame_dict(self, pair: Pair, k: int, t_ns: int) -> Frame:
         """The msg.send frame as an object (socket.io encodes it itself)."""
@@ -234,17 +275,19 @@ class Chat(Scenario):
         """Connect both sides of every pair."""
         sem = asyncio.Semaphore(int(self.opts.connect_concurrency))
 
+        devices = [f"d{j + 1}" for j in range(self.devices)]
+
         async def make(unit: int) -> None:
             async with sem:
                 try:
-                    s = await self.connect(self.client_index(unit, 0))
-                    r = await self.connect(self.client_index(unit, 1))
+                    s = [await self.connect(self.client_index(unit, 0), d) for d in devices]
+                    r = [await self.connect(self.client_index(unit, 1), d) for d in devices]
                 except ConnectError:
                     return  # counted by code; the pair just does not take part
             pair = Pair(self, unit, s, r)
             self.pairs.append(pair)
-            s.start()
-            r.start()
+            for conn in (*s, *r):
+                conn.start()
 
         await asyncio.gather(*(make(u) for u in self.units))
 
@@ -320,10 +363,11 @@ class Chat(Scenario):
         lost = 0
         no_reply = 0
         for p in self.pairs:
-            lost += len(p.overdue)
+            # Counted in deliveries: one per device that never got an acked message.
+            lost += sum(p.overdue.values())
             for entry in p.pending.values():
-                if entry[1] and not entry[2]:
-                    lost += 1
+                if entry[1] and entry[2] > 0:
+                    lost += entry[2]
                 elif not entry[1]:
                     no_reply += 1
             p.pending.clear()

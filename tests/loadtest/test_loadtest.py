@@ -398,3 +398,17 @@ def test_chat_against_talkbridge_on_postgresql_matches_what_it_stored(tmp_path: 
             srv.stop()
     finally:
         asyncio.run(admin(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+
+
+def test_every_device_of_both_users_gets_every_message(
+    tmp_path: Path, talkbridge: servers.Server
+) -> None:
+    report = run(tmp_path, "chat", "--url", talkbridge.url, "--pairs", "2", "--devices", "3",
+                 "--duration", "1", "--window", "4")
+    s = chat_of(report)
+    c = s["counts"]
+    assert s["checks"]["ok"] is True, s["checks"]
+    # Three receiver devices each, and the sender's two other devices (own-message sync).
+    assert c["delivered"] == 3 * c["acked"] > 0
+    assert c["synced"] == 2 * c["acked"]
+    assert c["connected"] == 12 and c.get("duplicates", 0) == 0
