@@ -49,6 +49,8 @@ async def test_two_users_chat_see_receipts_and_keep_history_after_reload(
     await alice.conv_item(alice.dm_id("bob")).click()
     await expect(alice.message("Hi Bob, are you there?")).to_be_visible()
     await expect(alice.message("Yes, hello Alice!")).to_be_visible()
+    # The read tick is restored from the server (msg.receipts), not lost with the page.
+    await expect(alice.tick("Hi Bob, are you there?")).to_have_attribute("data-state", "read")
     assert not alice.errors and not bob.errors, alice.errors + bob.errors
 
 
