@@ -76,6 +76,8 @@ def _add_run_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--duration", type=float, default=10.0, help="seconds of load")
     g.add_argument("--ramp", type=float, default=0.0, help="seconds to start all senders")
     g.add_argument("--drain", type=float, default=5.0, help="seconds to wait for in-flight work")
+    g.add_argument("--setup-timeout", type=float, default=600.0,
+                   help="give up when connecting and set-up take longer (seconds)")
     g.add_argument(
         "--window", type=int, default=8, help="closed loop: messages in flight per sender"
     )

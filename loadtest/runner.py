@@ -148,6 +148,7 @@ class Run:
         done: set[int] = set()
         failures: list[str] = []
         last_sample = time.time()
+        setup_deadline = last_sample + float(self.opts.setup_timeout)
         peak = 0
         hard_deadline = None
         try:
@@ -199,6 +200,9 @@ class Run:
                         if not p.is_alive() and i not in done and p.exitcode not in (0, None):
                             if not any(f.startswith(f"worker {i}:") for f in failures):
                                 failures.append(f"worker {i}: exited with {p.exitcode}")
+                if hard_deadline is None and now > setup_deadline:
+                    failures.append(f"set-up not done after {self.opts.setup_timeout} s")
+                    break
                 if hard_deadline is not None and now > hard_deadline:
                     failures.append("run did not finish in time; workers killed")
                     break

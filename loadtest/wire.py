@@ -143,14 +143,20 @@ async def connect_ws(
     """Open, authenticate and return a connection whose reader is not yet started."""
     headers = {"Authorization": f"Bearer {token}"} if target.auth == "header" else {}
     try:
-        ws = await session.ws_connect(
-            target.url,
-            headers=headers,
-            heartbeat=None,
-            autoping=True,
-            max_msg_size=0,
-            timeout=aiohttp.ClientWSTimeout(ws_receive=None, ws_close=5.0),
+        # Bounded: a server that accepts TCP but never upgrades must not stall the run.
+        ws = await asyncio.wait_for(
+            session.ws_connect(
+                target.url,
+                headers=headers,
+                heartbeat=None,
+                autoping=True,
+                max_msg_size=0,
+                timeout=aiohttp.ClientWSTimeout(ws_receive=None, ws_close=5.0),
+            ),
+            timeout,
         )
+    except TimeoutError as exc:
+        raise ConnectError("handshake_timeout") from exc
     except aiohttp.WSServerHandshakeError as exc:
         raise ConnectError(f"http_{exc.status}", str(exc)) from exc
     except (aiohttp.ClientError, OSError) as exc:
