@@ -140,8 +140,7 @@ class ChatService:
 
     async def _append(self, req: SendRequest) -> Sent:
         msg, created = await self.store.write(ops.append_message(req, now_ms()), key=req.conv)
-        members = await self.members(msg.conv) if created else []
-        return Sent(msg, created, members)
+        return Sent(msg, created, await self.members(msg.conv))
 
     async def post_system(
         self,

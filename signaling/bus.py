@@ -7,13 +7,19 @@
 from __future__ import annotations
 
 import abc
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 from signaling.hub import Hub
+
+NodeMessageHook = Callable[[bytes], None]
 
 
 class Bus(abc.ABC):
     """Route events to users' devices across nodes."""
+
+    def __init__(self) -> None:
+        # Called with each node message another node broadcast (see broadcast()).
+        self.on_node_message: list[NodeMessageHook] = []
 
     @abc.abstractmethod
     async def publish_users(
@@ -29,6 +35,19 @@ class Bus(abc.ABC):
     async def online_devices(self, user: str) -> list[str]:
         """The user's connected devices on any node (the presence registry)."""
 
+    async def online_users(self, users: Sequence[str]) -> set[str]:
+        """Which of ``users`` have a connected device anywhere (engines batch this)."""
+        return {u for u in users if await self.online_devices(u)}
+
+    async def broadcast(self, message: bytes) -> None:
+        """Send a small message to every *other* node (e.g. "drop your cached members of
+        g:x"); they hand it to their ``on_node_message`` hooks. Best effort, in order."""
+        return None
+
+    def _node_message(self, message: bytes) -> None:
+        for hook in self.on_node_message:
+            hook(message)
+
     async def start(self) -> None:
         return None
 
@@ -43,6 +62,7 @@ class MemoryBus(Bus):
     """One process: delivery and presence are the local hub."""
 
     def __init__(self, hub: Hub) -> None:
+        super().__init__()
         self.hub = hub
 
     async def publish_users(
@@ -55,3 +75,6 @@ class MemoryBus(Bus):
 
     async def online_devices(self, user: str) -> list[str]:
         return self.hub.online_devices(user)
+
+    async def online_users(self, users: Sequence[str]) -> set[str]:
+        return {u for u in users if self.hub.online_devices(u)}

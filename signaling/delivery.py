@@ -42,14 +42,10 @@ async def deliver_message(
         return
     mentioned_all = bool(msg.mentions and "@all" in msg.mentions)
     # Members with a device on this node are online: a cheap local look-up spares the
-    # presence port (one await per member per message) for all but the rest.
-    offline = []
-    for user in state.hub.not_here(members):
-        if user == msg.sender:
-            continue  # never push to the sender's own devices
-        if await state.bus.online_devices(user):
-            continue
-        offline.append(user)
+    # presence port for all but the rest, which it answers in one batch.
+    elsewhere = [u for u in state.hub.not_here(members) if u != msg.sender]  # never the sender
+    online = await state.bus.online_users(elsewhere) if elsewhere else set()
+    offline = [u for u in elsewhere if u not in online]
     if not offline:
         return
     # A member who muted the conversation (conv.mute) is still pushed when mentioned.

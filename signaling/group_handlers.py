@@ -8,6 +8,7 @@ requester as ``group.request_resolved``.
 
 from __future__ import annotations
 
+import asyncio
 from typing import Any
 
 from im_bridge.groups import Change, GroupService
@@ -22,6 +23,40 @@ async def setup(state: AppState) -> None:
     groups = GroupService(state.store, member_limit=state.config.group_member_limit)
     state.groups = groups
     state.chat.group_members = groups.members
+    _share_membership_changes(state, groups)
+
+
+MEMBERS_CHANGED = b"members-changed "
+
+
+def _share_membership_changes(state: AppState, groups: GroupService) -> None:
+    """Keep every node's member cache in step: a change here is broadcast to the other
+    nodes, which drop their cached list and run their own hooks (e.g. rooms dropping a
+    removed member). A node that misses a broadcast (Redis outage) resyncs its sessions.
+    """
+    tasks: set[asyncio.Task[None]] = set()
+    from_remote = False
+
+    def announce(conv: str) -> None:
+        if from_remote:
+            return  # it came from another node: do not echo it back
+        task = asyncio.get_running_loop().create_task(
+            state.bus.broadcast(MEMBERS_CHANGED + conv.encode())
+        )
+        tasks.add(task)
+        task.add_done_callback(tasks.discard)
+
+    def on_node_message(message: bytes) -> None:
+        nonlocal from_remote
+        if message.startswith(MEMBERS_CHANGED):
+            from_remote = True
+            try:
+                groups.invalidate(message[len(MEMBERS_CHANGED) :].decode())
+            finally:
+                from_remote = False
+
+    groups.on_members_changed.append(announce)
+    state.bus.on_node_message.append(on_node_message)
 
 
 def _svc(ctx: RequestContext) -> GroupService:

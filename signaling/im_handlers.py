@@ -137,6 +137,10 @@ async def msg_send(ctx: RequestContext, req: dict[str, Any]) -> dict[str, Any]:
     if sent.created:
         state.metrics.messages.labels(msg.kind).inc()
         await deliver_message(state, msg, sent.members, exclude_session=s.session_id)
+    else:
+        # A retry: the first attempt may have died between its commit and its fan-out (a
+        # node crash), so deliver again (no push); clients keep one copy per (conv, seq).
+        await deliver_message(state, msg, sent.members, exclude_session=s.session_id, push=False)
     return {"conv": msg.conv, "seq": msg.seq, "msg_id": msg.msg_id, "ts": msg.ts}
 
 

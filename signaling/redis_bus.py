@@ -267,7 +267,7 @@ class RedisBusSettings:
 
 @dataclass
 class _Outgoing:
-    """One queued publish: a script and its arguments."""
+    """One queued publish: a script and its arguments (script "" is a plain PUBLISH)."""
 
     script: str
     keys: list[str]
@@ -292,6 +292,7 @@ class RedisBus(Bus):
     def __init__(
         self, url: str, hub: Hub, node_id: str, settings: RedisBusSettings | None = None
     ) -> None:
+        super().__init__()
         self.url = url
         self.hub = hub
         self.node_id = node_id
@@ -301,6 +302,7 @@ class RedisBus(Bus):
         self._k_nodes = p + "nodes"
         self._k_nu = f"{p}nu:{node_id}"
         self._channel = f"{p}ch:{node_id}".encode()
+        self._all_channel = f"{p}ch:*all".encode()  # node messages for every node
         self._redis: aioredis.Redis | None = None
         self._scripts: dict[str, Any] = {}
         self._shas: dict[str, str] = {}
@@ -376,6 +378,9 @@ class RedisBus(Bus):
         return self._scripts[name]
 
     def _queue_on(self, pipe: Any, item: _Outgoing) -> None:
+        if not item.script:
+            pipe.publish(item.keys[0], item.args[0])
+            return
         pipe.evalsha(self._shas[item.script], len(item.keys), *item.keys, *item.args)
 
     def _new_client(self) -> aioredis.Redis:
@@ -432,7 +437,7 @@ class RedisBus(Bus):
         self._shas = {name: await r.script_load(src) for name, src in _SCRIPTS.items()}
         pubsub = r.pubsub(ignore_subscribe_messages=True)
         try:
-            await pubsub.subscribe(self._channel)
+            await pubsub.subscribe(self._channel, self._all_channel)
             if self._had_connection:
                 self.stats.reconnects += 1
             # Entries left by an earlier life of this node id (a crash and restart, or an
@@ -533,9 +538,22 @@ class RedisBus(Bus):
             if msg.get("type") != "message":
                 continue
             try:
+                if msg.get("channel") == self._all_channel:
+                    self._on_node_message(msg["data"])
+                    continue
                 self._on_remote(msg["data"])
             except Exception:
                 log.exception("bad bus frame dropped")
+
+    def _on_node_message(self, raw: bytes) -> None:
+        sender, _, message = raw.partition(b"\n")
+        if sender.decode() != self.node_id:
+            self._node_message(message)
+
+    async def broadcast(self, message: bytes) -> None:
+        """To every other node over the shared channel (queued like any publish)."""
+        payload = self.node_id.encode() + b"\n" + message
+        self._enqueue(_Outgoing("", [self._all_channel.decode()], [payload]))
 
     def _on_remote(self, raw: bytes) -> None:
         self.stats.remote_frames_in += 1

@@ -214,3 +214,31 @@ async def test_offline_recipient_is_pushed_and_sender_never(node: Node):
     await alice.send_text("now you are", user="bob")
     await bob.next_event("msg.new")
     assert len(sent) == 1
+
+
+async def test_a_retried_send_is_delivered_again_and_the_client_keeps_one_copy(node: Node):
+    import json
+
+    import aiohttp
+
+    from tests.support import token
+
+    alice = await node.client("alice")
+    bob = await node.client("bob")
+    async with aiohttp.ClientSession() as http:
+        raw = await http.ws_connect(
+            node.ws_url,
+            headers={"Authorization": f"Bearer {token('bob')}"},
+            params={"device": "raw"},
+        )
+        assert json.loads((await raw.receive()).data)["type"] == "auth.ok"
+        await alice.send_text("once", user="bob", client_msg_id="same")
+        await alice.send_text("once", user="bob", client_msg_id="same")
+        # On the wire the retry re-sends the event (a crash may have lost the first fan-out)
+        seen = [json.loads((await raw.receive(timeout=5)).data) for _ in range(2)]
+        assert [(e["type"], e["seq"]) for e in seen] == [("msg.new", 1), ("msg.new", 1)]
+        await raw.close()
+    # ... and the client hands the message out once.
+    assert (await bob.next_event("msg.new"))["seq"] == 1
+    await asyncio.sleep(0.2)
+    assert not [e for e in bob.pending_events() if e["type"] == "msg.new"]

@@ -88,6 +88,32 @@ async def test_group_members_on_three_nodes_each_get_a_message_once(
     assert again == []
 
 
+async def test_a_member_added_on_one_node_gets_messages_sent_through_another(
+    cluster: Cluster,
+) -> None:
+    alice = await cluster.client("alice", "d", home=0)
+    bob = await cluster.client("bob", "d", home=1)
+    carol = await cluster.client("carol", "d", home=2)
+    created = await alice.request(
+        "group.create", name="late", members=["bob"], join_policy="invite_only")
+    group, conv = created["group"], created["conv"]
+    # bob's node now has the group's member list cached: [alice, bob]
+    first = await bob.send_text("before carol", group=group)
+    await alice.next_event("msg.new", where=lambda e: e["seq"] == first["seq"])
+    await alice.request("group.invite", group=group, users=["carol"])
+    await carol.next_event("msg.new", where=lambda e: e["conv"] == conv)  # the invite notice
+    # node n2 must have dropped its cached list when the membership changed on n1
+    async def carol_hears_bob() -> bool:
+        sent = await bob.send_text("for carol too", group=group)
+        try:
+            await carol.next_event("msg.new", timeout=0.5, where=lambda e: e["seq"] == sent["seq"])
+        except TimeoutError:
+            return False
+        return True
+
+    assert await carol_hears_bob(), "a member added on another node missed a live message"
+
+
 async def test_a_killed_nodes_presence_expires(
     cluster: Cluster, redis_server: RedisServer
 ) -> None:
