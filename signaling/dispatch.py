@@ -31,15 +31,23 @@ class RequestContext:
 
 Handler = Callable[[RequestContext, dict[str, Any]], Awaitable[dict[str, Any] | None]]
 HANDLERS: dict[str, Handler] = {}
+# Request types whose reply must reach the device before any event sent to it meanwhile.
+HOLDS_EVENTS: set[str] = set()
 
 
-def handler(name: str) -> Callable[[Handler], Handler]:
-    """Register ``fn`` as the handler of request type ``name``."""
+def handler(name: str, *, hold_events: bool = False) -> Callable[[Handler], Handler]:
+    """Register ``fn`` as the handler of request type ``name``.
+
+    ``hold_events``: the device's events wait while the request runs and follow its reply
+    (for requests that cause events the client can only read with the reply in hand).
+    """
 
     def register(fn: Handler) -> Handler:
         if name in HANDLERS and HANDLERS[name] is not fn:
             raise RuntimeError(f"two handlers for {name!r}")
         HANDLERS[name] = fn
+        if hold_events:
+            HOLDS_EVENTS.add(name)
         return fn
 
     return register

@@ -29,7 +29,7 @@ from im_bridge.errors import (
 from im_bridge.ids import now_ms
 from signaling.auth import Claims
 from signaling.codec import decode_frame, encode
-from signaling.dispatch import HANDLERS, RequestContext
+from signaling.dispatch import HANDLERS, HOLDS_EVENTS, RequestContext
 from signaling.keys import STATE
 from signaling.ratelimit import TokenBucket
 from signaling.session import CLOSE_AUTH_FAILED, Session
@@ -242,16 +242,21 @@ async def _run(
 ) -> None:
     state = ctx.state
     t0 = time.perf_counter()
+    holds = frame["type"] in HOLDS_EVENTS
+    if holds:
+        ctx.session.hold_events()
     try:
         data = await fn(ctx, frame)
-        ctx.session.send(_reply(rid, data))
+        ctx.session.send_reply(_reply(rid, data))
     except TalkbridgeError as err:
         state.metrics.errors.labels(err.code).inc()
-        ctx.session.send(_reply_error(rid, err))
+        ctx.session.send_reply(_reply_error(rid, err))
     except Exception:
         log.exception("handler for %s failed", frame.get("type"))
         state.metrics.errors.labels("internal").inc()
-        ctx.session.send(_reply_error(rid, Internal("internal error")))
+        ctx.session.send_reply(_reply_error(rid, Internal("internal error")))
     finally:
+        if holds:
+            ctx.session.release_events()
         slots.release()
         state.metrics.request_done(frame["type"], time.perf_counter() - t0)

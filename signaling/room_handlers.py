@@ -17,7 +17,9 @@ def _rooms(ctx: RequestContext) -> RoomManager:
     return rooms
 
 
-@handler("room.join")
+# The relay's first offer may be ready before the reply: the device's events wait for the
+# reply, so a client always knows the room id when the offer comes.
+@handler("room.join", hold_events=True)
 async def room_join(ctx: RequestContext, req: dict[str, Any]) -> dict[str, Any]:
     media = req_obj(req, "media")
     audio, video = media.get("audio", False), media.get("video", False)

@@ -64,7 +64,6 @@ class RoomManager:
         self.by_group: dict[str, ActiveRoom] = {}
         self.by_call: dict[str, ActiveRoom] = {}
         self._grace: dict[str, asyncio.TimerHandle] = {}  # pid -> pending leave
-        self._held: dict[str, list[dict[str, Any]]] = {}  # pid -> events held until the reply
         self._tasks: set[asyncio.Task[Any]] = set()
 
     # ------------------------------------------------------------ the relay
@@ -158,16 +157,12 @@ class RoomManager:
         pid = participant_id(user, device)
         self._cancel_grace(pid)
         relay = await self.relay()
-        # The relay's first offer may be ready before this reply: hold the device's events
-        # until the reply is queued, so a client always knows the room id first.
-        self._held[pid] = []
         try:
             result = await relay.join(
                 room.room, pid, user=user, device=device, publish_audio=audio,
-                publish_video=video, emit=self._emitter(user, device, pid),
+                publish_video=video, emit=self._emitter(user, device),
             )
         except TalkbridgeError:
-            self._held.pop(pid, None)
             if started:
                 self._forget(room)
             raise
@@ -181,9 +176,6 @@ class RoomManager:
                 self.state, [m for m in members if m != user],
                 {"type": "room.started", "group": room.group, "room": room.room, "by": user},
             )
-        # Last, with no await after it: the gateway queues the reply in the same step as this
-        # handler returns, so the held events, released by a callback, follow the reply.
-        asyncio.get_running_loop().call_soon(self._release, user, device, pid)
         where = {"group": room.group} if room.group is not None else {"call": room.call_id}
         return {
             "room": room.room,
@@ -341,25 +333,11 @@ class RoomManager:
 
     # ------------------------------------------------------------ relay callbacks
 
-    def _emitter(self, user: str, device: str, pid: str) -> Any:
+    def _emitter(self, user: str, device: str) -> Any:
         async def emit(event: dict[str, Any]) -> None:
-            held = self._held.get(pid)
-            if held is not None:
-                held.append(event)
-                return
             await self.state.bus.publish_device(user, device, encode(event))
 
         return emit
-
-    def _release(self, user: str, device: str, pid: str) -> None:
-        self._spawn(self._drain_held(user, device, pid))
-
-    async def _drain_held(self, user: str, device: str, pid: str) -> None:
-        # Events emitted meanwhile are appended to the same list, so order is kept.
-        held = self._held.get(pid)
-        while held:
-            await self.state.bus.publish_device(user, device, encode(held.pop(0)))
-        self._held.pop(pid, None)
 
     async def _on_dropped(self, room_id: str, pid: str, reason: str) -> None:
         room = self.by_room.get(room_id)

@@ -71,6 +71,9 @@ class Session:
         self._closing = False
         self.writer_task: asyncio.Task[None] | None = None
         self.frames_out = 0
+        # While > 0, events wait in _held (see hold_events); replies still go out.
+        self._holds = 0
+        self._held: list[bytes] = []
 
     @property
     def closed(self) -> bool:
@@ -81,10 +84,33 @@ class Session:
             self._writer(), name=f"ws-writer-{self.session_id}"
         )
 
+    def hold_events(self) -> None:
+        """Keep events back until :meth:`release_events` (a request whose reply must reach
+        the device before the events it causes, e.g. ``room.join`` and the relay's offer)."""
+        self._holds += 1
+
+    def release_events(self) -> None:
+        self._holds -= 1
+        if self._holds == 0 and self._held:
+            held, self._held = self._held, []
+            for frame in held:
+                self.send_framed(frame)
+
+    def send_reply(self, data: bytes) -> bool:
+        """Queue a reply: never held back."""
+        holds, self._holds = self._holds, 0
+        try:
+            return self.send(data)
+        finally:
+            self._holds = holds
+
     def send_framed(self, frame: bytes) -> bool:
         """Queue a complete frame (see :func:`frame_text`); False when the device is dropped."""
         if self._closing:
             return False
+        if self._holds:
+            self._held.append(frame)
+            return True
         if len(self._queue) >= self._queue_limit:
             log.warning("dropping slow device %s/%s: send queue full", self.user, self.device)
             self.close_soon(CLOSE_TOO_SLOW, "too slow")
