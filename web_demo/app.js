@@ -268,7 +268,11 @@ class App {
   _onEvent(ev) {
     try {
       if (ev.type.startsWith("call.")) return void this.calls.onEvent(ev);
-      if (ev.type.startsWith("room.")) return void this.rooms.onEvent(ev);
+      if (ev.type.startsWith("room.")) {
+        // A 1:1 call through the relay negotiates with room.* too.
+        if (this.calls.onRoomEvent(ev)) return;
+        return void this.rooms.onEvent(ev);
+      }
       if (this.chat.onEvent(ev)) return;
       if (ev.type === "pong") return;
       if (ev.type === "server.shutdown") {

@@ -1,7 +1,11 @@
 // 1:1 calls: call.invite / ringing / accept / ice / sdp / reject / cancel / hangup / ended.
-// One peer connection per call; every remote signaling message for it is applied through one
-// SerialQueue, in arrival order.
+// Peer to peer, one peer connection per call; every remote signaling message for it is applied
+// through one SerialQueue, in arrival order. A call placed with via:"relay" (the developer
+// switch, or the server's policy) carries no SDP in call.*: once answered, each of the two
+// devices joins the call's room on the media relay (room.join {call}) and negotiates with the
+// relay as in a group call (RelayLink). Ringing, answer, hangup and the call log stay call.*.
 
+import { RelayLink } from "./relaylink.js";
 import {
   SerialQueue,
   addRemoteCandidate,
@@ -73,25 +77,31 @@ export class CallManager {
       this.app.toast("You are already in a call.", "warn");
       return;
     }
-    const call = this._newCall({ id: newCallId(), role: "caller", peer, media });
+    const via = rtcSettings.callViaRelay ? "relay" : "p2p";
+    const call = this._newCall({ id: newCallId(), role: "caller", peer, media, via });
     this._show(`Calling ${this.app.nameOf(peer)}…`);
     try {
       call.localStream = await getLocalMedia(media);
       if (call.ended) return;
       this._attachLocal(call);
-      await this._createPc(call);
-      for (const t of call.localStream.getTracks()) call.pc.addTrack(t, call.localStream);
-      // Receive what we send at least; an audio call still receives audio only.
-      if (!media.audio) call.pc.addTransceiver("audio", { direction: "recvonly" });
-      const offer = await call.pc.createOffer();
-      await call.pc.setLocalDescription(offer);
-      if (call.ended) return;
-      const data = await this.app.client.request("call.invite", {
+      const req = {
         call_id: call.id,
         to: { user: peer },
         media: { audio: !!media.audio, video: !!media.video },
-        sdp: { type: call.pc.localDescription.type, sdp: call.pc.localDescription.sdp },
-      });
+      };
+      if (via === "relay") {
+        req.via = "relay"; // no SDP: the media path is negotiated with the relay after the answer
+      } else {
+        await this._createPc(call);
+        for (const t of call.localStream.getTracks()) call.pc.addTrack(t, call.localStream);
+        // Receive what we send at least; an audio call still receives audio only.
+        if (!media.audio) call.pc.addTransceiver("audio", { direction: "recvonly" });
+        const offer = await call.pc.createOffer();
+        await call.pc.setLocalDescription(offer);
+        if (call.ended) return;
+        req.sdp = { type: call.pc.localDescription.type, sdp: call.pc.localDescription.sdp };
+      }
+      const data = await this.app.client.request("call.invite", req);
       if (data.replaced_by) {
         // They called us at the same moment and their call won: take that one.
         this._end(call, `${this.app.nameOf(peer)} is calling you at the same time: joining their call…`, false);
@@ -102,6 +112,8 @@ export class CallManager {
         this._end(call, data.reason === "busy" ? `${this.app.nameOf(peer)} is busy on another call.` : REASONS[data.reason] || "Call ended", true);
         return;
       }
+      // The server's policy may send every call through the relay whatever we asked for.
+      if (data.via === "relay") this._switchToRelay(call);
       this._signalReady(call);
       if (!call.ended && call.state === "inviting") this._status("Waiting for an answer…");
     } catch (err) {
@@ -189,7 +201,9 @@ export class CallManager {
       this.app.client.request("call.reject", { call_id: other, reason: "busy" }).catch(() => {});
     }
     const media = { audio: !!(inv.media && inv.media.audio), video: !!(inv.media && inv.media.video) && !audioOnly };
-    const call = this._newCall({ id: callId, role: "callee", peer: inv.from, media });
+    // Through the relay whatever this device's own switch says: the caller (or the server) chose.
+    const via = inv.via === "relay" ? "relay" : "p2p";
+    const call = this._newCall({ id: callId, role: "callee", peer: inv.from, media, via });
     call.peerDevice = inv.from_device;
     // The chat with the caller opens underneath, so the call log shows up where expected.
     const conv = this.app.chat.dmId(inv.from);
@@ -205,6 +219,13 @@ export class CallManager {
       }
       if (call.ended) return;
       this._attachLocal(call);
+      if (via === "relay") {
+        await this.app.client.request("call.accept", { call_id: callId });
+        this._signalReady(call);
+        call.state = "connecting";
+        await this._joinRoom(call);
+        return;
+      }
       await this._createPc(call);
       // The offer goes through the call's queue like every later message for this call.
       await call.queue.push(async () => {
@@ -248,6 +269,11 @@ export class CallManager {
           call.state = "connecting";
           call.peerDevice = ev.device;
           this._status("Connecting media…");
+          if (ev.via === "relay" || call.via === "relay") {
+            this._switchToRelay(call);
+            this._joinRoom(call);
+            return true;
+          }
           call.queue.push(async () => {
             await call.pc.setRemoteDescription(ev.sdp);
             call.remoteReady = true;
@@ -345,7 +371,8 @@ export class CallManager {
   /** The network came back: restart ICE so media finds a path again. */
   restartIce() {
     const call = this.call;
-    if (!call || !call.pc || call.role !== "caller" || call.state !== "active") return;
+    // Through the relay there is no peer to renegotiate with: the relay makes the offers.
+    if (!call || !call.pc || call.via === "relay" || call.role !== "caller" || call.state !== "active") return;
     call.queue.push(async () => {
       if (call.pc.signalingState !== "stable") return;
       const offer = await call.pc.createOffer({ iceRestart: true });
@@ -358,9 +385,14 @@ export class CallManager {
 
   _newCall(fields) {
     const call = {
+      via: "p2p",
       ...fields,
       state: fields.role === "caller" ? "inviting" : "connecting",
       pc: null,
+      link: null, // RelayLink when the media goes through the relay
+      roomId: null,
+      joining: false,
+      earlyRoom: [], // room events that came before the room.join reply was handled
       localStream: null,
       remoteStream: new MediaStream(),
       earlyCandidates: [],
@@ -382,7 +414,7 @@ export class CallManager {
 
   async _createPc(call) {
     const servers = await iceServers(this.app.token, this.app.iceFallback());
-    const relay = rtcSettings.relayOnly || rtcSettings.forceRelayCall;
+    const relay = rtcSettings.relayOnly;
     const config = {
       iceServers: toRtcIceServers(servers),
       iceTransportPolicy: relay ? "relay" : "all",
@@ -393,31 +425,16 @@ export class CallManager {
     }
     const pc = new RTCPeerConnection(config);
     call.pc = pc;
-    registerPeer("call", pc, { label: `1:1 call with ${call.peer}`, policy: config.iceTransportPolicy });
+    registerPeer("call", pc, { label: `1:1 call with ${call.peer}`, policy: config.iceTransportPolicy, path: "peer to peer" });
     pc.onicecandidate = (e) => {
+      if (call.pc !== pc) return; // dropped for the relay path
       const wire = candidateToWire(e.candidate);
       if (call.ready) this._sendIce(call, wire);
       else call.outIce.push(wire);
     };
-    pc.ontrack = (e) => {
-      call.remoteStream.addTrack(e.track);
-      this.el.remote.srcObject = call.remoteStream;
-      this.el.remote.play().catch(() => {});
-    };
+    pc.ontrack = (e) => this._addRemoteTrack(call, e.track);
     pc.onconnectionstatechange = () => {
-      if (call.ended) return;
-      if (pc.connectionState === "connected") {
-        if (call.state !== "active") {
-          call.state = "active";
-          call.started = call.started || Date.now();
-          this._tickDuration();
-        }
-      } else if (pc.connectionState === "disconnected") {
-        this._status("Connection interrupted, trying to recover…");
-      } else if (pc.connectionState === "failed") {
-        this._status("Media connection failed. Restarting ICE…");
-        this.restartIce();
-      }
+      if (call.pc === pc) this._onConnState(call, pc.connectionState);
     };
     pc.oniceconnectionstatechange = () => {
       // Firefox before connectionState support reports here only.
@@ -430,13 +447,107 @@ export class CallManager {
     return pc;
   }
 
+  _addRemoteTrack(call, track) {
+    // One audio and one video: a track republished through the relay replaces the old one.
+    for (const old of call.remoteStream.getTracks()) if (old.kind === track.kind && old !== track) call.remoteStream.removeTrack(old);
+    if (!call.remoteStream.getTracks().includes(track)) call.remoteStream.addTrack(track);
+    this.el.remote.srcObject = call.remoteStream;
+    this.el.remote.play().catch(() => {});
+  }
+
+  _onConnState(call, state) {
+    if (call.ended) return;
+    if (state === "connected") {
+      if (call.state !== "active") {
+        call.state = "active";
+        call.started = call.started || Date.now();
+        this._tickDuration();
+      }
+    } else if (state === "disconnected") {
+      this._status("Connection interrupted, trying to recover…");
+    } else if (state === "failed") {
+      if (call.via === "relay") {
+        this._status("Media connection to the relay failed.");
+      } else {
+        this._status("Media connection failed. Restarting ICE…");
+        this.restartIce();
+      }
+    }
+  }
+
+  /** The call's media goes through the relay: drop any peer-to-peer connection begun for it. */
+  _switchToRelay(call) {
+    call.via = "relay";
+    call.outIce = [];
+    call.earlyCandidates = [];
+    if (call.pc && !call.link) {
+      unregisterPeer("call", call.pc);
+      call.pc.close();
+      call.pc = null;
+    }
+  }
+
+  /** Join the call's room on the relay (both parties' devices do, once the call is answered). */
+  async _joinRoom(call) {
+    if (call.link || call.joining || call.ended) return;
+    call.joining = true;
+    try {
+      const local = call.localStream || new MediaStream();
+      const sending = { audio: local.getAudioTracks().length > 0, video: local.getVideoTracks().length > 0 };
+      const data = await this.app.client.request("room.join", { call: call.id, media: sending });
+      if (call.ended) return; // the server closes the room with the call
+      call.roomId = data.room;
+      const servers = data.ice_servers && data.ice_servers.length ? data.ice_servers : this.app.iceFallback();
+      call.link = new RelayLink({
+        client: this.app.client,
+        room: data.room,
+        name: `room:${data.room}`,
+        label: `1:1 call with ${call.peer} through the media relay`,
+        local,
+        iceServers: toRtcIceServers(servers),
+        onTrack: (user, track) => {
+          if (user !== this.app.me) this._addRemoteTrack(call, track);
+        },
+        onState: (state) => this._onConnState(call, state),
+        onError: (err) => {
+          if (!call.ended) this.app.toast(`Call: ${(err && err.message) || err}`, "error");
+        },
+      });
+      call.pc = call.link.pc;
+      if (Array.isArray(data.tracks)) call.link.setTracks(data.tracks);
+      for (const ev of call.earlyRoom.splice(0)) this.onRoomEvent(ev);
+    } catch (err) {
+      this._fail(call, err);
+    }
+  }
+
+  /** Handle a room.* event of this device's 1:1 call through the relay; true when it was one. */
+  onRoomEvent(ev) {
+    const call = this.call;
+    if (!call || call.via !== "relay" || ev.type === "room.started" || ev.type === "room.ended") return false;
+    if (!call.link) {
+      if (!call.joining) return false;
+      call.earlyRoom.push(ev); // before the room.join reply was handled: replay in order
+      return true;
+    }
+    if (ev.room !== call.roomId) return false;
+    if (call.link.handle(ev)) return true;
+    if (ev.type === "room.audio_only") {
+      this.app.toast("Video paused: the network to the relay is losing too many packets. Audio continues.", "warn");
+    } else if (ev.type === "room.dropped") {
+      this._fail(call, new Error(`The relay dropped this device from the call (${ev.reason}).`));
+    }
+    return true;
+  }
+
   _signalReady(call) {
     call.ready = true;
-    for (const c of call.outIce.splice(0)) this._sendIce(call, c);
+    const out = call.outIce.splice(0);
+    if (call.via !== "relay") for (const c of out) this._sendIce(call, c);
   }
 
   _sendIce(call, candidate) {
-    if (call.ended) return;
+    if (call.ended || call.via === "relay") return;
     this.app.client.request("call.ice", { call_id: call.id, candidate }).catch((err) => {
       if (!call.ended) this.app.toast(err.message, "error");
     });
@@ -496,7 +607,9 @@ export class CallManager {
     if (call.ended) return;
     call.ended = true;
     clearInterval(this.durationTimer);
-    if (call.pc) {
+    if (call.link) {
+      call.link.close();
+    } else if (call.pc) {
       unregisterPeer("call", call.pc);
       call.pc.close();
     }

@@ -85,7 +85,7 @@ export class DevPanel {
       clear: document.getElementById("dev-clear"),
       peers: document.getElementById("dev-peers"),
       relayOnly: document.getElementById("dev-relay-only"),
-      forceRelay: document.getElementById("dev-force-relay"),
+      viaRelay: document.getElementById("dev-call-via-relay"),
       count: document.getElementById("dev-count"),
     };
     this.frames = [];
@@ -102,13 +102,13 @@ export class DevPanel {
     this.el.filter.oninput = () => this._refilter();
     rtcSettings.load();
     this.el.relayOnly.checked = rtcSettings.relayOnly;
-    this.el.forceRelay.checked = rtcSettings.forceRelayCall;
+    this.el.viaRelay.checked = rtcSettings.callViaRelay;
     this.el.relayOnly.onchange = () => {
       rtcSettings.relayOnly = this.el.relayOnly.checked;
       rtcSettings.save();
     };
-    this.el.forceRelay.onchange = () => {
-      rtcSettings.forceRelayCall = this.el.forceRelay.checked;
+    this.el.viaRelay.onchange = () => {
+      rtcSettings.callViaRelay = this.el.viaRelay.checked;
       rtcSettings.save();
     };
     window.addEventListener("tb-peers", () => this._renderPeers());
@@ -220,6 +220,7 @@ export class DevPanel {
     const s = this.latest.get(name);
     const pair = s && s.pair;
     const rows = [
+      ["media path", entry.meta.path || "peer to peer"],
       ["ICE policy", entry.meta.policy || "all"],
       ["signaling", pc.signalingState],
       ["ICE gathering", pc.iceGatheringState],

@@ -2,16 +2,8 @@
 // with room.tracks mapping each incoming track to the user it carries. The browser is the
 // polite side: the relay makes the offers and the browser answers them.
 
-import {
-  SerialQueue,
-  addRemoteCandidate,
-  candidateToWire,
-  getLocalMedia,
-  registerPeer,
-  rtcSettings,
-  toRtcIceServers,
-  unregisterPeer,
-} from "./rtc.js";
+import { getLocalMedia, toRtcIceServers } from "./rtc.js";
+import { RelayLink } from "./relaylink.js";
 
 export class RoomManager {
   /** app: {client, me, toast(), nameOf(user), iceFallback(), onRoomChange(group)} */
@@ -42,17 +34,14 @@ export class RoomManager {
     const r = {
       group,
       id: null,
+      link: null, // the RelayLink once the relay knows this device
       pc: null,
       local: null,
-      tracks: new Map(), // track_id -> {user, kind}
-      mids: new Map(), // mid -> {user, kind} when the relay says which section carries whom
       streams: new Map(), // user -> MediaStream
       participants: new Map(), // `${user}/${device}` -> {user, device}
-      pendingTracks: [], // remote tracks whose owner room.tracks has not named yet
       ended: false,
       early: [], // room events that arrived before the peer connection
     };
-    r.queue = new SerialQueue((err) => this._report(r, err));
     this.room = r;
     window.tbRoom = r;
     this.el.view.hidden = false;
@@ -78,9 +67,8 @@ export class RoomManager {
       r.id = data.room;
       this.active.set(group, { room: r.id, by: this.app.me });
       for (const p of data.participants || []) this._participant(r, p, true);
+      this._createLink(r, data.ice_servers);
       if (Array.isArray(data.tracks)) this._tracks(r, data.tracks);
-      this._createPc(r, data.ice_servers);
-      // Our tracks go onto the sections the relay offers to receive (see _attachLocal).
       for (const ev of r.early.splice(0)) if (ev.room === r.id) this.onEvent(ev);
       this._status("Connecting media…");
       this.app.onRoomChange(group);
@@ -90,79 +78,23 @@ export class RoomManager {
     }
   }
 
-  _createPc(r, servers) {
-    const config = {
+  _createLink(r, servers) {
+    r.link = new RelayLink({
+      client: this.app.client,
+      room: r.id,
+      name: `room:${r.id}`,
+      label: `group call ${this.app.groupName(r.group)}`,
+      local: r.local,
       iceServers: toRtcIceServers(servers && servers.length ? servers : this.app.iceFallback()),
-      iceTransportPolicy: rtcSettings.relayOnly ? "relay" : "all",
-      bundlePolicy: "max-bundle",
-    };
-    const pc = new RTCPeerConnection(config);
-    r.pc = pc;
-    registerPeer(`room:${r.id}`, pc, { label: `group call ${this.app.groupName(r.group)}`, policy: config.iceTransportPolicy });
-    pc.onicecandidate = (e) => {
-      if (r.ended) return;
-      this.app.client
-        .request("room.ice", { room: r.id, candidate: candidateToWire(e.candidate) })
-        .catch((err) => this._report(r, err));
-    };
-    // No onnegotiationneeded: the relay makes the offers (it picks every leg's codec) and
-    // the browser answers, attaching its tracks to the sections the relay receives on.
-    pc.ontrack = (e) => this._onTrack(r, e);
-    pc.onconnectionstatechange = () => {
-      if (r.ended) return;
-      const s = pc.connectionState;
-      if (s === "connected") this._status(`In call · ${this._people(r)}`);
-      else if (s === "disconnected") this._status("Connection interrupted, trying to recover…");
-      else if (s === "failed") this._status("Media connection to the relay failed.");
-    };
-  }
-
-  async _onRemoteSdp(r, sdp) {
-    const pc = r.pc;
-    if (sdp.type === "offer") {
-      if (pc.signalingState !== "stable") {
-        // Polite peer: drop any offer of ours and take the relay's.
-        await pc.setLocalDescription({ type: "rollback" });
-      }
-      await pc.setRemoteDescription(sdp);
-      await this._attachLocal(r, sdp.sdp);
-      await pc.setLocalDescription(await pc.createAnswer());
-      const desc = pc.localDescription;
-      await this.app.client.request("room.sdp", { room: r.id, sdp: { type: desc.type, sdp: desc.sdp } });
-      this._assignPending(r);
-    } else if (pc.signalingState === "have-local-offer") {
-      await pc.setRemoteDescription(sdp);
-    }
-  }
-
-  /**
-   * Put local tracks on the sections the relay offered to receive (a=recvonly on its side).
-   * addTrack could pick a section that carries someone else's media to us, so match by mid.
-   */
-  async _attachLocal(r, offerSdp) {
-    const wanted = new Map(); // mid -> kind, for sections where the relay receives
-    // Attribute order inside a section varies (a=recvonly may come before a=mid).
-    for (const section of offerSdp.split(/\r?\nm=/).slice(1)) {
-      const lines = section.split(/\r?\n/);
-      const kind = lines[0].split(" ")[0];
-      const midLine = lines.find((l) => l.startsWith("a=mid:"));
-      if (midLine && lines.includes("a=recvonly")) wanted.set(midLine.slice(6).trim(), kind);
-    }
-    const used = new Set();
-    for (const t of r.pc.getTransceivers()) {
-      if (!wanted.has(t.mid)) continue;
-      const k = wanted.get(t.mid);
-      if (t.sender.track) {
-        used.add(t.sender.track);
-        continue;
-      }
-      const track = r.local.getTracks().find((x) => x.kind === k && !used.has(x));
-      if (!track) continue;
-      used.add(track);
-      t.direction = "sendonly";
-      await t.sender.replaceTrack(track);
-      if (t.sender.setStreams) t.sender.setStreams(r.local);
-    }
+      onTrack: (user, track) => this._addRemote(user, track),
+      onState: (s) => {
+        if (s === "connected") this._status(`In call · ${this._people(r)}`);
+        else if (s === "disconnected") this._status("Connection interrupted, trying to recover…");
+        else if (s === "failed") this._status("Media connection to the relay failed.");
+      },
+      onError: (err) => this._report(r, err),
+    });
+    r.pc = r.link.pc;
   }
 
   /** Handle room.* events. Returns true when it was one. */
@@ -190,10 +122,8 @@ export class RoomManager {
         }
         return true;
       case "room.sdp":
-        if (mine && r.pc) r.queue.push(() => this._onRemoteSdp(r, ev.sdp));
-        return true;
       case "room.ice":
-        if (mine && r.pc) r.queue.push(() => addRemoteCandidate(r.pc, ev.candidate));
+        if (mine && r.link) r.link.handle(ev);
         return true;
       case "room.joined":
         if (mine) this._participant(r, ev, false);
@@ -244,43 +174,8 @@ export class RoomManager {
   }
 
   _tracks(r, tracks) {
-    for (const t of tracks) {
-      r.tracks.set(t.track_id, t);
-      if (t.mid != null) r.mids.set(String(t.mid), t);
-      if (t.user && t.user !== this.app.me) this._tile(t.user, false);
-    }
-    this._assignPending(r);
-  }
-
-  _ownerOf(r, track, transceiver, streams) {
-    const byId = r.tracks.get(track.id);
-    if (byId) return byId.user;
-    if (transceiver && transceiver.mid != null && r.mids.has(String(transceiver.mid))) return r.mids.get(String(transceiver.mid)).user;
-    // Some relays name the stream after the track's owner (msid "<user>" or "<user>:<x>").
-    for (const s of streams || []) {
-      const hit = r.tracks.get(s.id);
-      if (hit) return hit.user;
-    }
-    return null;
-  }
-
-  _onTrack(r, e) {
-    const user = this._ownerOf(r, e.track, e.transceiver, e.streams);
-    if (!user) {
-      r.pendingTracks.push(e);
-      return;
-    }
-    this._addRemote(user, e.track);
-  }
-
-  _assignPending(r) {
-    const still = [];
-    for (const e of r.pendingTracks) {
-      const user = this._ownerOf(r, e.track, e.transceiver, e.streams);
-      if (user) this._addRemote(user, e.track);
-      else still.push(e);
-    }
-    r.pendingTracks = still;
+    for (const t of tracks) if (t.user && t.user !== this.app.me) this._tile(t.user, false);
+    r.link.setTracks(tracks);
   }
 
   _addRemote(user, track) {
@@ -359,10 +254,7 @@ export class RoomManager {
   _close(r) {
     if (r.ended) return;
     r.ended = true;
-    if (r.pc) {
-      unregisterPeer(`room:${r.id}`, r.pc);
-      r.pc.close();
-    }
+    if (r.link) r.link.close();
     if (r.local) for (const t of r.local.getTracks()) t.stop();
     this.el.tiles.replaceChildren();
     this.el.view.hidden = true;

@@ -64,10 +64,13 @@ const SETTINGS_KEY = "tb.rtc";
 /** Developer switches, kept across reloads. */
 export const rtcSettings = {
   relayOnly: false, // iceTransportPolicy "relay" on every peer connection
-  forceRelayCall: false, // 1:1 calls: send media only through TURN relay candidates
+  callViaRelay: false, // place 1:1 calls with via:"relay": media through the server's media relay
   load() {
     try {
-      Object.assign(this, JSON.parse(localStorage.getItem(SETTINGS_KEY) || "{}"));
+      const saved = JSON.parse(localStorage.getItem(SETTINGS_KEY) || "{}");
+      // Only known switches: an old "forceRelayCall" (TURN for 1:1 calls) meant something else.
+      if (typeof saved.relayOnly === "boolean") this.relayOnly = saved.relayOnly;
+      if (typeof saved.callViaRelay === "boolean") this.callViaRelay = saved.callViaRelay;
     } catch {
       /* defaults */
     }
@@ -75,7 +78,7 @@ export const rtcSettings = {
   save() {
     localStorage.setItem(
       SETTINGS_KEY,
-      JSON.stringify({ relayOnly: this.relayOnly, forceRelayCall: this.forceRelayCall }),
+      JSON.stringify({ relayOnly: this.relayOnly, callViaRelay: this.callViaRelay }),
     );
   },
 };

@@ -126,7 +126,8 @@ async def test_relay_only_call_connects_through_coturn(
     alice = await new_device(browser, turn_server.url, "alice", register=True)
     bob = await new_device(browser, turn_server.url, "bob", register=True)
     await alice.page.click("#dev-toggle")
-    await alice.page.check("#dev-force-relay")
+    # Relay-only ICE: the 1:1 call stays peer to peer, but only through coturn's candidates.
+    await alice.page.check("#dev-relay-only")
     await alice.open_dm("bob")
     await alice.page.click("#btn-video")
     await bob.page.click("#incoming-accept")
@@ -135,6 +136,7 @@ async def test_relay_only_call_connects_through_coturn(
     await wait_video_playing(bob.page, "#call-remote-video")
     card = alice.page.locator('#dev-peers [data-peer="call"]')
     await expect(card.locator('[data-field="ICE policy"]')).to_have_text("relay")
+    await expect(card.locator('[data-field="media path"]')).to_have_text("peer to peer")
     await expect(card.locator('[data-field="candidate pair"]')).to_contain_text("relay →")
     pair = await alice.state("window.tbStats.get('call').pair")
     assert pair["local"] == "relay", pair

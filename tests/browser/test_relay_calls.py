@@ -1,0 +1,116 @@
+"""1:1 calls whose media goes through the server's media relay (via "relay") in the browser."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+from playwright.async_api import Browser, expect
+
+from tests.browser.pages import User, new_device
+from tests.browser.server import Server, run_server
+from tests.browser.test_calls import call_log, wait_video_playing
+
+pytestmark = pytest.mark.netns
+
+
+async def frames(user: User, direction: str) -> list[dict[str, Any]]:
+    """The signaling frames the page sent ("out") or received ("in"), oldest first."""
+    found: list[dict[str, Any]] = await user.page.evaluate(
+        "(dir) => tb.dev.frames.filter((f) => f.dir === dir).map((f) => f.frame)", direction
+    )
+    return found
+
+
+async def assert_media_through_relay(user: User) -> None:
+    """The call's only peer connection is the one to the relay's room, and the panel says so."""
+    await user.page.click("#dev-toggle")
+    card = user.page.locator('#dev-peers .peer-card[data-peer^="room:"]')
+    await expect(card).to_have_count(1)
+    await expect(card.locator("h4")).to_contain_text("through the media relay")
+    await expect(card.locator('[data-field="media path"]')).to_contain_text("media relay (room_")
+    await expect(card.locator('[data-field="connection"]')).to_have_text("connected")
+    await expect(card.locator('[data-field="resolution"]')).to_contain_text("×")
+    await expect(user.page.locator('#dev-peers .peer-card[data-peer="call"]')).to_have_count(0)
+    names = await user.state("[...window.tbPeers.keys()]")
+    room = await user.state("tbCall.roomId")
+    assert names == [f"room:{room}"], names
+    await user.page.click("#dev-close")
+    sent = [f["type"] for f in await frames(user, "out")]
+    # Negotiated with the relay only: no SDP or candidate went to the other party.
+    assert "room.join" in sent and "room.sdp" in sent, sent
+    assert "call.ice" not in sent and "call.sdp" not in sent, sent
+
+
+async def test_video_call_through_the_media_relay(server: Server, browser: Browser) -> None:
+    alice = await new_device(browser, server.url, "alice", register=True)
+    bob = await new_device(browser, server.url, "bob", register=True)
+    # alice asks for the relay; bob's own switch is off and his page follows the invite.
+    await alice.page.click("#dev-toggle")
+    await alice.page.check("#dev-call-via-relay")
+    await alice.page.click("#dev-close")
+    await alice.open_dm("bob")
+    await bob.open_dm("alice")
+
+    await alice.page.click("#btn-video")
+    dialog = bob.page.locator("#incoming-dialog")
+    await expect(dialog.locator("#incoming-title")).to_have_text("alice is calling")
+    await expect(dialog.locator("#incoming-media")).to_have_text("Video call")
+    await expect(alice.page.locator("#call-status")).to_have_text("Ringing…")
+    invite = next(f for f in await frames(alice, "out") if f["type"] == "call.invite")
+    assert invite["via"] == "relay" and "sdp" not in invite, invite
+    await bob.page.click("#incoming-accept")
+    await expect(dialog).to_be_hidden()
+
+    await wait_video_playing(alice.page, "#call-remote-video")
+    await wait_video_playing(bob.page, "#call-remote-video")
+    await expect(alice.page.locator("#call-status")).to_contain_text("In call")
+    await expect(bob.page.locator("#call-status")).to_contain_text("In call")
+    # Both devices are in the same room on the relay.
+    assert await alice.state("tbCall.roomId") == await bob.state("tbCall.roomId")
+    await assert_media_through_relay(alice)
+    await assert_media_through_relay(bob)
+
+    # Mute works as in any call; then bob hangs up and it ends for both, with the log.
+    await alice.page.click("#call-mic")
+    assert await alice.state("tbCall.localStream.getAudioTracks()[0].enabled") is False
+    await bob.page.click("#call-hangup")
+    await expect(alice.page.locator("#call-status")).to_have_text("Call ended")
+    await expect(alice.page.locator("#call-view")).to_be_hidden()
+    await expect(bob.page.locator("#call-view")).to_be_hidden()
+    assert await alice.state("window.tbPeers.size") == 0
+    assert await bob.state("window.tbPeers.size") == 0
+    await call_log(alice, "Video call · completed")
+    await call_log(bob, "Video call · completed")
+    assert not alice.errors and not bob.errors, alice.errors + bob.errors
+
+
+async def test_server_policy_sends_a_plain_call_through_the_relay(
+    tmp_path: Path, browser: Browser
+) -> None:
+    env = {"TALKBRIDGE_CALL_VIA_RELAY": "true"}
+    with run_server(tmp_path / "data", env) as server:
+        alice = await new_device(browser, server.url, "alice", register=True)
+        bob = await new_device(browser, server.url, "bob", register=True)
+        await alice.open_dm("bob")
+        # Neither page asked for the relay: alice's invite carries an ordinary offer.
+        await alice.page.click("#btn-video")
+        await bob.page.click("#incoming-accept")
+        invite = next(f for f in await frames(alice, "out") if f["type"] == "call.invite")
+        assert "via" not in invite and invite["sdp"]["type"] == "offer", invite
+
+        await wait_video_playing(alice.page, "#call-remote-video")
+        await wait_video_playing(bob.page, "#call-remote-video")
+        await assert_media_through_relay(alice)
+        await assert_media_through_relay(bob)
+        # Nothing was refused along the way (a call.ice for a relay call would be).
+        for user in (alice, bob):
+            refused = [f for f in await frames(user, "in") if f["type"] == "reply" and not f["ok"]]
+            assert not refused, (user.name, refused)
+
+        await alice.page.click("#call-hangup")
+        await expect(bob.page.locator("#call-status")).to_have_text("Call ended")
+        await call_log(alice, "Video call · completed")
+        await call_log(bob, "Video call · completed")
+        assert not alice.errors and not bob.errors, alice.errors + bob.errors
