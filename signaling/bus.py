@@ -44,6 +44,11 @@ class Bus(abc.ABC):
         g:x"); they hand it to their ``on_node_message`` hooks. Best effort, in order."""
         return None
 
+    async def send_to_node(self, node: str, message: bytes) -> None:
+        """Send a small message to one node's ``on_node_message`` hooks. It travels with
+        the events for that node's devices, in order with them. (One process: no nodes.)"""
+        return None
+
     def _node_message(self, message: bytes) -> None:
         for hook in self.on_node_message:
             hook(message)

@@ -550,6 +550,14 @@ class RedisBus(Bus):
         if sender.decode() != self.node_id:
             self._node_message(message)
 
+    async def send_to_node(self, node: str, message: bytes) -> None:
+        """On the node's own channel, so it keeps its place among that node's frames."""
+        if node == self.node_id:
+            self._node_message(message)
+            return
+        p = self.settings.prefix
+        self._enqueue(_Outgoing("", [f"{p}ch:{node}"], [b"N\n\n" + message]))
+
     async def broadcast(self, message: bytes) -> None:
         """To every other node over the shared channel (queued like any publish)."""
         payload = self.node_id.encode() + b"\n" + message
@@ -567,6 +575,8 @@ class RedisBus(Bus):
             self.hub.deliver_local(mid.split(","), data, head or None)
         elif kind == b"D":
             self.hub.deliver_local_device(head, mid, data)
+        elif kind == b"N":
+            self._node_message(data)
         elif kind == b"K":
             # The device connected to another node: drop our older session of it.
             s = self.hub.session(head, mid)

@@ -16,7 +16,7 @@ import logging
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 from im_bridge.errors import BadRequest, Conflict, Forbidden, NotFound, TalkbridgeError
 from im_bridge.ids import group_conv, new_id, now_ms
@@ -26,7 +26,20 @@ from signaling.delivery import deliver_message, publish
 from signaling.session import Session
 from signaling.state import AppState
 
+if TYPE_CHECKING:
+    from signaling.room_cluster import RoomCluster
+
 log = logging.getLogger(__name__)
+
+
+class Device(Protocol):
+    """Who makes a room request: a local session, or a device of another node."""
+
+    @property
+    def user(self) -> str: ...
+
+    @property
+    def device(self) -> str: ...
 
 
 @dataclass
@@ -65,6 +78,57 @@ class RoomManager:
         self.by_call: dict[str, ActiveRoom] = {}
         self._grace: dict[str, asyncio.TimerHandle] = {}  # pid -> pending leave
         self._tasks: set[asyncio.Task[Any]] = set()
+        self.cluster: RoomCluster | None = None  # set when nodes share Redis
+
+    # ------------------------------------------------------------ routing
+
+    async def request(self, op: str, who: Device, args: dict[str, Any]) -> Any:
+        """Run a room request here, or on the node that hosts the room (several nodes)."""
+        cluster = self.cluster
+        if cluster is not None:
+            host = await self._host_for(cluster, op, args)
+            if host is not None and host != cluster.node:
+                data = await cluster.call(host, op, who.user, who.device, args)
+                if op == "join":
+                    cluster.joined_remote(data["room"], host, args["group"], who.user, who.device)
+                elif op == "leave":
+                    cluster.left_remote(args["room"], who.user, who.device)
+                return data
+        return await self.run_local(op, who, args)
+
+    async def _host_for(self, cluster: RoomCluster, op: str, args: dict[str, Any]) -> str | None:
+        if op == "join":
+            if args["group"] in self.by_group:
+                return cluster.node
+            return await cluster.host_of_group(args["group"])
+        room_id = args.get("room")
+        if op == "join_call" or not isinstance(room_id, str) or room_id in self.by_room:
+            return None  # 1:1 relay calls stay on the node that holds the call
+        return await cluster.host_of_room(room_id)
+
+    async def run_local(self, op: str, who: Device, args: dict[str, Any]) -> Any:
+        """A room request for a room of this node (from a local device or forwarded)."""
+        if op == "join":
+            return await self.join(who, args["group"], args["audio"], args["video"])
+        if op == "join_call":
+            return await self.join_call(who, args["call"], args["audio"], args["video"])
+        if op == "sdp":
+            return await self.sdp(who, args["room"], args["sdp"])
+        if op == "ice":
+            await self.ice(who, args["room"], args["candidate"])
+            return {}
+        if op == "leave":
+            await self.leave(who, args["room"])
+            return {}
+        if op == "record":
+            return await self.record(who, args["room"], args["on"])
+        if op == "disconnected":
+            self._device_gone(who.user, who.device)
+            return {}
+        if op == "connected":
+            self._cancel_grace(participant_id(who.user, who.device))
+            return {}
+        raise BadRequest(f"unknown room operation {op!r}")
 
     # ------------------------------------------------------------ the relay
 
@@ -106,6 +170,8 @@ class RoomManager:
             await self._end(room)
         if self._relay is not None:
             await self._relay.close()
+        if self.cluster is not None:
+            await self.cluster.close()
 
     def _spawn(self, coro: Any) -> None:
         task = asyncio.get_running_loop().create_task(coro)
@@ -114,7 +180,7 @@ class RoomManager:
 
     # ------------------------------------------------------------ requests
 
-    async def join(self, session: Session, group: str, audio: bool, video: bool) -> dict[str, Any]:
+    async def join(self, session: Device, group: str, audio: bool, video: bool) -> dict[str, Any]:
         """``room.join``: join (or start) the group's call."""
         user = session.user
         if await self.state.groups.role_of(group, user) is None:
@@ -125,10 +191,12 @@ class RoomManager:
             room = ActiveRoom(new_id("room_"), group, user, time.time())
             self.by_room[room.room] = room
             self.by_group[group] = room
+            if self.cluster is not None:
+                await self.cluster.room_started(room.room)
         return await self._join(session, room, started, audio, video)
 
     async def join_call(
-        self, session: Session, call_id: str, audio: bool, video: bool
+        self, session: Device, call_id: str, audio: bool, video: bool
     ) -> dict[str, Any]:
         """``room.join {call}``: a party's device joins the room of a 1:1 call via the relay."""
         user, device = session.user, session.device
@@ -151,7 +219,7 @@ class RoomManager:
         return await self._join(session, room, started, audio, video)
 
     async def _join(
-        self, session: Session, room: ActiveRoom, started: bool, audio: bool, video: bool
+        self, session: Device, room: ActiveRoom, started: bool, audio: bool, video: bool
     ) -> dict[str, Any]:
         user, device = session.user, session.device
         pid = participant_id(user, device)
@@ -184,7 +252,7 @@ class RoomManager:
             "ice_servers": self.state.ice_servers(user),
         }
 
-    def get(self, room_id: Any, session: Session) -> tuple[ActiveRoom, str]:
+    def get(self, room_id: Any, session: Device) -> tuple[ActiveRoom, str]:
         """The room and the device's participant id, or an error (``room.*`` frames)."""
         if not isinstance(room_id, str) or not room_id:
             raise BadRequest("'room' must be a room id", field="room")
@@ -196,20 +264,20 @@ class RoomManager:
             raise Forbidden("you are not in this room")
         return room, pid
 
-    async def sdp(self, session: Session, room_id: Any, sdp: Any) -> dict[str, Any]:
+    async def sdp(self, session: Device, room_id: Any, sdp: Any) -> dict[str, Any]:
         room, pid = self.get(room_id, session)
         answer = await (await self.relay()).on_sdp(room.room, pid, sdp)
         return {"room": room.room, "sdp": answer} if answer else {"room": room.room}
 
-    async def ice(self, session: Session, room_id: Any, candidate: Any) -> None:
+    async def ice(self, session: Device, room_id: Any, candidate: Any) -> None:
         room, pid = self.get(room_id, session)
         await (await self.relay()).on_ice(room.room, pid, candidate)
 
-    async def leave(self, session: Session, room_id: Any) -> None:
+    async def leave(self, session: Device, room_id: Any) -> None:
         room, pid = self.get(room_id, session)
         await self._leave(room, pid, "left")
 
-    async def record(self, session: Session, room_id: Any, on: bool) -> dict[str, Any]:
+    async def record(self, session: Device, room_id: Any, on: bool) -> dict[str, Any]:
         """``room.record``: an owner or admin turns recording of the room on or off.
 
         Files go under ``<data dir>/recordings/<room>/`` (WebM: VP8 + Opus as forwarded,
@@ -265,6 +333,8 @@ class RoomManager:
         room.participants.clear()
         if room.group is None:
             return  # a 1:1 call's room: the call log in the dm says it all
+        if self.cluster is not None:
+            await self.cluster.room_ended(room.room, room.group)
         duration = max(0, round(time.time() - room.started_at))
         await self._notice(
             room, room.started_by,
@@ -292,7 +362,21 @@ class RoomManager:
 
     async def on_disconnect(self, session: Session) -> None:
         """A device's socket closed: keep its media for the grace period, then leave."""
-        pid = participant_id(session.user, session.device)
+        self._device_gone(session.user, session.device)
+        self._tell_hosts("disconnected", session)
+
+    def _tell_hosts(self, op: str, session: Session) -> None:
+        """Pass a local device's coming and going on to nodes hosting rooms it is in."""
+        if self.cluster is None:
+            return
+        for entry in list(self.cluster.remote.values()):
+            if (session.user, session.device) in entry.devices:
+                self._spawn(
+                    self.cluster.call(entry.owner, op, session.user, session.device, {})
+                )
+
+    def _device_gone(self, user: str, device: str) -> None:
+        pid = participant_id(user, device)
         for room in list(self.by_room.values()):
             if pid in room.participants:
                 self._cancel_grace(pid)
@@ -307,6 +391,7 @@ class RoomManager:
     async def on_connect(self, session: Session) -> None:
         """The device is back: its relay events reach it again, so the grace timer stops."""
         self._cancel_grace(participant_id(session.user, session.device))
+        self._tell_hosts("connected", session)
 
     def _cancel_grace(self, pid: str) -> None:
         handle = self._grace.pop(pid, None)
