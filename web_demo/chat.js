@@ -524,6 +524,7 @@ export class Chat {
       tick.textContent = st.text;
       tick.title = st.title;
       tick.dataset.state = st.cls;
+      tick.dataset.readers = String(st.readers || 0);
       meta.append(tick);
     }
     if (!m.recalled && m.kind !== "call" && this._canRecall(c, m)) {
@@ -591,7 +592,9 @@ export class Chat {
     const readers = others.filter((u) => (c.peerRead.get(u) || 0) >= seq);
     const delivered = others.filter((u) => (c.peerDelivered.get(u) || 0) >= seq || (c.peerRead.get(u) || 0) >= seq);
     if (readers.length) {
-      return { cls: "read", text: "✓✓", title: c.kind === "dm" ? "Read" : `Read by ${readers.map(this.app.nameOf).join(", ")}` };
+      if (c.kind === "dm") return { cls: "read", text: "✓✓", title: "Read", readers: 1 };
+      const names = readers.map((u) => this.app.nameOf(u)).sort();
+      return { cls: "read", text: `✓✓ read by ${readers.length}`, title: `Read by ${names.join(", ")}`, readers: readers.length };
     }
     if (delivered.length) return { cls: "delivered", text: "✓✓", title: "Delivered" };
     return { cls: "sent", text: "✓", title: "Sent" };
@@ -772,22 +775,29 @@ export class Chat {
         return true;
       }
       case "receipt": {
-        if (ev.user === this.app.me) {
-          // My other device read it: clear the unread count here too.
-          const c = this._conv(ev.conv);
-          if (ev.kind === "read" && ev.seq > c.read_seq) {
-            c.read_seq = ev.seq;
-            c.readSent = Math.max(c.readSent, ev.seq);
-            c.unread = Math.max(0, c.last_seq - ev.seq);
-            this.renderList();
-          }
-          return true;
-        }
         const c = this._conv(ev.conv);
-        const map = ev.kind === "read" ? c.peerRead : c.peerDelivered;
-        map.set(ev.user, Math.max(map.get(ev.user) || 0, ev.seq));
-        if (ev.kind === "read") c.peerDelivered.set(ev.user, Math.max(c.peerDelivered.get(ev.user) || 0, ev.seq));
-        if (this.openConv === c) this.renderTimeline({});
+        // Group receipts to a sender come coalesced (one event a second per conversation):
+        // `receipts` lists every reader; the top-level user/seq is the one-reader shape.
+        const entries = Array.isArray(ev.receipts) && ev.receipts.length ? ev.receipts : [{ user: ev.user, seq: ev.seq }];
+        let peers = false;
+        for (const { user, seq } of entries) {
+          if (!user || typeof seq !== "number") continue;
+          if (user === this.app.me) {
+            // My other device read it: clear the unread count here too.
+            if (ev.kind === "read" && seq > c.read_seq) {
+              c.read_seq = seq;
+              c.readSent = Math.max(c.readSent, seq);
+              c.unread = Math.max(0, c.last_seq - seq);
+              this.renderList();
+            }
+            continue;
+          }
+          const map = ev.kind === "read" ? c.peerRead : c.peerDelivered;
+          map.set(user, Math.max(map.get(user) || 0, seq));
+          if (ev.kind === "read") c.peerDelivered.set(user, Math.max(c.peerDelivered.get(user) || 0, seq));
+          peers = true;
+        }
+        if (peers && this.openConv === c) this.renderTimeline({});
         return true;
       }
       case "typing": {

@@ -102,3 +102,59 @@ async def test_group_life_from_creation_to_dissolution(server: Server, browser: 
     await alice.page.locator("#group-body button", has_text="Dissolve group").click()
     await expect(notice(alice, "alice dissolved the group")).to_be_visible()
     assert not alice.errors and not bob.errors and not carol.errors
+
+
+async def receipt_frames(user: User, kind: str) -> list[dict[str, Any]]:
+    """The ``receipt`` events of ``kind`` this page received, oldest first."""
+    found: list[dict[str, Any]] = await user.page.evaluate(
+        """(kind) => tb.dev.frames
+             .filter((f) => f.dir === 'in' && f.frame.type === 'receipt' && f.frame.kind === kind)
+             .map((f) => f.frame)""",
+        kind,
+    )
+    return found
+
+
+def readers_in(frames: list[dict[str, Any]]) -> set[str]:
+    return {r["user"] for f in frames for r in f.get("receipts") or [f]}
+
+
+async def test_two_members_reading_in_the_same_second_both_show_as_read(
+    server: Server, browser: Browser
+) -> None:
+    alice = await new_device(browser, server.url, "alice", register=True)
+    bob = await new_device(browser, server.url, "bob", register=True)
+    carol = await new_device(browser, server.url, "carol", register=True)
+    await alice.page.evaluate(
+        """() => tb.client.request('group.create',
+             {name: 'Book club', members: ['bob', 'carol'], join_policy: 'invite_only'})"""
+    )
+    await alice.page.locator("#conv-list li", has_text="Book club").click()
+    await expect(alice.page.locator("#chat-title")).to_have_text("Book club")
+    await alice.send("Chapter 3 tonight?")
+    tick = alice.tick("Chapter 3 tonight?")
+    await expect(tick).to_have_attribute("data-state", "delivered")
+    # Let the deliveries' coalescing window pass, so the two reads share the next one.
+    await alice.page.wait_for_function(
+        """() => new Set(tb.dev.frames
+             .filter((f) => f.dir === 'in' && f.frame.type === 'receipt')
+             .filter((f) => f.frame.kind === 'delivered')
+             .flatMap((f) => (f.frame.receipts || [f.frame]).map((r) => r.user))).size === 2""",
+        timeout=10000,
+    )
+
+    # bob and carol open the group at the same moment: both read it within one second.
+    items = [u.page.locator("#conv-list li", has_text="Book club") for u in (bob, carol)]
+    await asyncio.gather(*(item.click() for item in items))
+    for u in (bob, carol):
+        await expect(u.message("Chapter 3 tonight?")).to_be_visible()
+
+    await expect(tick).to_have_attribute("data-readers", "2")
+    await expect(tick).to_have_attribute("data-state", "read")
+    await expect(tick).to_contain_text("read by 2")
+    await expect(tick).to_have_attribute("title", "Read by bob, carol")
+    # The server did coalesce them: one event carried both readers.
+    reads = await receipt_frames(alice, "read")
+    assert any(len(f.get("receipts") or []) == 2 for f in reads), reads
+    assert readers_in(reads) == {"bob", "carol"}, reads
+    assert not alice.errors and not bob.errors and not carol.errors
