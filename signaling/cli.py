@@ -57,6 +57,7 @@ def main(argv: list[str] | None = None) -> int:
         print=None,
         shutdown_timeout=config.shutdown_grace,
         access_log=None,
+        backlog=4096,  # connection storms (reconnects after a node dies) overflow 128
     )
     return 0
 
