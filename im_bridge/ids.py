@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import os
 import random
 import re
@@ -47,14 +48,21 @@ def group_conv(group: str) -> str:
 def parse_conv(conv: object) -> tuple[str, tuple[str, ...]]:
     """Split a conversation id into its kind and parts: ("dm", (a, b)) or ("group", (g,))."""
     if isinstance(conv, str):
-        if conv.startswith("dm:"):
-            parts = conv[3:].split(":")
-            if len(parts) == 2 and all(valid_user_id(p) for p in parts) and parts == sorted(parts):
-                return "dm", (parts[0], parts[1])
-        elif conv.startswith("g:"):
-            g = conv[2:]
-            if GROUP_ID_RE.fullmatch(g):
-                return "group", (g,)
+        return _parse_conv(conv)
+    raise BadRequest("'conv' is not a valid conversation id", field="conv")
+
+
+@functools.lru_cache(maxsize=65536)
+def _parse_conv(conv: str) -> tuple[str, tuple[str, ...]]:
+    # Conversation ids repeat on every message of a conversation: parse each once.
+    if conv.startswith("dm:"):
+        parts = conv[3:].split(":")
+        if len(parts) == 2 and all(valid_user_id(p) for p in parts) and parts == sorted(parts):
+            return "dm", (parts[0], parts[1])
+    elif conv.startswith("g:"):
+        g = conv[2:]
+        if GROUP_ID_RE.fullmatch(g):
+            return "group", (g,)
     raise BadRequest("'conv' is not a valid conversation id", field="conv")
 
 
