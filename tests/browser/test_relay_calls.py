@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +22,24 @@ async def frames(user: User, direction: str) -> list[dict[str, Any]]:
         "(dir) => tb.dev.frames.filter((f) => f.dir === dir).map((f) => f.frame)", direction
     )
     return found
+
+
+async def audio_packets_received(user: User) -> int:
+    """Audio RTP packets the call's peer connection has received, once they keep coming."""
+    js = """async () => {
+      let packets = 0;
+      (await tbCall.pc.getStats()).forEach((s) => {
+        if (s.type === 'inbound-rtp' && s.kind === 'audio') packets += s.packetsReceived || 0;
+      });
+      return packets;
+    }"""
+    first: int = await user.page.evaluate(js)
+    for _ in range(40):
+        await asyncio.sleep(0.25)
+        now: int = await user.page.evaluate(js)
+        if now > first:
+            return now - first
+    return 0
 
 
 async def assert_media_through_relay(user: User) -> None:
@@ -114,3 +133,30 @@ async def test_server_policy_sends_a_plain_call_through_the_relay(
         await call_log(alice, "Video call · completed")
         await call_log(bob, "Video call · completed")
         assert not alice.errors and not bob.errors, alice.errors + bob.errors
+
+
+async def test_answering_a_relay_call_audio_only_still_shows_the_caller(
+    server: Server, browser: Browser
+) -> None:
+    alice = await new_device(browser, server.url, "alice", register=True)
+    bob = await new_device(browser, server.url, "bob", register=True)
+    await alice.page.click("#dev-toggle")
+    await alice.page.check("#dev-call-via-relay")
+    await alice.page.click("#dev-close")
+    await alice.open_dm("bob")
+    await alice.page.click("#btn-video")
+    await bob.page.click("#incoming-accept-audio")
+
+    await wait_video_playing(bob.page, "#call-remote-video")
+    await expect(alice.page.locator("#call-status")).to_contain_text("In call")
+    # bob's camera stays off; he publishes audio only, and alice hears him.
+    assert await bob.state("tbCall.localStream.getVideoTracks().length") == 0
+    join = next(f for f in await frames(bob, "out") if f["type"] == "room.join")
+    assert join["media"] == {"audio": True, "video": False}, join
+    await alice.page.wait_for_function("tbCall.remoteStream.getAudioTracks().length === 1")
+    # bob's audio really arrives at alice through the relay.
+    assert await audio_packets_received(alice) > 0
+    assert await alice.state("tbCall.remoteStream.getVideoTracks().length") == 0
+    await bob.page.click("#call-hangup")
+    await call_log(alice, "Video call · completed")
+    assert not alice.errors and not bob.errors, alice.errors + bob.errors
