@@ -160,3 +160,31 @@ async def test_answering_a_relay_call_audio_only_still_shows_the_caller(
     await bob.page.click("#call-hangup")
     await call_log(alice, "Video call · completed")
     assert not alice.errors and not bob.errors, alice.errors + bob.errors
+
+
+async def test_relay_call_survives_a_dropped_signaling_socket(
+    server: Server, browser: Browser
+) -> None:
+    alice = await new_device(browser, server.url, "alice", register=True)
+    bob = await new_device(browser, server.url, "bob", register=True)
+    await bob.page.click("#dev-toggle")
+    await bob.page.check("#dev-call-via-relay")
+    await bob.page.click("#dev-close")
+    await bob.open_dm("alice")
+    await bob.page.click("#btn-video")
+    await alice.page.click("#incoming-accept")
+    await wait_video_playing(alice.page, "#call-remote-video")
+
+    # alice's WebSocket drops; her media to and from the relay goes on, the page reconnects
+    # and takes its place in the call up again.
+    await alice.page.evaluate("tb.client.ws.close(4000, 'test: network blip')")
+    await expect(alice.page.locator("#conn-status")).not_to_have_text("connected")
+    await expect(alice.page.locator("#conn-status")).to_have_text("connected", timeout=15000)
+    await wait_video_playing(alice.page, "#call-remote-video")
+    await wait_video_playing(bob.page, "#call-remote-video")
+    await expect(alice.page.locator("#call-status")).to_contain_text("In call")
+
+    await bob.page.click("#call-hangup")
+    await expect(alice.page.locator("#call-status")).to_have_text("Call ended")
+    await call_log(alice, "Video call · completed")
+    assert not alice.errors and not bob.errors, alice.errors + bob.errors
