@@ -223,6 +223,7 @@ export class CallManager {
         await this.app.client.request("call.accept", { call_id: callId });
         this._signalReady(call);
         call.state = "connecting";
+        this._status("Connecting media…");
         await this._joinRoom(call);
         return;
       }
