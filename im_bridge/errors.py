@@ -64,6 +64,13 @@ class Internal(TalkbridgeError):
     code = "internal"
 
 
+def error_from_wire(wire: dict[str, Any]) -> TalkbridgeError:
+    """The error an ``error`` object describes (as sent between nodes or processes)."""
+    details = {k: v for k, v in wire.items() if k not in ("code", "message")}
+    cls = _BY_CODE.get(str(wire.get("code", "")), Internal)
+    return cls(str(wire.get("message", "")), **details)
+
+
 ERROR_CODES: tuple[str, ...] = tuple(
     c.code
     for c in (
@@ -78,3 +85,11 @@ ERROR_CODES: tuple[str, ...] = tuple(
         Internal,
     )
 )
+
+_BY_CODE: dict[str, type[TalkbridgeError]] = {
+    c.code: c
+    for c in (
+        BadRequest, Unauthorized, Forbidden, NotFound, Conflict,
+        RateLimited, TooLarge, Unsupported, Internal,
+    )
+}

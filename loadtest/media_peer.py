@@ -26,7 +26,7 @@ from loadtest.recorder import Stats
 from loadtest.wire import Frame, SioConn, WsConn
 
 
-def _offered_direction(sdp: str, mid: str | None) -> str | None:
+def offered_direction(sdp: str, mid: str | None) -> str | None:
     """The direction attribute of the m-section ``mid`` in an SDP text."""
     current: str | None = None
     direction: str | None = None
@@ -104,7 +104,7 @@ class Participant:
         for t in self.pc.getTransceivers():
             # The relay's recvonly sections are where this device publishes.
             if (t.sender.track is None and t.currentDirection is None
-                    and _offered_direction(offered, t.mid) == "recvonly"):
+                    and offered_direction(offered, t.mid) == "recvonly"):
                 mine = next((m for m in self._unattached if m.kind == t.kind), None)
                 if mine is not None:
                     self._unattached.remove(mine)

@@ -16,28 +16,11 @@ import os
 import sys
 from typing import Any
 
-from im_bridge.errors import Forbidden, Internal, NotFound, TalkbridgeError
+from im_bridge.errors import Forbidden, Internal, NotFound, TalkbridgeError, error_from_wire
 from media.placement import LocalPlacement, Placement
 from media.service import DropCallback, Emit, RoomClosedCallback
 
 logger = logging.getLogger(__name__)
-
-_ERRORS: dict[str, type[TalkbridgeError]] = {}
-
-
-def _error_classes(cls: type[TalkbridgeError]) -> None:
-    for sub in cls.__subclasses__():
-        _ERRORS.setdefault(sub.code, sub)
-        _error_classes(sub)
-
-
-_error_classes(TalkbridgeError)
-
-
-def _error(wire: dict[str, Any]) -> TalkbridgeError:
-    details = {k: v for k, v in wire.items() if k not in ("code", "message")}
-    return _ERRORS.get(wire.get("code", ""), Internal)(wire.get("message", ""), **details)
-
 
 class _Worker:
     """One worker process and its pending requests."""
@@ -247,7 +230,7 @@ class RelayPool:
                     if msg["ok"]:
                         fut.set_result(msg.get("result"))
                     else:
-                        fut.set_exception(_error(msg["error"]))
+                        fut.set_exception(error_from_wire(msg["error"]))
             elif "event" in msg:
                 emit = self._emits.get((msg["room"], msg["participant"]))
                 if emit is not None:

@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, Any
 import msgspec
 import redis.asyncio as aioredis
 
-from im_bridge.errors import Internal, TalkbridgeError
+from im_bridge.errors import Internal, TalkbridgeError, error_from_wire
 from signaling.codec import encode
 from signaling.redis_bus import parse_redis_url
 from signaling.redis_placement import NoRelay, RedisPlacement, RelayRegistration
@@ -147,7 +147,7 @@ class RoomCluster:
         if reply.get("ok"):
             return reply.get("data")
         err = reply.get("error") or {}
-        raise _error(err)
+        raise error_from_wire(err)
 
     def _on_message(self, message: bytes) -> None:
         if message.startswith(REPLY):
@@ -191,19 +191,3 @@ class RoomCluster:
                 dropped = {"type": "room.dropped", "room": room_id, "reason": "relay_failed"}
                 for user, device in entry.devices:
                     await self.state.bus.publish_device(user, device, encode(dropped))
-
-
-def _error(wire: dict[str, Any]) -> TalkbridgeError:
-    code = wire.get("code", "internal")
-    for cls in _all_errors(TalkbridgeError):
-        if cls.code == code:
-            return cls(wire.get("message", ""))
-    return Internal(wire.get("message", ""))
-
-
-def _all_errors(cls: type[TalkbridgeError]) -> list[type[TalkbridgeError]]:
-    out = []
-    for sub in cls.__subclasses__():
-        out.append(sub)
-        out.extend(_all_errors(sub))
-    return out

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import fractions
-import math
 import time
 from collections import defaultdict
 from typing import Any
@@ -24,6 +23,8 @@ from aiortc import (
 )
 from aiortc.mediastreams import MediaStreamError
 
+from loadtest.media_peer import offered_direction
+from loadtest.stamp import Tone
 from media.host_addresses import restrict_host_addresses
 from media.service import RelayService
 
@@ -55,34 +56,6 @@ class MovingPicture(MediaStreamTrack):
         frame.planes[2].update(bytes([(self._n * 3) % 256]) * (WIDTH * HEIGHT // 4))
         frame.pts = self._n * 3000
         frame.time_base = fractions.Fraction(1, 90000)
-        return frame
-
-
-class Tone(MediaStreamTrack):
-    """A 440 Hz tone in 20 ms frames (the default is loud enough to count as speaking;
-    ``amplitude=0`` is silence)."""
-
-    kind = "audio"
-
-    def __init__(self, amplitude: int = 8000) -> None:
-        super().__init__()
-        self._n = 0
-        self._start: float | None = None
-        samples = [int(amplitude * math.sin(2 * math.pi * 440 * i / 48000)) for i in range(960)]
-        self._pcm = b"".join(s.to_bytes(2, "little", signed=True) for s in samples)
-
-    async def recv(self) -> av.AudioFrame:
-        if self._start is None:
-            self._start = time.monotonic()
-        wait = self._start + self._n * 0.02 - time.monotonic()
-        if wait > 0:
-            await asyncio.sleep(wait)
-        frame = av.AudioFrame(format="s16", layout="mono", samples=960)
-        frame.planes[0].update(self._pcm)
-        frame.sample_rate = 48000
-        frame.pts = self._n * 960
-        frame.time_base = fractions.Fraction(1, 48000)
-        self._n += 1
         return frame
 
 
@@ -170,7 +143,7 @@ class Peer:
             if t.direction == "recvonly" and t.sender.track is None and t.currentDirection is None:
                 mine = self._video if t.kind == "video" else self._audio
                 offered = self.pc.remoteDescription.sdp
-                if mine is not None and _offered_direction(offered, t.mid) == "recvonly":
+                if mine is not None and offered_direction(offered, t.mid) == "recvonly":
                     t.direction = "sendonly"
                     t.sender.replaceTrack(mine)
                     if t.kind == "video":
@@ -200,22 +173,6 @@ class Peer:
             self.first_frame_at.setdefault(key, time.monotonic())
             if isinstance(frame, av.VideoFrame):
                 self.sizes[user] = (frame.width, frame.height)
-
-
-def _offered_direction(sdp: str, mid: str | None) -> str | None:
-    """The direction of the m-section with ``mid`` in an SDP text."""
-    current: str | None = None
-    direction: str | None = None
-    for line in sdp.splitlines():
-        if line.startswith("m="):
-            if current == mid and direction:
-                return direction
-            current, direction = None, None
-        elif line.startswith("a=mid:"):
-            current = line[6:]
-        elif line[2:] in ("sendrecv", "sendonly", "recvonly", "inactive") and line.startswith("a="):
-            direction = line[2:]
-    return direction if current == mid else None
 
 
 async def wait_for(predicate: Any, within: float, step: float = 0.05) -> bool:
