@@ -64,6 +64,16 @@ async def test_client_reconnects_after_server_restart_and_fills_the_gap(tmp_path
         proc.stop()
 
 
+async def _stored_seqs(proc: ServerProcess, user: str) -> list[int]:
+    """Every message seq the server has for ``user``, as a fresh device syncs them."""
+    reader = Client(proc.ws_url, token(user), backlog=True)
+    await reader.connect()
+    try:
+        return [e["seq"] for e in reader.pending_events() if e["type"] == "msg.new"]
+    finally:
+        await reader.close()
+
+
 async def test_acknowledged_messages_survive_a_crash(tmp_path: Path):
     port = free_port()
     proc = ServerProcess(port, tmp_path, server_env())
@@ -89,10 +99,7 @@ async def test_acknowledged_messages_survive_a_crash(tmp_path: Path):
         await task
         await alice.close()
         await proc.start()
-        reader = Client(proc.ws_url, token("bob"), backlog=True)
-        await reader.connect()
-        stored = [e["seq"] for e in reader.pending_events() if e["type"] == "msg.new"]
-        await reader.close()
+        stored = await _stored_seqs(proc, "bob")
         assert set(acked) <= set(stored), "an acknowledged message was lost"
         assert stored == list(range(1, len(stored) + 1)), "the sequence has a gap"
     finally:
@@ -116,11 +123,7 @@ async def test_sigterm_tells_clients_to_reconnect_and_finishes_in_flight_writes(
         acked = [r["seq"] for r in results if isinstance(r, dict)]
         await alice.close()
         await proc.start()
-        reader = Client(proc.ws_url, token("bob"), backlog=True)
-        await reader.connect()
-        stored = {e["seq"] for e in reader.pending_events() if e["type"] == "msg.new"}
-        await reader.close()
-        assert set(acked) <= stored
+        assert set(acked) <= set(await _stored_seqs(proc, "bob"))
     finally:
         proc.stop()
 
