@@ -70,7 +70,7 @@ def _group(req: dict[str, Any]) -> str:
 
 async def _announce(state: AppState, change: Change) -> None:
     if change.notice is not None:
-        state.metrics.messages.labels("notice").inc()
+        state.metrics.message_stored("notice")
         await deliver_message(state, change.notice, change.audience, push=False)
 
 

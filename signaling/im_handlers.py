@@ -135,7 +135,7 @@ async def msg_send(ctx: RequestContext, req: dict[str, Any]) -> dict[str, Any]:
     )
     msg = sent.message
     if sent.created:
-        state.metrics.messages.labels(msg.kind).inc()
+        state.metrics.message_stored(msg.kind)
         await deliver_message(state, msg, sent.members, exclude_session=s.session_id)
     else:
         # A retry: the first attempt may have died between its commit and its fan-out (a

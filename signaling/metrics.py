@@ -33,19 +33,23 @@ class Metrics:
         self.store_batches = Gauge("talkbridge_store_batches", "Group-commit batches", registry=r)
         self.store_ops = Gauge("talkbridge_store_ops", "Ops committed in batches", registry=r)
         # labels() costs a lock and a tuple hash per call; keep the children per label.
-        self._frames: dict[str, Any] = {}
-        self._latency: dict[str, Any] = {}
+        self._children: dict[tuple[int, str], Any] = {}
+
+    def _child(self, metric: Any, label: str) -> Any:
+        key = (id(metric), label)
+        child = self._children.get(key)
+        if child is None:
+            child = self._children[key] = metric.labels(label)
+        return child
+
+    def message_stored(self, kind: str) -> None:
+        """Count a stored message of ``kind``."""
+        self._child(self.messages, kind).inc()
 
     def frame_in(self, ftype: str) -> None:
         """Count a received request frame of a known type."""
-        child = self._frames.get(ftype)
-        if child is None:
-            child = self._frames[ftype] = self.frames_in.labels(ftype)
-        child.inc()
+        self._child(self.frames_in, ftype).inc()
 
     def request_done(self, ftype: str, seconds: float) -> None:
         """Record the time a request of a known type took to its reply."""
-        child = self._latency.get(ftype)
-        if child is None:
-            child = self._latency[ftype] = self.request_seconds.labels(ftype)
-        child.observe(seconds)
+        self._child(self.request_seconds, ftype).observe(seconds)
