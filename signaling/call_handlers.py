@@ -104,7 +104,7 @@ class NodeCallEnv:
         router: CallRouter | None = self.state.extras.get("call_router")
         if router is not None:
             await router.call_changed(call)
-        if call.state == "ended" and call.via == "relay" and self.state.rooms is not None:
+        if call.state == "ended" and call.via == "relay":
             await self.state.rooms.end_call(call.call_id)
 
     async def write_call_log(self, entry: CallLog) -> None:

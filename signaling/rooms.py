@@ -201,7 +201,7 @@ class RoomManager:
         """``room.join {call}``: a party's device joins the room of a 1:1 call via the relay."""
         user, device = session.user, session.device
         calls = self.state.calls
-        call = calls.get(call_id) if calls is not None else None
+        call = calls.get(call_id)
         if call is None or not call.is_party(user):
             raise NotFound("no such call")
         if call.via != "relay":

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from im_bridge.messages import ChatService
 from im_bridge.push import Pusher
@@ -16,6 +16,11 @@ from signaling.config import Config
 from signaling.hub import Hub
 from signaling.ice import ice_servers_for
 from signaling.metrics import Metrics
+
+if TYPE_CHECKING:
+    from im_bridge.groups import GroupService
+    from signaling.calls import CallManager
+    from signaling.rooms import RoomManager
 
 
 @dataclass
@@ -32,9 +37,9 @@ class AppState:
     verifier: TokenVerifier
     metrics: Metrics
     # Filled by feature modules' setup(state): the call manager, group service, rooms.
-    calls: Any = None
-    groups: Any = None
-    rooms: Any = None
+    calls: CallManager = field(init=False)
+    groups: GroupService = field(init=False)
+    rooms: RoomManager = field(init=False)
     extras: dict[str, Any] = field(default_factory=dict)
 
     def ice_servers(self, user: str) -> list[dict[str, Any]]:
