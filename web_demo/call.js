@@ -12,6 +12,7 @@ import {
   candidateToWire,
   getLocalMedia,
   iceServers,
+  toggleLocalMedia,
   registerPeer,
   rtcSettings,
   toRtcIceServers,
@@ -347,16 +348,7 @@ export class CallManager {
   toggle(kind) {
     const call = this.call;
     if (!call || !call.localStream) return;
-    const tracks = kind === "audio" ? call.localStream.getAudioTracks() : call.localStream.getVideoTracks();
-    if (!tracks.length) {
-      this.app.toast(kind === "audio" ? "No microphone in this call." : "No camera in this call.", "warn");
-      return;
-    }
-    const on = !tracks[0].enabled;
-    for (const t of tracks) t.enabled = on;
-    const btn = kind === "audio" ? this.el.mic : this.el.cam;
-    btn.classList.toggle("off", !on);
-    btn.textContent = kind === "audio" ? (on ? "Mute mic" : "Unmute mic") : on ? "Camera off" : "Camera on";
+    toggleLocalMedia(this.app, call.localStream, kind, this.el.mic, this.el.cam);
   }
 
   /** The signaling connection is back: collect what the server held for this device. */

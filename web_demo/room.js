@@ -2,7 +2,7 @@
 // with room.tracks mapping each incoming track to the user it carries. The browser is the
 // polite side: the relay makes the offers and the browser answers them.
 
-import { getLocalMedia, toRtcIceServers } from "./rtc.js";
+import { getLocalMedia, toRtcIceServers, toggleLocalMedia } from "./rtc.js";
 import { RelayLink } from "./relaylink.js";
 
 export class RoomManager {
@@ -231,16 +231,7 @@ export class RoomManager {
   toggle(kind) {
     const r = this.room;
     if (!r || !r.local) return;
-    const tracks = kind === "audio" ? r.local.getAudioTracks() : r.local.getVideoTracks();
-    if (!tracks.length) {
-      this.app.toast(kind === "audio" ? "No microphone in this call." : "No camera in this call.", "warn");
-      return;
-    }
-    const on = !tracks[0].enabled;
-    for (const t of tracks) t.enabled = on;
-    const btn = kind === "audio" ? this.el.mic : this.el.cam;
-    btn.classList.toggle("off", !on);
-    btn.textContent = kind === "audio" ? (on ? "Mute mic" : "Unmute mic") : on ? "Camera off" : "Camera on";
+    toggleLocalMedia(this.app, r.local, kind, this.el.mic, this.el.cam);
   }
 
   /** Leave the group call. */

@@ -23,6 +23,21 @@ export function mediaErrorMessage(err, wanted) {
 }
 
 /** Open the devices for `media`; rejects with an Error whose message is user-facing. */
+/** Mute or unmute the microphone ("audio") or the camera ("video") of a local stream, and
+ * show it on the call's buttons (1:1 and group calls alike). */
+export function toggleLocalMedia(app, stream, kind, micButton, camButton) {
+  const tracks = kind === "audio" ? stream.getAudioTracks() : stream.getVideoTracks();
+  if (!tracks.length) {
+    app.toast(kind === "audio" ? "No microphone in this call." : "No camera in this call.", "warn");
+    return;
+  }
+  const on = !tracks[0].enabled;
+  for (const t of tracks) t.enabled = on;
+  const btn = kind === "audio" ? micButton : camButton;
+  btn.classList.toggle("off", !on);
+  btn.textContent = kind === "audio" ? (on ? "Mute mic" : "Unmute mic") : on ? "Camera off" : "Camera on";
+}
+
 export async function getLocalMedia(media) {
   const wanted = { audio: !!media.audio, video: !!media.video };
   if (!wanted.audio && !wanted.video) return new MediaStream();
