@@ -25,14 +25,13 @@ from im_bridge.bridge import CallBridge
 from im_bridge.errors import (
     BadRequest,
     Conflict,
-    Forbidden,
     Internal,
-    NotFound,
     TalkbridgeError,
+    error_from_wire,
 )
 from im_bridge.ids import dm_conv
 from im_bridge.push import PushNotification
-from signaling.calls import Call, CallLog, CallManager, CallSettings
+from signaling.calls import Call, CallLog, CallManager, CallSettings, Outcome
 from signaling.codec import encode
 from signaling.delivery import deliver_message
 from signaling.dispatch import RequestContext, handler
@@ -194,16 +193,6 @@ async def run_local(calls: CallManager, op: str, user: str, device: str,
     return await method(user, device, req)
 
 
-_ERRORS: dict[str, type[TalkbridgeError]] = {
-    cls.code: cls for cls in (BadRequest, Conflict, Forbidden, Internal, NotFound)}
-
-
-def _error_from_wire(err: dict[str, Any]) -> TalkbridgeError:
-    details = {k: v for k, v in err.items() if k not in ("code", "message")}
-    cls = _ERRORS.get(str(err.get("code")), Internal)
-    return cls(str(err.get("message", "")), **details)
-
-
 class _NodeGone(Exception):
     """Nobody listens on a node's channel: the node is gone."""
 
@@ -315,7 +304,9 @@ class CallRouter:
                     try:
                         fut = await self._send_request(node, op, user, device, req)
                     except _NodeGone:
-                        await self._node_gone(node, op, call_id, req)  # raises unless invite
+                        ended = await self._node_gone(node, op, call_id, req, user)
+                        if ended is not None:
+                            return ended
                         fut = None
         finally:
             lock, users = self._device_locks[key]
@@ -332,7 +323,7 @@ class CallRouter:
         if answer.get("ok"):
             data: dict[str, Any] = answer.get("data") or {}
             return data
-        raise _error_from_wire(answer.get("error") or {})
+        raise error_from_wire(answer.get("error") or {})
 
     async def _node_for(self, op: str, call_id: str, req: dict[str, Any]) -> str | None:
         """The node to run this request on (None: here)."""
@@ -384,10 +375,12 @@ class CallRouter:
         return fut
 
     async def _node_gone(self, node: str, op: str, call_id: str,
-                         req: dict[str, Any]) -> None:
+                         req: dict[str, Any], user: str) -> dict[str, Any] | None:
         """``node`` does not listen any more (it died): forget what it held, then go on.
 
-        Its calls are lost. An invite that was to be decided there is decided here;
+        Its calls' state is lost, but not their media (peer to peer). A hangup, cancel or
+        reject of one of them ends it here: the other party is told and the call is logged.
+        An invite that was to be decided there is decided here (None: run it locally); other
         requests about one of its calls are told it failed.
         """
         log.warning("node %s holds calls but does not listen: forgetting them", node)
@@ -396,6 +389,10 @@ class CallRouter:
         own = self.p + "own:" + call_id
         if _s(await self.redis.get(own) or b"") == node:
             await self.redis.delete(own)
+        if op in ("hangup", "cancel", "reject"):
+            ended = await self._end_orphan(call_id, op, user, req)
+            if ended is not None:
+                return ended
         callee = (req.get("to") or {}).get("user") if isinstance(req.get("to"), dict) else None
         if op != "invite" or not isinstance(callee, str):
             raise Conflict("the call was lost with the node that held it", reason="failed")
@@ -404,6 +401,42 @@ class CallRouter:
         if stale:
             await self.redis.hdel(key, *stale)
         await self.redis.set(own, self.node, nx=True, ex=self.own_ttl)
+        return None
+
+    async def _end_orphan(self, call_id: str, op: str, user: str,
+                          req: dict[str, Any]) -> dict[str, Any] | None:
+        """End a call whose node died, from its record: tell the other party, log it."""
+        raw = await self.redis.getdel(self.p + "rec:" + call_id)
+        if raw is None:
+            return None
+        rec = json.loads(raw)
+        if user not in (rec["caller"], rec["callee"]):
+            await self.redis.set(self.p + "rec:" + call_id, raw, ex=self.own_ttl)
+            return None  # not a party: it learns nothing
+        answered = rec["answered_at"] is not None
+        if op == "reject":
+            reason = "busy" if req.get("reason") == "busy" else "declined"
+        else:
+            reason = "hangup" if answered else "cancelled"
+        outcome: Outcome = "completed" if answered else (
+            "declined" if reason == "declined" else "busy" if reason == "busy" else "cancelled")
+        other = rec["callee"] if user == rec["caller"] else rec["caller"]
+        other_device = rec["callee_device"] if other == rec["callee"] else rec["caller_device"]
+        event = {"type": "call.ended", "call_id": call_id, "reason": reason}
+        env = self.calls.env
+        if other_device is not None:
+            await env.send(other, other_device, event)
+        else:  # still ringing: every device of the callee
+            for device in await env.online_devices(other):
+                await env.send(other, device, event)
+        now = env.now()
+        duration = int(now - rec["answered_at"]) if answered else 0
+        await env.write_call_log(CallLog(
+            call_id=call_id, caller=rec["caller"], callee=rec["callee"], media=rec["media"],
+            outcome=outcome, duration_s=duration, started_at=rec["created_at"], ended_at=now))
+        for party in (rec["caller"], rec["callee"]):
+            await self.redis.hdel(self.p + "user:" + party, call_id)
+        return {"call_id": call_id, "state": "ended", "reason": reason}
 
     async def _publish(self, node: str, message: bytes) -> bool:
         """Publish to ``node``'s channel, retrying while nobody listens (it is resubscribing
@@ -476,6 +509,7 @@ class CallRouter:
     async def call_changed(self, call: Call) -> None:
         """Record a call that rings (where it lives) or forget one that ended."""
         keys = [self.p + "user:" + call.caller, self.p + "user:" + call.callee]
+        record = self.p + "rec:" + call.call_id
         async with self.redis.pipeline(transaction=False) as pipe:
             for key in keys:
                 if call.state == "ended":
@@ -486,6 +520,15 @@ class CallRouter:
             if call.state == "ended":
                 # Late requests still reach the node that answers them with conflict.
                 pipe.expire(self.p + "own:" + call.call_id, 300)
+                pipe.delete(record)
+            else:
+                # Who the parties are, so that another node can end the call for the other
+                # party if this node dies (see _end_orphan).
+                pipe.set(record, encode({
+                    "caller": call.caller, "caller_device": call.caller_device,
+                    "callee": call.callee, "callee_device": call.callee_device,
+                    "media": call.media, "created_at": call.created_at,
+                    "answered_at": call.answered_at}), ex=self.own_ttl)
             await pipe.execute()
 
     async def device_event(self, op: str, user: str, device: str) -> None:

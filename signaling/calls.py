@@ -461,8 +461,12 @@ class CallManager:
                 self._emit(user, device, {"type": "call.ice", "call_id": call.call_id,
                                           "from_device": call.caller_device, "candidate": cand})
             call.early_ice.clear()
+            self._changed.append(call)
             await self._flush()
-            return call.summary()
+            reply = call.summary()
+            after = self._take_after()
+        await self._run_after(after)
+        return reply
 
     async def reject(self, user: str, device: str, req: Mapping[str, Any]) -> Event:
         """``call.reject``: any callee device declines (or says busy) for all of them."""

@@ -323,13 +323,13 @@ async def test_hangup_before_an_answer_is_a_decline_from_the_callee(calls, env):
     assert reply["reason"] == "declined"
 
 
-async def test_calls_are_announced_when_they_start_ringing_and_when_they_end(calls, env):
+async def test_calls_are_announced_when_they_ring_are_answered_and_end(calls, env):
     await connected(calls, env)
     await calls.hangup("alice", "a1", {"call_id": "call-1"})
     await calls.invite("carol", "c1", {"call_id": "call-2", "to": {"user": "alice"},
                                        "media": AV, "sdp": OFFER})
     await calls.cancel("carol", "c1", {"call_id": "call-2"})
-    assert env.changes == [("call-1", "ringing"), ("call-1", "ended"),
+    assert env.changes == [("call-1", "ringing"), ("call-1", "connected"), ("call-1", "ended"),
                            ("call-2", "ringing"), ("call-2", "ended")]
 
 

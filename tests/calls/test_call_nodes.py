@@ -199,7 +199,44 @@ async def test_when_the_node_holding_a_call_dies_its_users_can_be_called_again(t
                                             media=AUDIO, sdp=OFFER, timeout=15)
                 assert reply["state"] == "ringing"
                 assert (await b_in.wait("call.invite", lambda e: e["call_id"] == cid))
+                # The lost call can still be hung up, once; then it is gone everywhere.
+                ended = await bob.request("call.hangup", call_id=lost, timeout=15)
+                assert (ended["state"], ended["reason"]) == ("ended", "hangup")
                 with pytest.raises(ClientError) as err:
                     await bob.request("call.hangup", call_id=lost, timeout=15)
-                assert (err.value.code, err.value.data.get("reason")) == ("conflict", "failed")
+                assert err.value.code == "not_found"
                 await carol.request("call.cancel", call_id=cid)
+
+
+async def test_a_call_whose_node_died_can_still_be_hung_up_and_is_logged(tmp_path: Path):
+    from signaling.client import Client
+
+    store = f"sqlite:///{tmp_path / 'shared.sqlite3'}"
+    with run_redis(tmp_path / "redis", free_port()) as url:
+        settings = {"redis": url, "store": store}
+        with run_talkbridge(tmp_path / "n1", node_id="n1", **settings) as n1, \
+                run_talkbridge(tmp_path / "n2", node_id="n2", **settings) as n2:
+            # alice's client knows both nodes; her call is taken (and held) by node 1.
+            alice = Client([n1.ws_url, n2.ws_url], n1.token("alice"), device="a1",
+                           max_backoff=0.3)
+            await alice.connect()
+            async with connect(n2.ws_url, n2.token("bob"), "b1") as (bob, b_in):
+                try:
+                    cid = new_id()
+                    await invite(alice, cid, "bob")
+                    assert await b_in.wait("call.invite", lambda e: e["call_id"] == cid)
+                    await bob.request("call.accept", call_id=cid, sdp=ANSWER)
+                    await alice.next_event("call.accepted", timeout=10)
+                    os.kill(n1.pid, signal.SIGKILL)
+                    await alice.next_event("client.reconnected", timeout=15)  # now on node 2
+                    ended = await bob.request("call.hangup", call_id=cid, timeout=15)
+                    assert (ended["state"], ended["reason"]) == ("ended", "hangup")
+                    ev = await alice.next_event(
+                        "call.ended", timeout=10, where=lambda e: e["call_id"] == cid)
+                    assert ev["reason"] == "hangup"
+                    log = await alice.next_event(
+                        "msg.new", timeout=10, where=lambda e: e["kind"] == "call")
+                    assert (log["body"]["call_id"], log["body"]["outcome"]) == (cid, "completed")
+                finally:
+                    await alice.close()
+
