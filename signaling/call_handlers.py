@@ -315,7 +315,7 @@ class CallRouter:
             else:
                 self._device_locks[key] = (lock, users - 1)
         if fut is None:
-            return await run_local(self.calls, op, user, device, req)
+            return await self._run_here(op, user, device, req)
         try:
             answer = await asyncio.wait_for(fut, self.rpc_timeout)
         except TimeoutError:
@@ -403,6 +403,24 @@ class CallRouter:
         await self.redis.set(own, self.node, nx=True, ex=self.own_ttl)
         return None
 
+    async def _run_here(self, op: str, user: str, device: str,
+                        req: dict[str, Any]) -> dict[str, Any]:
+        """Run a request on this node; a hangup/cancel/reject of a call no node holds any
+        more (its node stopped or died and left its record) ends it from the record."""
+        call_id = req.get("call_id")
+        if (op in ("hangup", "cancel", "reject") and isinstance(call_id, str)
+                and self.calls.get(call_id) is None):
+            ended = await self._end_orphan(call_id, op, user, req)
+            if ended is not None:
+                return ended
+        return await run_local(self.calls, op, user, device, req)
+
+    async def release(self, calls: list[Call]) -> None:
+        """This node stops: its connected calls go on, held by no node (ended from their
+        records by whichever node gets their hangup)."""
+        if calls:
+            await self.redis.delete(*(self.p + "own:" + c.call_id for c in calls))
+
     async def _end_orphan(self, call_id: str, op: str, user: str,
                           req: dict[str, Any]) -> dict[str, Any] | None:
         """End a call whose node died, from its record: tell the other party, log it."""
@@ -487,8 +505,8 @@ class CallRouter:
                 if isinstance(call_id, str):
                     await self.redis.set(self.p + "own:" + call_id, self.node, nx=True,
                                          ex=self.own_ttl)
-            data = await run_local(self.calls, str(body.get("op")), user, device,
-                                   req if isinstance(req, dict) else {})
+            data = await self._run_here(str(body.get("op")), user, device,
+                                        req if isinstance(req, dict) else {})
             answer.update(ok=True, data=data)
         except TalkbridgeError as err:
             answer.update(ok=False, error=err.to_wire())
@@ -578,12 +596,15 @@ async def setup(state: AppState) -> None:
 
 
 async def teardown(state: AppState) -> None:
-    """End the calls still up (logged as failed) and stop every call timer."""
-    calls: CallManager | None = state.calls
-    if calls is not None:
-        await calls.close()
+    """Stop every call timer; end the calls still up (logged as failed), except, with
+    several nodes, connected calls: they go on and any node can end them later."""
     router: CallRouter | None = state.extras.get("call_router")
+    kept = await state.calls.close(keep_connected=router is not None)
     if router is not None:
+        try:
+            await router.release(kept)
+        except RedisError as exc:
+            log.warning("releasing %d calls at shutdown failed: %s", len(kept), exc)
         await router.close()
     env: NodeCallEnv | None = state.extras.get("call_env")
     if env is not None:

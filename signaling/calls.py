@@ -576,15 +576,20 @@ class CallManager:
                         self.settings.grace, self._grace_over(call.call_id, user, device))
                     call.away[(user, device)] = _Away(since=now, timer=timer)
 
-    async def close(self) -> None:
-        """Server shutdown: end every live call ``failed`` (logged), then stop every timer.
+    async def close(self, keep_connected: bool = False) -> list[Call]:
+        """Server shutdown: end live calls ``failed`` (logged), then stop every timer.
 
-        Call state lives in this process, so no call outlives it; ending them here keeps the
-        promise that every call leaves one log message.
+        With ``keep_connected`` (nodes sharing Redis, where each call's parties are recorded)
+        connected calls are left to go on: their media is peer to peer, and any node ends
+        them later from the record (see call_handlers.CallRouter). They are returned.
+        Ringing calls always end: their ring timers cannot outlive this process.
         """
+        kept: list[Call] = []
         async with self._lock:
             for call in list(self._calls.values()):
-                if call.state != "ended":
+                if call.state == "connected" and keep_connected:
+                    kept.append(call)
+                elif call.state != "ended":
                     since = min((a.since for a in call.away.values()), default=None)
                     self._end(call, "failed", None, at=since)
             await self._flush()
@@ -592,7 +597,10 @@ class CallManager:
             for call in self._calls.values():
                 if call.timer is not None:
                     call.timer.cancel()
+                for away in call.away.values():
+                    away.timer.cancel()
         await self._run_after(after)
+        return kept
 
     # --- internals -------------------------------------------------------------------------
 

@@ -240,3 +240,61 @@ async def test_a_call_whose_node_died_can_still_be_hung_up_and_is_logged(tmp_pat
                 finally:
                     await alice.close()
 
+
+
+async def test_a_rolling_restart_drops_no_call(tmp_path: Path):
+    from signaling.client import Client
+
+    store = f"sqlite:///{tmp_path / 'shared.sqlite3'}"
+    with run_redis(tmp_path / "redis", free_port()) as url:
+        settings = {"redis": url, "store": store}
+        with run_talkbridge(tmp_path / "n1", node_id="n1", **settings) as n1, \
+                run_talkbridge(tmp_path / "n2", node_id="n2", **settings) as n2:
+            alice = Client([n1.ws_url, n2.ws_url], n1.token("alice"), device="a1",
+                           max_backoff=0.3)
+            await alice.connect()
+            async with connect(n2.ws_url, n2.token("bob"), "b1") as (bob, b_in):
+                try:
+                    cid = new_id()
+                    await invite(alice, cid, "bob")  # held by node 1
+                    assert await b_in.wait("call.invite", lambda e: e["call_id"] == cid)
+                    await bob.request("call.accept", call_id=cid, sdp=ANSWER)
+                    await alice.next_event("call.accepted", timeout=10)
+                    os.kill(n1.pid, signal.SIGTERM)  # node 1 stops gracefully
+                    await _exited(n1.pid)
+                    await alice.next_event("client.reconnected", timeout=15)
+                    # Nobody was told the call ended, and nothing was logged.
+                    await asyncio.sleep(0.5)
+                    assert not [e for e in alice.pending_events()
+                                if e.get("type") in ("call.ended", "msg.new")]
+                    ended = await bob.request("call.hangup", call_id=cid, timeout=15)
+                    assert (ended["state"], ended["reason"]) == ("ended", "hangup")
+                    ev = await alice.next_event(
+                        "call.ended", timeout=10, where=lambda e: e["call_id"] == cid)
+                    assert ev["reason"] == "hangup"
+                    log = await alice.next_event(
+                        "msg.new", timeout=10, where=lambda e: e["kind"] == "call")
+                    assert log["body"]["outcome"] == "completed"
+                    history = await alice.request("msg.history", conv="dm:alice:bob")
+                    logs = [m for m in history["messages"] if m["kind"] == "call"]
+                    assert len(logs) == 1  # one log, not a "failed" one from the stop
+                finally:
+                    await alice.close()
+
+
+async def _exited(pid: int, within: float = 20.0) -> None:
+    """Wait for a child process to exit (it stays a zombie until its fixture reaps it)."""
+    deadline = time.monotonic() + within
+    while time.monotonic() < deadline:
+        if _process_state(pid) in (None, "Z"):
+            return
+        await asyncio.sleep(0.05)
+    raise TimeoutError(f"process {pid} still running")
+
+
+def _process_state(pid: int) -> str | None:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().split()[2]
+    except FileNotFoundError:
+        return None
+
