@@ -35,7 +35,7 @@ async def test_offline_device_catches_up_by_conv_list_and_history(any_node: Node
 
 async def test_client_reconnects_after_server_restart_and_fills_the_gap(tmp_path: Path):
     port = free_port()
-    proc = ServerProcess(port, tmp_path, server_env())
+    proc = ServerProcess(port, tmp_path, server_env(TALKBRIDGE_RATE_LIMIT="0"))
     await proc.start()
     try:
         alice = Client(proc.ws_url, token("alice"))
@@ -76,7 +76,7 @@ async def _stored_seqs(proc: ServerProcess, user: str) -> list[int]:
 
 async def test_acknowledged_messages_survive_a_crash(tmp_path: Path):
     port = free_port()
-    proc = ServerProcess(port, tmp_path, server_env())
+    proc = ServerProcess(port, tmp_path, server_env(TALKBRIDGE_RATE_LIMIT="0"))
     await proc.start()
     try:
         alice = Client(proc.ws_url, token("alice"), reconnect=False)
@@ -108,7 +108,7 @@ async def test_acknowledged_messages_survive_a_crash(tmp_path: Path):
 
 async def test_sigterm_tells_clients_to_reconnect_and_finishes_in_flight_writes(tmp_path: Path):
     port = free_port()
-    proc = ServerProcess(port, tmp_path, server_env())
+    proc = ServerProcess(port, tmp_path, server_env(TALKBRIDGE_RATE_LIMIT="0"))
     await proc.start()
     try:
         alice = Client(proc.ws_url, token("alice"), reconnect=False)
