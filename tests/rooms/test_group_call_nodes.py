@@ -1,0 +1,64 @@
+"""A group call whose members sit on three nodes sharing Redis: one room, on one node's
+relay, carrying everyone's real media (aiortc devices, loopback-only namespace)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import ExitStack
+from pathlib import Path
+
+import pytest
+import redis
+
+from signaling.client import Client
+from tests.calls.server import RunningServer, free_port, run_redis, run_talkbridge
+from tests.media.peers import HEIGHT, WIDTH, Peer, wait_for
+from tests.rooms.test_group_call_media import _gets_video_and_audio_of
+from tests.rooms.wire_relay import WireRelay
+
+pytestmark = pytest.mark.netns
+PREFIX = "tbg:"
+
+
+@pytest.fixture
+def cluster(tmp_path: Path) -> Iterator[tuple[str, list[RunningServer]]]:
+    store = f"sqlite:///{tmp_path / 'shared.sqlite3'}"
+    with run_redis(tmp_path / "redis", free_port()) as url, ExitStack() as stack:
+        sep = "&" if "?" in url else "?"
+        settings = {"redis": f"{url}{sep}prefix={PREFIX}", "store": store,
+                    "relay_in_process": "true", "relay_addresses": "127.0.0.1"}
+        nodes = [stack.enter_context(run_talkbridge(tmp_path / f"n{i}", node_id=f"n{i}",
+                                                    **settings)) for i in (1, 2, 3)]
+        yield url, nodes
+
+
+async def test_members_on_three_nodes_see_and_hear_each_other_through_one_relay(cluster):
+    url, nodes = cluster
+    names = ["alice", "bob", "carol"]
+    clients = [Client(n.ws_url, n.token(name), "d") for n, name in zip(nodes, names, strict=True)]
+    devices: list[tuple[Peer, WireRelay]] = []
+    try:
+        for c in clients:
+            await c.connect()
+        created = await clients[0].request(
+            "group.create", name="spread", members=names[1:], join_policy="invite_only")
+        for c, name in zip(clients, names, strict=True):
+            wire = WireRelay(c, group=created["group"])
+            peer = Peer(wire, "", name)  # type: ignore[arg-type]
+            await peer.join()
+            devices.append((peer, wire))
+        rooms = {wire.room for _, wire in devices}
+        assert len(rooms) == 1
+        host = redis.Redis.from_url(url.split("?")[0]).hget(f"{PREFIX}rooms:node", rooms.pop())
+        assert host in (b"n1", b"n2", b"n3")
+        for peer, _ in devices:
+            others = [o for o in names if o != peer.name]
+            assert await wait_for(lambda p=peer, o=others: _gets_video_and_audio_of(p, o), 25), (
+                peer.name, dict(peer.frames))
+            assert all(peer.sizes[o] == (WIDTH, HEIGHT) for o in others)
+    finally:
+        for peer, wire in devices:
+            await wire.close()
+            await peer.close()
+        for c in clients:
+            await c.close()
