@@ -69,6 +69,7 @@ class Config:
     relay_addresses: list[str] = field(default_factory=list)
     relay_workers: int = 0  # relay worker processes; 0 = one per core
     relay_in_process: bool = False  # run the relay in the signaling process (tests, tiny demos)
+    relay_host: bool = True  # with several nodes: this node may host group-call rooms
     # Push
     push_webhook: str = ""
     push_retries: int = 5

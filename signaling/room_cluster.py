@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, Any
 import msgspec
 import redis.asyncio as aioredis
 
-from im_bridge.errors import Internal, TalkbridgeError, error_from_wire
+from im_bridge.errors import Internal, TalkbridgeError, Unsupported, error_from_wire
 from signaling.codec import encode
 from signaling.redis_bus import parse_redis_url
 from signaling.redis_placement import NoRelay, RedisPlacement, RelayRegistration
@@ -79,8 +79,9 @@ class RoomCluster:
         self._watchdog: asyncio.Task[None] | None = None
 
     async def start(self) -> None:
-        with contextlib.suppress(Exception):  # Redis away: heartbeats retry in the background
-            await self.registration.start()
+        if self.state.config.relay_host:
+            with contextlib.suppress(Exception):  # Redis away: heartbeats retry meanwhile
+                await self.registration.start()
         self.state.bus.on_node_message.append(self._on_message)
         self._watchdog = asyncio.get_running_loop().create_task(self._watch())
 
@@ -100,7 +101,9 @@ class RoomCluster:
         try:
             return await self.placement.place(f"g:{group}")
         except NoRelay:
-            return self.node  # no registry yet (Redis just came back): host it here
+            if self.state.config.relay_host:
+                return self.node  # no registry yet (Redis just came back): host it here
+            raise Unsupported("no relay node is running: group calls are unavailable") from None
 
     async def host_of_room(self, room_id: str) -> str | None:
         remote = self.remote.get(room_id)

@@ -3,6 +3,8 @@ relay, carrying everyone's real media (aiortc devices, loopback-only namespace).
 
 from __future__ import annotations
 
+import os
+import signal
 from collections.abc import Iterator
 from contextlib import ExitStack
 from pathlib import Path
@@ -62,3 +64,67 @@ async def test_members_on_three_nodes_see_and_hear_each_other_through_one_relay(
             await peer.close()
         for c in clients:
             await c.close()
+
+
+async def test_rooms_live_on_relay_nodes_and_move_when_one_is_killed(tmp_path: Path):
+    store = f"sqlite:///{tmp_path / 'shared.sqlite3'}"
+    names = ["alice", "bob", "carol"]
+    with run_redis(tmp_path / "redis", free_port()) as url, ExitStack() as stack:
+        sep = "&" if "?" in url else "?"
+        common = {"redis": f"{url}{sep}prefix={PREFIX}", "store": store,
+                  "relay_in_process": "true", "relay_addresses": "127.0.0.1"}
+        signaling = [stack.enter_context(run_talkbridge(
+            tmp_path / f"s{i}", node_id=f"s{i}", relay_host="false", **common)) for i in (1, 2, 3)]
+        relays = {f"r{i}": stack.enter_context(run_talkbridge(
+            tmp_path / f"r{i}", node_id=f"r{i}", **common)) for i in (1, 2)}
+        store_redis = redis.Redis.from_url(url.split("?")[0])
+        clients = [Client(n.ws_url, n.token(name), "d")
+                   for n, name in zip(signaling, names, strict=True)]
+        devices: list[tuple[Peer, WireRelay]] = []
+        try:
+            for c in clients:
+                await c.connect()
+            group = (await clients[0].request(
+                "group.create", name="g", members=names[1:], join_policy="invite_only"))["group"]
+
+            async def everyone_joins() -> str:
+                for (peer, wire) in devices:
+                    await wire.close()
+                    await peer.close()
+                devices.clear()
+                for c, name in zip(clients, names, strict=True):
+                    wire = WireRelay(c, group=group)
+                    peer = Peer(wire, "", name)  # type: ignore[arg-type]
+                    await peer.join()
+                    devices.append((peer, wire))
+                [room] = {wire.room for _, wire in devices}
+                for peer, _ in devices:
+                    others = [o for o in names if o != peer.name]
+                    assert await wait_for(
+                        lambda p=peer, o=others: _gets_video_and_audio_of(p, o), 25
+                    ), (peer.name, dict(peer.frames))
+                return room
+
+            room = await everyone_joins()
+            host = store_redis.hget(f"{PREFIX}rooms:node", room)
+            assert host in (b"r1", b"r2"), host  # never a signaling-only node
+            dead = bytes(host).decode()
+            os.kill(relays[dead].pid, signal.SIGKILL)
+            for peer, _ in devices:  # every member is told, whichever node it is on
+                assert await wait_for(lambda p=peer: _dropped(p, room), 30), peer.name
+            again = await everyone_joins()
+            new_host = store_redis.hget(f"{PREFIX}rooms:node", again)
+            assert new_host in (b"r1", b"r2") and new_host != host  # the surviving relay node
+        finally:
+            for peer, wire in devices:
+                await wire.close()
+                await peer.close()
+            for c in clients:
+                await c.close()
+
+
+def _dropped(peer: Peer, room: str) -> bool:
+    return any(
+        e["room"] == room and e["reason"] == "relay_failed" for e in peer.of_kind("room.dropped")
+    )
+
