@@ -12,13 +12,14 @@ import subprocess
 import time
 import urllib.request
 import uuid
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from signaling.client import ClientError
+from signaling.client import Client, ClientError
 from tests.calls.server import RunningServer, free_port, run_redis, run_talkbridge
 from tests.calls.wire import ANSWER, AUDIO, OFFER, cand, connect
 
@@ -208,15 +209,17 @@ async def test_when_the_node_holding_a_call_dies_its_users_can_be_called_again(t
                 await carol.request("call.cancel", call_id=cid)
 
 
-async def test_a_call_whose_node_died_can_still_be_hung_up_and_is_logged(tmp_path: Path):
-    from signaling.client import Client
-
+@asynccontextmanager
+async def _call_held_by_node_1(
+    tmp_path: Path,
+) -> AsyncIterator[tuple[RunningServer, Client, Any, str]]:
+    """Two nodes; alice (whose client knows both) calls bob (on node 2); node 1 takes, and
+    holds, the call, which is connected. Yields (node 1, alice, bob, call id)."""
     store = f"sqlite:///{tmp_path / 'shared.sqlite3'}"
     with run_redis(tmp_path / "redis", free_port()) as url:
         settings = {"redis": url, "store": store}
         with run_talkbridge(tmp_path / "n1", node_id="n1", **settings) as n1, \
                 run_talkbridge(tmp_path / "n2", node_id="n2", **settings) as n2:
-            # alice's client knows both nodes; her call is taken (and held) by node 1.
             alice = Client([n1.ws_url, n2.ws_url], n1.token("alice"), device="a1",
                            max_backoff=0.3)
             await alice.connect()
@@ -227,59 +230,42 @@ async def test_a_call_whose_node_died_can_still_be_hung_up_and_is_logged(tmp_pat
                     assert await b_in.wait("call.invite", lambda e: e["call_id"] == cid)
                     await bob.request("call.accept", call_id=cid, sdp=ANSWER)
                     await alice.next_event("call.accepted", timeout=10)
-                    os.kill(n1.pid, signal.SIGKILL)
-                    await alice.next_event("client.reconnected", timeout=15)  # now on node 2
-                    ended = await bob.request("call.hangup", call_id=cid, timeout=15)
-                    assert (ended["state"], ended["reason"]) == ("ended", "hangup")
-                    ev = await alice.next_event(
-                        "call.ended", timeout=10, where=lambda e: e["call_id"] == cid)
-                    assert ev["reason"] == "hangup"
-                    log = await alice.next_event(
-                        "msg.new", timeout=10, where=lambda e: e["kind"] == "call")
-                    assert (log["body"]["call_id"], log["body"]["outcome"]) == (cid, "completed")
+                    yield n1, alice, bob, cid
                 finally:
                     await alice.close()
 
+
+async def _bob_hangs_up_and_alice_is_told(alice: Client, bob: Any, cid: str) -> dict[str, Any]:
+    """bob hangs up through node 2; alice hears of it; returns the call log alice gets."""
+    ended = await bob.request("call.hangup", call_id=cid, timeout=15)
+    assert (ended["state"], ended["reason"]) == ("ended", "hangup")
+    ev = await alice.next_event("call.ended", timeout=10, where=lambda e: e["call_id"] == cid)
+    assert ev["reason"] == "hangup"
+    return await alice.next_event("msg.new", timeout=10, where=lambda e: e["kind"] == "call")
+
+
+async def test_a_call_whose_node_died_can_still_be_hung_up_and_is_logged(tmp_path: Path):
+    async with _call_held_by_node_1(tmp_path) as (n1, alice, bob, cid):
+        os.kill(n1.pid, signal.SIGKILL)
+        await alice.next_event("client.reconnected", timeout=15)  # now on node 2
+        log = await _bob_hangs_up_and_alice_is_told(alice, bob, cid)
+        assert (log["body"]["call_id"], log["body"]["outcome"]) == (cid, "completed")
 
 
 async def test_a_rolling_restart_drops_no_call(tmp_path: Path):
-    from signaling.client import Client
-
-    store = f"sqlite:///{tmp_path / 'shared.sqlite3'}"
-    with run_redis(tmp_path / "redis", free_port()) as url:
-        settings = {"redis": url, "store": store}
-        with run_talkbridge(tmp_path / "n1", node_id="n1", **settings) as n1, \
-                run_talkbridge(tmp_path / "n2", node_id="n2", **settings) as n2:
-            alice = Client([n1.ws_url, n2.ws_url], n1.token("alice"), device="a1",
-                           max_backoff=0.3)
-            await alice.connect()
-            async with connect(n2.ws_url, n2.token("bob"), "b1") as (bob, b_in):
-                try:
-                    cid = new_id()
-                    await invite(alice, cid, "bob")  # held by node 1
-                    assert await b_in.wait("call.invite", lambda e: e["call_id"] == cid)
-                    await bob.request("call.accept", call_id=cid, sdp=ANSWER)
-                    await alice.next_event("call.accepted", timeout=10)
-                    os.kill(n1.pid, signal.SIGTERM)  # node 1 stops gracefully
-                    await _exited(n1.pid)
-                    await alice.next_event("client.reconnected", timeout=15)
-                    # Nobody was told the call ended, and nothing was logged.
-                    await asyncio.sleep(0.5)
-                    assert not [e for e in alice.pending_events()
-                                if e.get("type") in ("call.ended", "msg.new")]
-                    ended = await bob.request("call.hangup", call_id=cid, timeout=15)
-                    assert (ended["state"], ended["reason"]) == ("ended", "hangup")
-                    ev = await alice.next_event(
-                        "call.ended", timeout=10, where=lambda e: e["call_id"] == cid)
-                    assert ev["reason"] == "hangup"
-                    log = await alice.next_event(
-                        "msg.new", timeout=10, where=lambda e: e["kind"] == "call")
-                    assert log["body"]["outcome"] == "completed"
-                    history = await alice.request("msg.history", conv="dm:alice:bob")
-                    logs = [m for m in history["messages"] if m["kind"] == "call"]
-                    assert len(logs) == 1  # one log, not a "failed" one from the stop
-                finally:
-                    await alice.close()
+    async with _call_held_by_node_1(tmp_path) as (n1, alice, bob, cid):
+        os.kill(n1.pid, signal.SIGTERM)  # node 1 stops gracefully
+        await _exited(n1.pid)
+        await alice.next_event("client.reconnected", timeout=15)
+        # Nobody was told the call ended, and nothing was logged.
+        await asyncio.sleep(0.5)
+        assert not [e for e in alice.pending_events()
+                    if e.get("type") in ("call.ended", "msg.new")]
+        log = await _bob_hangs_up_and_alice_is_told(alice, bob, cid)
+        assert log["body"]["outcome"] == "completed"
+        history = await alice.request("msg.history", conv="dm:alice:bob")
+        logs = [m for m in history["messages"] if m["kind"] == "call"]
+        assert len(logs) == 1  # one log, not a "failed" one from the stop
 
 
 async def _exited(pid: int, within: float = 20.0) -> None:
