@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import gc
 import logging
 import resource
 import sys
@@ -17,6 +18,25 @@ def raise_fd_limit() -> None:
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     if soft < hard:
         resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+
+
+# Objects allocated before the young generation is collected (CPython's default: 700).
+GC_YOUNG_THRESHOLD = 20_000
+
+
+def tune_gc() -> None:
+    """Make the cyclic garbage collector fit a server with many requests in flight.
+
+    With the default threshold a young collection runs every few requests, while each of
+    hundreds of in-flight requests still holds its objects (coroutines, futures, frames):
+    they survive, get promoted and die in the old generations, which then need full
+    collections that scan every object of the process. Measured with the chat benchmark
+    (100 pairs x 8 in flight, SQLite): ~25% of the event loop's time and most of the p99.
+    Freezing moves what start-up allocated out of every later collection.
+    """
+    gc.collect()
+    gc.freeze()
+    gc.set_threshold(GC_YOUNG_THRESHOLD, 10, 10)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -49,6 +69,7 @@ def main(argv: list[str] | None = None) -> int:
 
     raise_fd_limit()
     app = create_app(config)
+    tune_gc()
     print(f"talkbridge serving on http://{config.host}:{config.port}/", file=sys.stderr, flush=True)
     web.run_app(
         app,
