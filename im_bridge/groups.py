@@ -101,8 +101,11 @@ class GroupService:
         return users
 
     def cached(self, conv: str) -> list[str] | None:
-        """The cached member list of ``conv``, if any (for tests and metrics)."""
-        return self._members.get(conv)
+        """The cached member list of ``conv``, if any (fan-out without a wait)."""
+        cached = self._members.get(conv)
+        if cached is not None:
+            self._members.move_to_end(conv)
+        return cached
 
     def invalidate(self, conv: str, *, broadcast: bool = True) -> None:
         """Forget the cached member list of ``conv`` (after its membership changed)."""

@@ -58,6 +58,7 @@ class ChatService:
         self.recall_window_ms = recall_window_s * 1000
         # Set by the group service: its cached member lists (fan-out reads one per message).
         self.group_members: Callable[[str], Awaitable[list[str]]] | None = None
+        self.group_members_cached: Callable[[str], list[str] | None] | None = None
 
     # ------------------------------------------------------------ membership
 
@@ -69,6 +70,15 @@ class ChatService:
         if self.group_members is not None:
             return await self.group_members(conv)
         return await self.store.read(ops.current_members(conv))
+
+    def members_now(self, conv: str) -> list[str] | None:
+        """:meth:`members` when known without a read (a dm, a cached group), else None."""
+        kind, parts = parse_conv(conv)
+        if kind == "dm":
+            return sorted(set(parts))
+        if self.group_members_cached is not None:
+            return self.group_members_cached(conv)
+        return None
 
     async def member_view(self, conv: str, user: str) -> Member | None:
         """The user's membership row, or a virtual one for a dm not yet written to."""
@@ -118,6 +128,21 @@ class ChatService:
         mentions: list[str] | None = None,
     ) -> Sent:
         """Store a client message durably (idempotent on client_msg_id)."""
+        return await self._append(
+            self.prepare_send(sender, device, to, client_msg_id, kind, body, mentions)
+        )
+
+    def prepare_send(
+        self,
+        sender: str,
+        device: str,
+        to: Any,
+        client_msg_id: str | None,
+        kind: str,
+        body: Any,
+        mentions: list[str] | None = None,
+    ) -> SendRequest:
+        """Check a client message (BadRequest naming the field) and address it."""
         if not isinstance(to, dict) or len(to) != 1 or not ({"user", "group"} & to.keys()):
             raise BadRequest('\'to\' must be {"user": id} or {"group": id}', field="to")
         body = validate_body(kind, body)
@@ -131,12 +156,15 @@ class ChatService:
             conv, check = dm_conv(sender, peer), "dm"
         else:
             conv, check = group_conv(check_group_id(to["group"], "to.group")), "group"
-        return await self._append(
-            SendRequest(
-                conv=conv, sender=sender, sender_device=device, kind=kind, body=body,
-                client_msg_id=client_msg_id, mentions=mentions, check=check, peer=peer,
-            )
+        return SendRequest(
+            conv=conv, sender=sender, sender_device=device, kind=kind, body=body,
+            client_msg_id=client_msg_id, mentions=mentions, check=check, peer=peer,
         )
+
+    def send_nowait(self, req: SendRequest, done: Callable[[Any], None]) -> None:
+        """Queue a prepared message for the next commit; ``done`` then gets ``(message,
+        created)`` or the TalkbridgeError that refused it (see Store.write_nowait)."""
+        self.store.write_nowait(ops.append_message(req, now_ms()), req.conv, done)
 
     async def _append(self, req: SendRequest) -> Sent:
         msg, created = await self.store.write(ops.append_message(req, now_ms()), key=req.conv)

@@ -22,10 +22,17 @@ class Bus(abc.ABC):
         self.on_node_message: list[NodeMessageHook] = []
 
     @abc.abstractmethod
+    def post_users(
+        self, users: Sequence[str], data: bytes, exclude_session: str | None = None
+    ) -> None:
+        """Deliver ``data`` to every online device of ``users`` (minus one session): local
+        devices at once, other nodes' through the engine's ordered outbox. Never waits."""
+
     async def publish_users(
         self, users: Sequence[str], data: bytes, exclude_session: str | None = None
     ) -> None:
-        """Deliver ``data`` to every online device of ``users`` (minus one session)."""
+        """:meth:`post_users`, for callers in coroutines."""
+        self.post_users(users, data, exclude_session)
 
     @abc.abstractmethod
     async def publish_device(self, user: str, device: str, data: bytes) -> None:
@@ -70,7 +77,7 @@ class MemoryBus(Bus):
         super().__init__()
         self.hub = hub
 
-    async def publish_users(
+    def post_users(
         self, users: Sequence[str], data: bytes, exclude_session: str | None = None
     ) -> None:
         self.hub.deliver_local(users, data, exclude_session)

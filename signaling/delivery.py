@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Coroutine, Sequence
 from typing import Any
 
 from im_bridge.models import Message
@@ -35,20 +35,36 @@ async def deliver_message(
     push: bool = True,
 ) -> None:
     """Send ``msg.new`` to every member's devices (but the sending one); push the offline."""
-    await state.bus.publish_users(
-        members, encode({"type": "msg.new", **msg.to_wire()}), exclude_session
-    )
+    pushing = deliver_message_now(state, msg, members, exclude_session, push)
+    if pushing is not None:
+        await pushing
+
+
+def deliver_message_now(
+    state: AppState,
+    msg: Message,
+    members: Sequence[str],
+    exclude_session: str | None = None,
+    push: bool = True,
+) -> Coroutine[Any, Any, None] | None:
+    """Send ``msg.new`` now; returns the push of members who may be offline, to be awaited
+    or run as a task, or None when every member has a device on this node."""
+    state.bus.post_users(members, encode({"type": "msg.new", **msg.to_wire()}), exclude_session)
     if not push:
-        return
-    mentioned_all = bool(msg.mentions and "@all" in msg.mentions)
+        return None
     # Members with a device on this node are online: a cheap local look-up spares the
     # presence port for all but the rest, which it answers in one batch.
     elsewhere = [u for u in state.hub.not_here(members) if u != msg.sender]  # never the sender
-    online = await state.bus.online_users(elsewhere) if elsewhere else set()
+    return _push_offline(state, msg, elsewhere) if elsewhere else None
+
+
+async def _push_offline(state: AppState, msg: Message, elsewhere: list[str]) -> None:
+    online = await state.bus.online_users(elsewhere)
     offline = [u for u in elsewhere if u not in online]
     if not offline:
         return
     # A member who muted the conversation (conv.mute) is still pushed when mentioned.
+    mentioned_all = bool(msg.mentions and "@all" in msg.mentions)
     muted = await state.store.read(group_ops.conv_muted_users(msg.conv, offline))
     for user in offline:
         mentioned = mentioned_all or bool(msg.mentions and user in msg.mentions)

@@ -5,6 +5,12 @@ A handler is ``async def h(ctx, req) -> dict | None``; what it returns is the re
 ``@handler("type")``; modules named ``*handlers*`` in this package are imported at start-up
 (see :func:`load_handler_modules`), and may define ``async def setup(state)`` and
 ``async def teardown(state)``.
+
+The hottest requests (``msg.send``) are *direct* handlers instead: a plain function
+``h(ctx, req, reply)`` that the reader calls at once, which validates (raising a
+TalkbridgeError for an error reply) and hands the rest to callbacks that end by calling
+``reply.ok(data)`` or ``reply.fail(exc)`` exactly once. No task, future or coroutine chain
+per request: on the chat benchmark that is a sixth of the event loop's time per message.
 """
 
 from __future__ import annotations
@@ -14,7 +20,7 @@ import pkgutil
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from types import ModuleType
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 if TYPE_CHECKING:
     from signaling.session import Session
@@ -35,6 +41,32 @@ HANDLERS: dict[str, Handler] = {}
 HOLDS_EVENTS: set[str] = set()
 
 
+class Reply(Protocol):
+    """How a direct handler answers its request (exactly one call, of either)."""
+
+    def ok(self, data: dict[str, Any] | None) -> None:
+        """Reply ``ok`` with ``data``."""
+
+    def fail(self, err: BaseException) -> None:
+        """Reply with the error (a TalkbridgeError's code, else ``internal``)."""
+
+
+DirectHandler = Callable[[RequestContext, dict[str, Any], Reply], None]
+DIRECT_HANDLERS: dict[str, DirectHandler] = {}
+
+
+def direct_handler(name: str) -> Callable[[DirectHandler], DirectHandler]:
+    """Register ``fn`` as the direct handler of request type ``name`` (see module doc)."""
+
+    def register(fn: DirectHandler) -> DirectHandler:
+        if name in HANDLERS or DIRECT_HANDLERS.get(name, fn) is not fn:
+            raise RuntimeError(f"two handlers for {name!r}")
+        DIRECT_HANDLERS[name] = fn
+        return fn
+
+    return register
+
+
 def handler(name: str, *, hold_events: bool = False) -> Callable[[Handler], Handler]:
     """Register ``fn`` as the handler of request type ``name``.
 
@@ -43,7 +75,7 @@ def handler(name: str, *, hold_events: bool = False) -> Callable[[Handler], Hand
     """
 
     def register(fn: Handler) -> Handler:
-        if name in HANDLERS and HANDLERS[name] is not fn:
+        if name in DIRECT_HANDLERS or HANDLERS.get(name, fn) is not fn:
             raise RuntimeError(f"two handlers for {name!r}")
         HANDLERS[name] = fn
         if hold_events:

@@ -1,7 +1,8 @@
 """The WebSocket edge: authenticate, then read frames, dispatch requests, send replies.
 
 Requests of one connection run as concurrent tasks (bounded), started in arrival order;
-sends from one device therefore enter the store's group commit in the order they were
+direct handlers (``msg.send``) start at once in the reader (see signaling/dispatch.py).
+Sends from one device therefore enter the store's group commit in the order they were
 sent. Only an authentication failure closes the socket; every other problem is answered
 with an error frame.
 """
@@ -29,7 +30,7 @@ from im_bridge.errors import (
 from im_bridge.ids import now_ms
 from signaling.auth import Claims
 from signaling.codec import decode_frame, encode
-from signaling.dispatch import HANDLERS, HOLDS_EVENTS, RequestContext
+from signaling.dispatch import DIRECT_HANDLERS, HANDLERS, HOLDS_EVENTS, RequestContext
 from signaling.keys import STATE
 from signaling.ratelimit import TokenBucket
 from signaling.session import CLOSE_AUTH_FAILED, Session
@@ -156,7 +157,6 @@ async def _read_loop(state: AppState, session: Session, ws: web.WebSocketRespons
     cfg = state.config
     bucket = TokenBucket(cfg.rate_limit, cfg.rate_burst)
     slots = _Window(MAX_IN_FLIGHT)
-    tasks: set[asyncio.Task[None]] = state.extras.setdefault("inflight", set())
     ctx = RequestContext(state, session)
     async for msg in ws:
         if msg.type == WSMsgType.TEXT:
@@ -190,18 +190,25 @@ async def _read_loop(state: AppState, session: Session, ws: web.WebSocketRespons
         if not _valid_id(rid):
             session.send(_error_frame(BadRequest("a request needs an 'id' (string or integer)")))
             continue
-        fn = HANDLERS.get(ftype)
-        state.metrics.frame_in(ftype if fn is not None else "unknown")
-        if fn is None:
+        direct = DIRECT_HANDLERS.get(ftype)
+        fn = HANDLERS.get(ftype) if direct is None else None
+        if direct is None and fn is None:
+            state.metrics.frame_in("unknown")
             state.metrics.errors.labels("unsupported").inc()
             session.send(_reply_error(rid, Unsupported(f"unknown request type {ftype!r}")))
             continue
+        state.metrics.frame_in(ftype)
         if slots.full():
             await slots.wait()
         slots.used += 1
-        task = asyncio.get_running_loop().create_task(_run(ctx, fn, frame, rid, slots))
-        tasks.add(task)
-        task.add_done_callback(tasks.discard)
+        if direct is not None:
+            reply = _Reply(ctx, rid, ftype, slots)
+            try:
+                direct(ctx, frame, reply)
+            except Exception as exc:
+                reply.fail(exc)
+        elif fn is not None:
+            state.spawn(_run(ctx, fn, frame, rid, slots))
 
 
 class _Window:
@@ -231,6 +238,47 @@ class _Window:
             self._free = None
 
 
+class _Reply:
+    """The answer to one request of a direct handler (see signaling/dispatch.py)."""
+
+    __slots__ = ("ctx", "ftype", "rid", "sent", "slots", "t0")
+
+    def __init__(self, ctx: RequestContext, rid: Any, ftype: str, slots: _Window) -> None:
+        self.ctx = ctx
+        self.rid = rid
+        self.ftype = ftype
+        self.slots = slots
+        self.t0 = time.perf_counter()
+        self.sent = False
+
+    def ok(self, data: dict[str, Any] | None) -> None:
+        if self._once():
+            self.ctx.session.send_reply(_reply(self.rid, data))
+
+    def fail(self, err: BaseException) -> None:
+        if self._once():
+            self.ctx.session.send_reply(_error_reply(self.ctx.state, self.ftype, self.rid, err))
+
+    def _once(self) -> bool:
+        if self.sent:
+            log.error("a second reply to %s %r was dropped", self.ftype, self.rid)
+            return False
+        self.sent = True
+        self.slots.release()
+        self.ctx.state.metrics.request_done(self.ftype, time.perf_counter() - self.t0)
+        return True
+
+
+def _error_reply(state: AppState, ftype: str, rid: Any, err: BaseException) -> bytes:
+    """The error reply for what a handler raised (``internal`` for anything unexpected)."""
+    if isinstance(err, TalkbridgeError):
+        state.metrics.errors.labels(err.code).inc()
+        return _reply_error(rid, err)
+    log.error("handler for %s failed", ftype, exc_info=err)
+    state.metrics.errors.labels("internal").inc()
+    return _reply_error(rid, Internal("internal error"))
+
+
 def _valid_id(rid: Any) -> bool:
     if isinstance(rid, str):
         return 0 < len(rid) <= 128
@@ -248,13 +296,8 @@ async def _run(
     try:
         data = await fn(ctx, frame)
         ctx.session.send_reply(_reply(rid, data))
-    except TalkbridgeError as err:
-        state.metrics.errors.labels(err.code).inc()
-        ctx.session.send_reply(_reply_error(rid, err))
-    except Exception:
-        log.exception("handler for %s failed", frame.get("type"))
-        state.metrics.errors.labels("internal").inc()
-        ctx.session.send_reply(_reply_error(rid, Internal("internal error")))
+    except Exception as err:
+        ctx.session.send_reply(_error_reply(state, frame["type"], rid, err))
     finally:
         if holds:
             ctx.session.release_events()

@@ -23,6 +23,7 @@ async def setup(state: AppState) -> None:
     groups = GroupService(state.store, member_limit=state.config.group_member_limit)
     state.groups = groups
     state.chat.group_members = groups.members
+    state.chat.group_members_cached = groups.cached
     _share_membership_changes(state, groups)
 
 

@@ -8,10 +8,11 @@ from typing import Any
 
 from im_bridge.errors import BadRequest
 from im_bridge.ids import parse_conv
+from im_bridge.models import Message
 from im_bridge.store import group_ops
 from signaling.codec import opt_int, opt_str, req_bool, req_int, req_str, str_list
-from signaling.delivery import deliver_message, publish
-from signaling.dispatch import RequestContext, handler
+from signaling.delivery import deliver_message_now, publish
+from signaling.dispatch import Reply, RequestContext, direct_handler, handler
 from signaling.state import AppState
 
 log = logging.getLogger(__name__)
@@ -117,14 +118,15 @@ def _conv(req: dict[str, Any]) -> str:
     return conv
 
 
-@handler("msg.send")
-async def msg_send(ctx: RequestContext, req: dict[str, Any]) -> dict[str, Any]:
+@direct_handler("msg.send")
+def msg_send(ctx: RequestContext, req: dict[str, Any], reply: Reply) -> None:
+    """Check and queue the message now; reply and fan out from its commit (see dispatch)."""
     s, state = ctx.session, ctx.state
     client_msg_id = opt_str(req, "client_msg_id", max_len=128)
     kind = req.get("kind", "text")
     if not isinstance(kind, str):
         raise BadRequest("'kind' must be a string", field="kind")
-    sent = await state.chat.send(
+    send = state.chat.prepare_send(
         s.user,
         s.device,
         req.get("to"),
@@ -133,15 +135,50 @@ async def msg_send(ctx: RequestContext, req: dict[str, Any]) -> dict[str, Any]:
         req.get("body"),
         str_list(req, "mentions", max_items=500),
     )
-    msg = sent.message
-    if sent.created:
+
+    def stored(result: Any) -> None:
+        if isinstance(result, BaseException):
+            reply.fail(result)
+            return
+        msg, created = result
+        members = state.chat.members_now(msg.conv)
+        if members is None:  # a group whose member list is not cached: read it first
+            state.spawn(_sent_after_read(ctx, reply, msg, created))
+        else:
+            _sent(ctx, reply, msg, created, members)
+
+    state.chat.send_nowait(send, stored)
+
+
+async def _sent_after_read(
+    ctx: RequestContext, reply: Reply, msg: Message, created: bool
+) -> None:
+    try:
+        members = await ctx.state.chat.members(msg.conv)
+    except Exception as exc:
+        reply.fail(exc)
+        return
+    _sent(ctx, reply, msg, created, members)
+
+
+def _sent(
+    ctx: RequestContext, reply: Reply, msg: Message, created: bool, members: list[str]
+) -> None:
+    """A committed send: ``msg.new`` to the members' devices, the reply, then any push.
+
+    A retry (created=False) is delivered again without a push: the first attempt may have
+    died between its commit and its fan-out (a node crash); clients keep one copy per
+    (conv, seq).
+    """
+    state = ctx.state
+    if created:
         state.metrics.message_stored(msg.kind)
-        await deliver_message(state, msg, sent.members, exclude_session=s.session_id)
-    else:
-        # A retry: the first attempt may have died between its commit and its fan-out (a
-        # node crash), so deliver again (no push); clients keep one copy per (conv, seq).
-        await deliver_message(state, msg, sent.members, exclude_session=s.session_id, push=False)
-    return {"conv": msg.conv, "seq": msg.seq, "msg_id": msg.msg_id, "ts": msg.ts}
+    pushing = deliver_message_now(
+        state, msg, members, exclude_session=ctx.session.session_id, push=created
+    )
+    reply.ok({"conv": msg.conv, "seq": msg.seq, "msg_id": msg.msg_id, "ts": msg.ts})
+    if pushing is not None:
+        state.spawn(pushing)
 
 
 @handler("msg.history")

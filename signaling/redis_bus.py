@@ -692,7 +692,7 @@ class RedisBus(Bus):
 
     # ------------------------------------------------------------ the Bus port
 
-    async def publish_users(
+    def post_users(
         self, users: Sequence[str], data: bytes, exclude_session: str | None = None
     ) -> None:
         """Local devices now; other nodes through one publish per node holding any user."""

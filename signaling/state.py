@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
 import time
+from collections.abc import Coroutine
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -41,6 +43,14 @@ class AppState:
     groups: GroupService = field(init=False)
     rooms: RoomManager = field(init=False)
     extras: dict[str, Any] = field(default_factory=dict)
+
+    def spawn(self, coro: Coroutine[Any, Any, None]) -> asyncio.Task[None]:
+        """Run request work that outlives its reply; graceful shutdown waits for it."""
+        tasks: set[asyncio.Task[None]] = self.extras.setdefault("inflight", set())
+        task = asyncio.get_running_loop().create_task(coro)
+        tasks.add(task)
+        task.add_done_callback(tasks.discard)
+        return task
 
     def ice_servers(self, user: str) -> list[dict[str, Any]]:
         """ICE servers (with fresh TURN credentials) for a user's device."""

@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+import inspect
 import os
 import secrets
 import socket
 import subprocess
 import sys
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,6 +29,19 @@ from signaling.state import AppState
 SECRET = "talkbridge-test-secret-0123456789abcdef"
 PG_ADMIN = os.environ.get("TALKBRIDGE_TEST_PG", "postgresql://postgres@127.0.0.1:5432/postgres")
 REPO = Path(__file__).resolve().parent.parent
+
+
+async def until(check: Callable[[], bool | Awaitable[bool]], timeout: float,
+                every: float = 0.1) -> None:
+    """Poll ``check`` until it holds; TimeoutError after ``timeout``."""
+    async with asyncio.timeout(timeout):
+        while True:
+            result = check()
+            if inspect.isawaitable(result):
+                result = await result
+            if result:
+                return
+            await asyncio.sleep(every)
 
 
 def token(user: str, ttl: int = 3600, secret: str = SECRET, **claims: Any) -> str:
@@ -85,6 +99,11 @@ class Node:
 
     def token(self, user: str, **claims: Any) -> str:
         return token(user, **claims)
+
+    async def settled(self) -> None:
+        """Wait for the work requests left running after their replies (pushes)."""
+        while tasks := list(self.state.extras.get("inflight", ())):
+            await asyncio.gather(*tasks, return_exceptions=True)
 
     async def client(self, user: str, device: str | None = None, **kw: Any) -> Client:
         """A connected client of ``user`` (closed when the node stops)."""

@@ -9,6 +9,7 @@ result is released only after that transaction has committed (durable before the
 from __future__ import annotations
 
 import abc
+from collections.abc import Callable
 from typing import Any, TypeVar
 
 from im_bridge.store.ops import Op
@@ -36,6 +37,11 @@ class Store(abc.ABC):
         ``key`` (the conversation id, where there is one) keeps ops of one conversation in
         order; ops with different keys may commit in parallel transactions.
         """
+
+    @abc.abstractmethod
+    def write_nowait(self, op: Op[Any], key: str, done: Callable[[Any], None]) -> None:
+        """Like :meth:`write`, but returns at once; ``done`` gets the op's result (or the
+        exception it raised) after the commit. Raises RuntimeError while closing."""
 
     @abc.abstractmethod
     async def read(self, op: Op[T]) -> T:

@@ -17,7 +17,7 @@ import asyncio
 import logging
 import zlib
 from collections.abc import Awaitable, Callable
-from typing import Any
+from typing import Any, TypeAlias
 
 from im_bridge.store.ops import Op
 
@@ -25,11 +25,14 @@ log = logging.getLogger(__name__)
 
 # Runs a batch and returns one result per op: a value or the exception that op raised.
 BatchRunner = Callable[[list[Op[Any]]], Awaitable[list[Any]]]
+# Called, once the op's batch has committed, with its result or the exception it raised.
+Done: TypeAlias = Callable[[Any], None]
 
 
 class _Lane:
     def __init__(self) -> None:
-        self.pending: list[tuple[str, Op[Any], asyncio.Future[Any]]] = []
+        # (key, op, the caller's Future or Done callback)
+        self.pending: list[tuple[str, Op[Any], asyncio.Future[Any] | Done]] = []
         self.wakeup = asyncio.Event()
         self.task: asyncio.Task[None] | None = None
 
@@ -52,15 +55,27 @@ class GroupCommit:
 
     async def submit(self, op: Op[Any], key: str = "") -> Any:
         """Queue an op; return its result once its batch has committed."""
+        fut: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        self._queue(op, key, fut)
+        return await fut
+
+    def submit_nowait(self, op: Op[Any], key: str, done: Done) -> None:
+        """Queue an op; ``done`` is called from the committing task with its result (or
+        the exception it raised) once its batch has committed.
+
+        The hot path's form of :meth:`submit`: no future and no waiting coroutine chain
+        per op (about 9 us per request of the event loop's time, a sixth of a message).
+        """
+        self._queue(op, key, done)
+
+    def _queue(self, op: Op[Any], key: str, sink: asyncio.Future[Any] | Done) -> None:
         if self._closing:
             op.close()
             raise RuntimeError("store is closing")
         lanes = self._lanes
         lane = lanes[zlib.crc32(key.encode()) % len(lanes)] if len(lanes) > 1 else lanes[0]
-        fut: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
-        lane.pending.append((key, op, fut))
+        lane.pending.append((key, op, sink))
         lane.wakeup.set()
-        return await fut
 
     async def _drain(self, lane: _Lane) -> None:
         while True:
@@ -77,13 +92,18 @@ class GroupCommit:
                     results = [exc] * len(batch)
                 self.batches += 1
                 self.ops += len(batch)
-                for (_, _, fut), res in zip(batch, results, strict=True):
-                    if fut.done():
+                for (_, _, sink), res in zip(batch, results, strict=True):
+                    if not isinstance(sink, asyncio.Future):
+                        try:
+                            sink(res)
+                        except Exception:
+                            log.exception("group commit callback failed")
+                    elif sink.done():
                         continue
-                    if isinstance(res, BaseException):
-                        fut.set_exception(res)
+                    elif isinstance(res, BaseException):
+                        sink.set_exception(res)
                     else:
-                        fut.set_result(res)
+                        sink.set_result(res)
             if self._closing:
                 return
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import re
+from collections.abc import Callable
 from functools import lru_cache
 from typing import Any, TypeVar
 
@@ -121,6 +122,9 @@ class PostgresStore(Store):
     async def write(self, op: Op[T], key: str = "") -> T:
         result: T = await self._commit.submit(op, key)
         return result
+
+    def write_nowait(self, op: Op[Any], key: str, done: Callable[[Any], None]) -> None:
+        self._commit.submit_nowait(op, key, done)
 
     async def read(self, op: Op[T]) -> T:
         assert self._pool is not None

@@ -11,6 +11,7 @@ import asyncio
 import logging
 import sqlite3
 import threading
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, TypeVar
@@ -132,6 +133,9 @@ class SqliteStore(Store):
     async def write(self, op: Op[T], key: str = "") -> T:
         result: T = await self._commit.submit(op, key)
         return result
+
+    def write_nowait(self, op: Op[Any], key: str, done: Callable[[Any], None]) -> None:
+        self._commit.submit_nowait(op, key, done)
 
     def _reader_conn(self) -> sqlite3.Connection:
         conn: sqlite3.Connection | None = getattr(self._local, "conn", None)

@@ -208,6 +208,7 @@ async def test_offline_recipient_is_pushed_and_sender_never(node: Node):
     alice = await node.client("alice")
     await alice.send_text("are you there", user="bob")
     sent = node.state.pusher.sent  # type: ignore[attr-defined]
+    await node.settled()  # the push follows the sender's reply
     assert [(p.user, p.kind, p.conv) for p in sent] == [("bob", "message", "dm:alice:bob")]
     assert sent[0].preview == "are you there"
     bob = await node.client("bob")

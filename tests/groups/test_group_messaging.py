@@ -102,6 +102,7 @@ async def test_offline_members_are_pushed_muted_ones_only_when_mentioned(node: N
     async def pushed_for(text: str, **extra: Any) -> list[tuple[str, bool]]:
         sent.clear()
         await alice.send_text(text, group=group, **extra)
+        await node.settled()  # pushes follow the sender's reply
         return sorted((p.user, p.mentioned) for p in sent)
 
     assert await pushed_for("plain") == [("bob", False)]

@@ -4,8 +4,8 @@ group-commit safety and the member cache."""
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Awaitable
-from typing import TypeVar
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any, TypeVar
 
 import pytest
 
@@ -65,6 +65,9 @@ class SlowReads(Store):
 
     async def write(self, op: Op[T], key: str = "") -> T:
         return await self.inner.write(op, key)
+
+    def write_nowait(self, op: Op[Any], key: str, done: Callable[[Any], None]) -> None:
+        self.inner.write_nowait(op, key, done)
 
     async def read(self, op: Op[T]) -> T:
         result = await self.inner.read(op)

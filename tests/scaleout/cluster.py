@@ -3,11 +3,9 @@
 from __future__ import annotations
 
 import asyncio
-import inspect
 import os
 import secrets
 import signal
-from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -15,23 +13,10 @@ from typing import Any
 import aiohttp
 
 from signaling.client import Client
-from tests.support import ServerProcess, free_port, server_env, token
+from tests.support import ServerProcess, free_port, server_env, token, until
 
 # Short heartbeats so a killed node's presence goes within seconds in tests.
 BUS_PARAMS = "heartbeat=0.5&node_ttl=3&backoff_max=1"
-
-
-async def until(check: Callable[[], bool | Awaitable[bool]], timeout: float,
-                every: float = 0.1) -> None:
-    """Poll ``check`` (state in other processes) until it holds; TimeoutError after ``timeout``."""
-    async with asyncio.timeout(timeout):
-        while True:
-            result = check()
-            if inspect.isawaitable(result):
-                result = await result
-            if result:
-                return
-            await asyncio.sleep(every)
 
 
 @dataclass
