@@ -12,6 +12,8 @@ import contextlib
 import itertools
 import json
 import logging
+import random
+import re
 import time
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Collection
@@ -26,12 +28,13 @@ from im_bridge.errors import (
     BadRequest,
     Conflict,
     Internal,
+    NotFound,
     TalkbridgeError,
     error_from_wire,
 )
 from im_bridge.ids import dm_conv
 from im_bridge.push import PushNotification
-from signaling.calls import Call, CallLog, CallManager, CallSettings, Outcome
+from signaling.calls import Call, CallLog, CallManager, CallSettings
 from signaling.codec import encode
 from signaling.delivery import deliver_message
 from signaling.dispatch import RequestContext, handler
@@ -197,17 +200,60 @@ class _NodeGone(Exception):
     """Nobody listens on a node's channel: the node is gone."""
 
 
+class _Moved(Exception):
+    """Another node holds the call now (``node``); None: no node does, take it where you are."""
+
+    def __init__(self, node: str | None) -> None:
+        super().__init__(node)
+        self.node = node
+
+
+# KEYS: own:<call>, rec:<call>. ARGV: this node, ttl, the node it may take the call from, "1"
+# when a call no node holds may be taken too. Takes the call (its owner becomes this node)
+# when the record exists and the owner is as expected, in one step, so that of several
+# nodes trying only one takes it. Returns {owner, record} ({owner or "", ""}: not taken).
+_TAKE = """
+local rec = redis.call('GET', KEYS[2])
+local cur = redis.call('GET', KEYS[1])
+if rec and (cur == ARGV[1] or cur == ARGV[3] or (not cur and ARGV[4] == '1')) then
+  redis.call('SET', KEYS[1], ARGV[1], 'EX', ARGV[2])
+  return {ARGV[1], rec}
+end
+return {cur or '', ''}
+"""
+
+# KEYS: own:<call>, rec:<call>. ARGV: this node, "keep" | "end". A stopping node settles a
+# call that no node took, unless one took it meanwhile (its id is returned; "" otherwise):
+# a connected call is left to whichever node takes it over later ("keep": it has no owner
+# now), a ringing one ends on this node ("end": without its record nobody takes it any more).
+_SETTLE = """
+local cur = redis.call('GET', KEYS[1])
+if cur and cur ~= ARGV[1] then return cur end
+if ARGV[2] == 'keep' then redis.call('DEL', KEYS[1]) else redis.call('DEL', KEYS[2]) end
+return ''
+"""
+
+
 class CallRouter:
     """Calls across nodes that share Redis: every request about a call runs on its node.
 
-    A call lives on the node that took its invite (its timers and state are there); the
-    node is recorded under ``<prefix>calls:own:<call_id>``, and the live calls of each user
-    under ``<prefix>calls:user:<user>`` (call id -> node). A node that gets a request for a
-    call it does not hold forwards it over pub/sub (``<prefix>calls:rpc:<node>``) and relays
-    the answer; events reach the devices through the bus wherever they are connected. An
-    invite to a user who is in a call on another node goes to that node, so busy and glare
-    are decided where the other call is. Device connects and disconnects are passed to the
-    nodes holding that user's calls (pending invites, grace periods).
+    A call lives on one node at a time (its timers and state are there): the node that took
+    its invite, until that node stops or dies. The node is recorded under
+    ``<prefix>calls:own:<call_id>``, the call itself (parties, state, deadline) under
+    ``<prefix>calls:rec:<call_id>``, and the live calls of each user under
+    ``<prefix>calls:user:<user>`` (call id -> node). A node that gets a request for a call it
+    does not hold forwards it over pub/sub (``<prefix>calls:rpc:<node>``) and relays the
+    answer; events reach the devices through the bus wherever they are connected. An invite
+    to a user who is in a call on another node goes to that node, so busy and glare are
+    decided where the other call is. Device connects and disconnects are passed to the nodes
+    holding that user's calls (pending invites, grace periods).
+
+    Calls move between nodes in two ways, both through those keys. A stopping node hands its
+    live calls to a live node (:meth:`hand_over`), which takes them over from their records
+    and becomes their owner; requests that reached the old node meanwhile are answered
+    "moved" and sent after them. A call whose node died, or stopped with no node to take it,
+    is taken over from its record by the first node that gets a request about it from one of
+    its parties (:meth:`_take_over`).
 
     Requests from one device are forwarded in the order they came (one lock per device),
     and each node serves forwarded requests in the order they arrive.
@@ -224,14 +270,24 @@ class CallRouter:
         self.calls = calls
         self.p = f"{prefix}calls:"
         self.rpc_timeout = rpc_timeout
+        self.handover_timeout = max(rpc_timeout, 10.0)  # taking many calls over takes a while
+        self.max_hops = 4  # a request follows a call that moves at most this often
         self.own_ttl = 24 * 3600  # a call's node record outlives any call; dropped at the end
+        # Set when the node stops: it takes no call over and hands over what it holds.
+        self.stopping = False
         self._waiting: dict[str, asyncio.Future[dict[str, Any]]] = {}
         # (user, device) -> (lock, requests using it); dropped when unused
         self._device_locks: dict[tuple[str, str], tuple[asyncio.Lock, int]] = {}
-        # call id -> the other node holding it (it never moves): saves a Redis round trip
-        # per forwarded request. Bounded; oldest first out.
+        # call id -> the other node holding it: saves a Redis round trip per forwarded
+        # request. Dropped when the call moves (the old node answers "moved") or the node
+        # goes away. Bounded; oldest first out.
         self._owners: OrderedDict[str, str] = OrderedDict()
         self.max_cached_owners = 50_000
+        # call id -> (node, caller, callee): calls this stopping node handed over
+        self._moved: dict[str, tuple[str, str, str]] = {}
+        self._take_lock = asyncio.Lock()  # one take-over at a time on this node
+        self._take = self.redis.register_script(_TAKE)
+        self._settle = self.redis.register_script(_SETTLE)
         self._ids = itertools.count(1)
         self._tasks: set[asyncio.Task[None]] = set()
         self._listener: asyncio.Task[None] | None = None
@@ -283,43 +339,63 @@ class CallRouter:
         call_id = req.get("call_id")
         if not isinstance(call_id, str) or self.calls.get(call_id) is not None:
             return await run_local(self.calls, op, user, device, req)
-        key = (user, device)
-        lock, users = self._device_locks.get(key, (asyncio.Lock(), 0))
-        self._device_locks[key] = (lock, users + 1)
-        try:
-            async with lock:
-                # Under the device's lock until the request is published: its next request
-                # cannot overtake it.
-                try:
-                    node = await self._node_for(op, call_id, req)
-                except RedisError as exc:
-                    if op != "invite":
-                        raise Internal("calls on other nodes are unreachable now") from exc
-                    # Without Redis an invite is decided here (calls within this node work).
-                    log.warning("call routing without Redis: %s", exc)
-                    node = None
-                if node is None or node == self.node:
-                    fut = None
-                else:
+        here = False
+        for _ in range(self.max_hops):
+            try:
+                return await self._route_once(op, user, device, req, call_id, here)
+            except _Moved as moved:
+                # The call changed nodes (its node stopped and handed it over) meanwhile.
+                self._owners.pop(call_id, None)
+                here = moved.node in (None, self.node)
+                if moved.node is not None:
+                    self._remember(call_id, moved.node)
+        raise Internal("the call kept moving between nodes; try again")
+
+    async def _route_once(self, op: str, user: str, device: str, req: dict[str, Any],
+                          call_id: str, here: bool) -> dict[str, Any]:
+        """Send the request to the call's node, or run it here (``here``: told to)."""
+        fut: asyncio.Future[dict[str, Any]] | None = None
+        if here:
+            if op == "invite":
+                await self.redis.set(self.p + "own:" + call_id, self.node, nx=True,
+                                     ex=self.own_ttl)
+        else:
+            key = (user, device)
+            lock, users = self._device_locks.get(key, (asyncio.Lock(), 0))
+            self._device_locks[key] = (lock, users + 1)
+            try:
+                async with lock:
+                    # Under the device's lock until the request is published: its next
+                    # request cannot overtake it.
                     try:
-                        fut = await self._send_request(node, op, user, device, req)
-                    except _NodeGone:
-                        ended = await self._node_gone(node, op, call_id, req, user)
-                        if ended is not None:
-                            return ended
-                        fut = None
-        finally:
-            lock, users = self._device_locks[key]
-            if users == 1:
-                del self._device_locks[key]  # nobody else queued: do not keep it
-            else:
-                self._device_locks[key] = (lock, users - 1)
+                        node = await self._node_for(op, call_id, req)
+                    except RedisError as exc:
+                        if op != "invite":
+                            raise Internal("calls on other nodes are unreachable now") from exc
+                        # Without Redis an invite is decided here (calls within this node work).
+                        log.warning("call routing without Redis: %s", exc)
+                        node = None
+                    if node is not None and node != self.node:
+                        try:
+                            fut = await self._send(node, {
+                                "k": "req", "op": op, "user": user, "device": device,
+                                "req": req}, call_id)
+                        except _NodeGone:
+                            await self._node_gone(node, op, call_id, req, user)
+            finally:
+                lock, users = self._device_locks[key]
+                if users == 1:
+                    del self._device_locks[key]  # nobody else queued: do not keep it
+                else:
+                    self._device_locks[key] = (lock, users - 1)
         if fut is None:
             return await self._run_here(op, user, device, req)
         try:
             answer = await asyncio.wait_for(fut, self.rpc_timeout)
         except TimeoutError:
             raise Internal("the node holding this call did not answer") from None
+        if "moved" in answer:
+            raise _Moved(str(answer["moved"]) or None)
         if answer.get("ok"):
             data: dict[str, Any] = answer.get("data") or {}
             return data
@@ -334,7 +410,7 @@ class CallRouter:
         if owner is not None:
             return self._remember(call_id, _s(owner))
         if op != "invite":
-            return None  # nobody holds it: the local answer is not_found
+            return None  # nobody holds it: taken over here if it has a record, else not_found
         callee = (req.get("to") or {}).get("user") if isinstance(req.get("to"), dict) else None
         if isinstance(callee, str):
             nodes = {_s(n) for n in await self.redis.hvals(self.p + "user:" + callee)}
@@ -356,8 +432,9 @@ class CallRouter:
                 self._owners.popitem(last=False)
         return node
 
-    async def _send_request(self, node: str, op: str, user: str, device: str,
-                            req: dict[str, Any]) -> asyncio.Future[dict[str, Any]]:
+    async def _send(self, node: str, body: dict[str, Any],
+                    call_id: str | None = None) -> asyncio.Future[dict[str, Any]]:
+        """Publish a request to ``node``; the future gets its answer."""
         # The answer comes on our own channel: be subscribed before asking.
         try:
             await asyncio.wait_for(self._subscribed.wait(), self.rpc_timeout)
@@ -367,105 +444,220 @@ class CallRouter:
         fut: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
         self._waiting[rid] = fut
         fut.add_done_callback(lambda _: self._waiting.pop(rid, None))
-        message = encode({"k": "req", "id": rid, "reply": self.node, "op": op, "user": user,
-                          "device": device, "req": req})
-        if not await self._publish(node, message):
+        try:
+            delivered = await self._publish(node, encode({**body, "id": rid,
+                                                          "reply": self.node}), call_id)
+        except BaseException:
+            fut.cancel()
+            raise
+        if not delivered:
             fut.cancel()
             raise _NodeGone(node)
         return fut
 
     async def _node_gone(self, node: str, op: str, call_id: str,
-                         req: dict[str, Any], user: str) -> dict[str, Any] | None:
-        """``node`` does not listen any more (it died): forget what it held, then go on.
-
-        Its calls' state is lost, but not their media (peer to peer). A hangup, cancel or
-        reject of one of them ends it here: the other party is told and the call is logged.
-        An invite that was to be decided there is decided here (None: run it locally); other
-        requests about one of its calls are told it failed.
-        """
-        log.warning("node %s holds calls but does not listen: forgetting them", node)
+                         req: dict[str, Any], user: str) -> None:
+        """``node`` does not listen any more (it died): forget what was cached of it, and
+        let the request run here. A call of that node is taken over from its record first
+        (see _take_over); an invite that was to be decided there is decided here."""
+        log.warning("node %s holds calls but does not listen", node)
         for cid in [c for c, n in self._owners.items() if n == node]:
             del self._owners[cid]
+        if op != "invite":
+            await self._take_over(call_id, user, node)
+            return
         own = self.p + "own:" + call_id
         if _s(await self.redis.get(own) or b"") == node:
             await self.redis.delete(own)
-        if op in ("hangup", "cancel", "reject"):
-            ended = await self._end_orphan(call_id, op, user, req)
-            if ended is not None:
-                return ended
         callee = (req.get("to") or {}).get("user") if isinstance(req.get("to"), dict) else None
-        if op != "invite" or not isinstance(callee, str):
-            raise Conflict("the call was lost with the node that held it", reason="failed")
-        key = self.p + "user:" + callee
-        stale = [f for f, n in (await self.redis.hgetall(key)).items() if _s(n) == node]
-        if stale:
-            await self.redis.hdel(key, *stale)
+        if isinstance(callee, str):
+            # The callee's calls there are not taken over by an invite: they can be called.
+            key = self.p + "user:" + callee
+            stale = [f for f, n in (await self.redis.hgetall(key)).items() if _s(n) == node]
+            if stale:
+                await self.redis.hdel(key, *stale)
         await self.redis.set(own, self.node, nx=True, ex=self.own_ttl)
-        return None
 
     async def _run_here(self, op: str, user: str, device: str,
                         req: dict[str, Any]) -> dict[str, Any]:
-        """Run a request on this node; a hangup/cancel/reject of a call no node holds any
-        more (its node stopped or died and left its record) ends it from the record."""
+        """Run a request on this node. A call no node holds any more is taken over first;
+        a request for a call this node handed over is sent after it (_Moved)."""
         call_id = req.get("call_id")
-        if (op in ("hangup", "cancel", "reject") and isinstance(call_id, str)
-                and self.calls.get(call_id) is None):
-            ended = await self._end_orphan(call_id, op, user, req)
-            if ended is not None:
-                return ended
-        return await run_local(self.calls, op, user, device, req)
+        if isinstance(call_id, str) and self.calls.get(call_id) is None:
+            if op != "invite":
+                await self._take_over(call_id, user, self.node)
+            elif self.stopping:
+                # No new call on a stopping node: decided where the callee's call went, or
+                # by the asking node.
+                callee = req.get("to", {}).get("user") if isinstance(req.get("to"),
+                                                                      dict) else None
+                nodes = sorted(n for n, a, b in self._moved.values() if callee in (a, b))
+                raise _Moved(nodes[0] if nodes else None)
+        try:
+            return await run_local(self.calls, op, user, device, req)
+        except NotFound:
+            moved = self._moved.get(call_id) if isinstance(call_id, str) else None
+            if moved is not None:  # it waited for the hand-over and missed the call
+                raise _Moved(moved[0]) from None
+            raise
 
-    async def release(self, calls: list[Call]) -> None:
-        """This node stops: its connected calls go on, held by no node (ended from their
-        records by whichever node gets their hangup)."""
-        if calls:
-            await self.redis.delete(*(self.p + "own:" + c.call_id for c in calls))
+    async def _take_over(self, call_id: str, user: str, expected: str) -> bool:
+        """Hold here a call that no node holds (its node died, or stopped with none to take
+        it), from its Redis record; True when it is here now.
 
-    async def _end_orphan(self, call_id: str, op: str, user: str,
-                          req: dict[str, Any]) -> dict[str, Any] | None:
-        """End a call whose node died, from its record: tell the other party, log it."""
-        raw = await self.redis.getdel(self.p + "rec:" + call_id)
-        if raw is None:
-            return None
-        rec = json.loads(raw)
-        if user not in (rec["caller"], rec["callee"]):
-            await self.redis.set(self.p + "rec:" + call_id, raw, ex=self.own_ttl)
-            return None  # not a party: it learns nothing
-        answered = rec["answered_at"] is not None
-        if op == "reject":
-            reason = "busy" if req.get("reason") == "busy" else "declined"
-        else:
-            reason = "hangup" if answered else "cancelled"
-        outcome: Outcome = "completed" if answered else (
-            "declined" if reason == "declined" else "busy" if reason == "busy" else "cancelled")
-        other = rec["callee"] if user == rec["caller"] else rec["caller"]
-        other_device = rec["callee_device"] if other == rec["callee"] else rec["caller_device"]
-        event = {"type": "call.ended", "call_id": call_id, "reason": reason}
+        Only a request of one of its parties moves it: anyone else learns nothing. The
+        recorded owner must be ``expected``, this node or none; of several nodes trying at
+        once one takes it and the others are sent there (_Moved). A stopping node takes
+        nothing: it sends the request to the owner, or back to the asking node to take it.
+        """
+        own, rec = self.p + "own:" + call_id, self.p + "rec:" + call_id
+        async with self._take_lock:
+            if self.calls.get(call_id) is not None:
+                return True
+            if self.stopping:
+                owner = await self.redis.get(own)
+                if owner is not None and _s(owner) != self.node:
+                    raise _Moved(_s(owner))
+                if await self.redis.exists(rec):
+                    raise _Moved(None)
+                return False
+            raw = await self.redis.get(rec)
+            if raw is None or user not in _parties(raw):
+                return False
+            owner, raw = await self._take(keys=[own, rec],
+                                          args=[self.node, self.own_ttl, expected, "1"])
+            if not raw:
+                if owner and _s(owner) != self.node:
+                    raise _Moved(_s(owner))
+                return False
+            snap = json.loads(raw)
+            await self._mark_away(snap)
+            if await self.calls.adopt([snap]):
+                log.info("took over call %s (its node %s is gone)", call_id, expected)
+            return True
+
+    async def _mark_away(self, snap: dict[str, Any]) -> None:
+        """Before a take-over on request: devices that were away get their grace period
+        afresh (nobody watched them meanwhile), and a party's device that is not connected
+        now (it was on the dead node) is away from now, as after any disconnect."""
         env = self.calls.env
-        if other_device is not None:
-            await env.send(other, other_device, event)
-        else:  # still ringing: every device of the callee
-            for device in await env.online_devices(other):
-                await env.send(other, device, event)
         now = env.now()
-        duration = int(now - rec["answered_at"]) if answered else 0
-        await env.write_call_log(CallLog(
-            call_id=call_id, caller=rec["caller"], callee=rec["callee"], media=rec["media"],
-            outcome=outcome, duration_s=duration, started_at=rec["created_at"], ended_at=now))
-        for party in (rec["caller"], rec["callee"]):
-            await self.redis.hdel(self.p + "user:" + party, call_id)
-        return {"call_id": call_id, "state": "ended", "reason": reason}
+        away = {(a["user"], a["device"]): a for a in snap.get("away") or ()}
+        for entry in away.values():
+            entry["since"] = now
+        devices = [(snap["caller"], snap["caller_device"])]
+        if snap.get("callee_device") is not None:
+            devices.append((snap["callee"], snap["callee_device"]))
+        for user, device in devices:
+            if (user, device) not in away and device not in await env.online_devices(user):
+                away[(user, device)] = {"user": user, "device": device, "since": now,
+                                        "held": []}
+        snap["away"] = list(away.values())
 
-    async def _publish(self, node: str, message: bytes) -> bool:
+    async def _publish(self, node: str, message: bytes, call_id: str | None = None) -> bool:
         """Publish to ``node``'s channel, retrying while nobody listens (it is resubscribing
-        after a Redis outage); False when it never did within ``rpc_timeout``."""
+        after a Redis outage); False when it never did within ``rpc_timeout``. A request
+        about a call that another node holds by now follows it (_Moved)."""
         deadline = time.monotonic() + self.rpc_timeout
+        check_owner = call_id is not None
         while True:
             if await self.redis.publish(self._channel(node), message) > 0:
                 return True
+            if check_owner:
+                # A node that stopped handed its calls over: no need to wait for it.
+                check_owner = False
+                owner = await self.redis.get(self.p + "own:" + str(call_id))
+                if owner is not None and _s(owner) != node:
+                    raise _Moved(_s(owner))
             if time.monotonic() > deadline:
                 return False
             await asyncio.sleep(0.05)
+
+    # --- stopping: handing calls over ------------------------------------------------------
+
+    async def hand_over(self, snapshots: list[dict[str, Any]]) -> set[str]:
+        """This node stops: have live nodes take its live calls over; returns the ids taken.
+
+        CallManager.close calls this with the snapshots of the node's live calls, and no
+        request changes them until it returns. What no node takes is settled (see
+        _SETTLE): connected calls are left for any node to take over later, ringing ones
+        end here.
+        """
+        self.stopping = True
+        if not snapshots:
+            return set()
+        by_id = {str(s["call_id"]): s for s in snapshots}
+        try:
+            # The full snapshots (buffered candidates, held events) go into the records: the
+            # taking node reads them there, and so does one that takes a call over later.
+            async with self.redis.pipeline(transaction=False) as pipe:
+                for cid, snap in by_id.items():
+                    pipe.set(self.p + "rec:" + cid, encode(snap), ex=self.own_ttl)
+                await pipe.execute()
+            nodes = await self._live_nodes()
+        except RedisError as exc:
+            log.warning("cannot hand %d calls over without Redis: %s", len(by_id), exc)
+            return set()
+        waiting = set(by_id)
+        for node in nodes:
+            if not waiting:
+                break
+            try:
+                fut = await self._send(node, {"k": "adopt", "from": self.node,
+                                              "ids": sorted(waiting)})
+                answer = await asyncio.wait_for(fut, self.handover_timeout)
+            except (_NodeGone, TimeoutError, RedisError, Internal) as exc:
+                log.warning("node %s did not take calls over: %r", node, exc)
+                continue
+            if not answer.get("ok"):
+                continue
+            for cid in (answer.get("data") or {}).get("adopted") or ():
+                if cid in waiting:
+                    waiting.discard(cid)
+                    self._moved[cid] = (node, by_id[cid]["caller"], by_id[cid]["callee"])
+        for cid in sorted(waiting):
+            snap = by_id[cid]
+            mode = "keep" if snap["state"] == "connected" else "end"
+            try:
+                owner = _s(await self._settle(keys=[self.p + "own:" + cid,
+                                                    self.p + "rec:" + cid],
+                                              args=[self.node, mode]))
+            except RedisError as exc:
+                log.warning("call %s not settled at stop: %s", cid, exc)
+                continue
+            if owner:  # a node that did not answer in time took it after all
+                self._moved[cid] = (owner, snap["caller"], snap["callee"])
+        moved = {cid for cid in by_id if cid in self._moved}
+        log.info("handed %d of %d calls over to other nodes", len(moved), len(by_id))
+        return moved
+
+    async def _live_nodes(self) -> list[str]:
+        """The other nodes listening for call requests now, in random order (the calls of
+        stopping nodes spread over the others)."""
+        prefix = self._channel("")
+        pattern = re.sub(r"([\\*?\[\]])", r"\\\1", prefix) + "*"
+        nodes = [_s(c)[len(prefix):] for c in await self.redis.pubsub_channels(pattern)]
+        found = [n for n in nodes if n and n != self.node]
+        random.shuffle(found)
+        return found
+
+    async def _serve_adopt(self, body: dict[str, Any]) -> dict[str, Any]:
+        """Take over the calls of a stopping node, which holds them still until it hears
+        which ones this node took."""
+        if self.stopping:
+            raise Conflict("this node is stopping too")
+        source = str(body.get("from"))
+        snaps: list[dict[str, Any]] = []
+        async with self._take_lock:
+            for cid in [str(c) for c in body.get("ids") or ()]:
+                _, raw = await self._take(keys=[self.p + "own:" + cid, self.p + "rec:" + cid],
+                                          args=[self.node, self.own_ttl, source, "0"])
+                if raw:
+                    snaps.append(json.loads(raw))
+            await self.calls.adopt(snaps)
+        taken = [s["call_id"] for s in snaps if self.calls.get(s["call_id"]) is not None]
+        log.info("took over %d calls from stopping node %s", len(taken), source)
+        return {"adopted": taken}
 
     # --- serving other nodes ---------------------------------------------------------------
 
@@ -480,7 +672,7 @@ class CallRouter:
                 fut = self._waiting.get(str(body.get("id")))
                 if fut is not None and not fut.done():
                     fut.set_result(body)
-            elif kind in ("req", "hook"):
+            elif kind in ("req", "hook", "adopt"):
                 # Tasks start in arrival order, and the call manager's lock is FIFO.
                 task = asyncio.get_running_loop().create_task(self._serve(body))
                 self._tasks.add(task)
@@ -494,20 +686,27 @@ class CallRouter:
                     await self.calls.device_connected(user, device)
                 else:
                     await self.calls.device_disconnected(user, device)
+                # A call this node handed over: the node holding it now hears of it too.
+                for node in sorted({n for n, a, b in self._moved.values() if user in (a, b)}):
+                    await self.redis.publish(self._channel(node), encode(body))
             except Exception:
                 log.exception("device %s of a call's user on another node", body.get("op"))
             return
         answer: dict[str, Any] = {"k": "res", "id": body.get("id")}
         try:
-            req = body.get("req")
-            if body.get("op") == "invite" and isinstance(req, dict):
+            if body["k"] == "adopt":
+                data = await self._serve_adopt(body)
+            else:
+                req = body.get("req")
+                req = req if isinstance(req, dict) else {}
                 call_id = req.get("call_id")
-                if isinstance(call_id, str):
+                if body.get("op") == "invite" and isinstance(call_id, str) and not self.stopping:
                     await self.redis.set(self.p + "own:" + call_id, self.node, nx=True,
                                          ex=self.own_ttl)
-            data = await self._run_here(str(body.get("op")), user, device,
-                                        req if isinstance(req, dict) else {})
+                data = await self._run_here(str(body.get("op")), user, device, req)
             answer.update(ok=True, data=data)
+        except _Moved as moved:
+            answer["moved"] = moved.node or ""
         except TalkbridgeError as err:
             answer.update(ok=False, error=err.to_wire())
         except Exception:
@@ -525,7 +724,8 @@ class CallRouter:
     # --- keeping the registry --------------------------------------------------------------
 
     async def call_changed(self, call: Call) -> None:
-        """Record a call that rings (where it lives) or forget one that ended."""
+        """Record a call that rings or changed (where it lives, what it is) or forget one
+        that ended."""
         keys = [self.p + "user:" + call.caller, self.p + "user:" + call.callee]
         record = self.p + "rec:" + call.call_id
         async with self.redis.pipeline(transaction=False) as pipe:
@@ -540,13 +740,10 @@ class CallRouter:
                 pipe.expire(self.p + "own:" + call.call_id, 300)
                 pipe.delete(record)
             else:
-                # Who the parties are, so that another node can end the call for the other
-                # party if this node dies (see _end_orphan).
-                pipe.set(record, encode({
-                    "caller": call.caller, "caller_device": call.caller_device,
-                    "callee": call.callee, "callee_device": call.callee_device,
-                    "media": call.media, "created_at": call.created_at,
-                    "answered_at": call.answered_at}), ex=self.own_ttl)
+                # What another node needs to take the call over if this node dies, but for
+                # events held for away devices (up to max_held each): only a stopping node
+                # writes those, when it hands the call over.
+                pipe.set(record, encode({**call.snapshot(), "away": []}), ex=self.own_ttl)
             await pipe.execute()
 
     async def device_event(self, op: str, user: str, device: str) -> None:
@@ -560,6 +757,12 @@ class CallRouter:
 
 def _s(x: bytes | str) -> str:
     return x.decode() if isinstance(x, bytes) else x
+
+
+def _parties(record: bytes | str) -> tuple[str, str]:
+    """The caller and callee of a call record."""
+    rec = json.loads(record)
+    return str(rec["caller"]), str(rec["callee"])
 
 
 async def setup(state: AppState) -> None:
@@ -596,15 +799,14 @@ async def setup(state: AppState) -> None:
 
 
 async def teardown(state: AppState) -> None:
-    """Stop every call timer; end the calls still up (logged as failed), except, with
-    several nodes, connected calls: they go on and any node can end them later."""
+    """Stop every call timer. A single node ends the calls still up (logged ``failed``);
+    with several nodes a live node takes them over (CallRouter.hand_over), and with none
+    left connected calls go on (any node takes them over later) and ringing ones fail."""
     router: CallRouter | None = state.extras.get("call_router")
-    kept = await state.calls.close(keep_connected=router is not None)
     if router is not None:
-        try:
-            await router.release(kept)
-        except RedisError as exc:
-            log.warning("releasing %d calls at shutdown failed: %s", len(kept), exc)
+        router.stopping = True
+    await state.calls.close(hand_over=router.hand_over if router is not None else None)
+    if router is not None:
         await router.close()
     env: NodeCallEnv | None = state.extras.get("call_env")
     if env is not None:

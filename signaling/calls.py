@@ -19,7 +19,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import re
-from collections.abc import Awaitable, Callable, Collection, Mapping
+from collections.abc import Awaitable, Callable, Collection, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal, Protocol
 
@@ -33,6 +33,8 @@ EndReason = Literal[
 Outcome = Literal["completed", "missed", "declined", "cancelled", "busy", "failed"]
 
 Event = dict[str, Any]
+# Offered the snapshots of a stopping node's live calls; returns the ids another node took.
+HandOver = Callable[[list[dict[str, Any]]], Awaitable[Collection[str]]]
 
 CALL_ID_RE = re.compile(r"^[A-Za-z0-9_.:-]{1,128}$")
 USER_RE = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
@@ -178,6 +180,34 @@ class Call:
         if (user, device) == (self.callee, self.callee_device):
             return (self.caller, self.caller_device)
         return None
+
+    def snapshot(self) -> dict[str, Any]:
+        """The call as JSON-ready data: all another node needs to take it over (see
+        :meth:`CallManager.adopt`). Timers are not data: the adopting node arms its own."""
+        return {
+            "call_id": self.call_id, "caller": self.caller, "caller_device": self.caller_device,
+            "callee": self.callee, "callee_device": self.callee_device,
+            "media": dict(self.media),
+            # The offer re-rings callee devices that connect; once answered nobody needs it.
+            "offer": dict(self.offer) if self.state == "ringing" else {},
+            "created_at": self.created_at, "expires_at": self.expires_at, "state": self.state,
+            "rung": sorted(self.rung), "answered_at": self.answered_at, "via": self.via,
+            "early_ice": list(self.early_ice),
+            "away": [{"user": u, "device": d, "since": a.since, "held": list(a.held)}
+                     for (u, d), a in sorted(self.away.items())],
+        }
+
+    @classmethod
+    def from_snapshot(cls, snap: Mapping[str, Any]) -> Call:
+        """The call of a :meth:`snapshot`, without its away devices (they need timers)."""
+        return cls(
+            call_id=str(snap["call_id"]), caller=str(snap["caller"]),
+            caller_device=str(snap["caller_device"]), callee=str(snap["callee"]),
+            callee_device=snap.get("callee_device"), media=dict(snap["media"]),
+            offer=dict(snap.get("offer") or {}), created_at=float(snap["created_at"]),
+            expires_at=float(snap["expires_at"]), state=snap["state"],
+            rung=set(snap.get("rung") or ()), answered_at=snap.get("answered_at"),
+            via=str(snap.get("via") or "p2p"), early_ice=list(snap.get("early_ice") or ()))
 
     def summary(self) -> dict[str, Any]:
         data: dict[str, Any] = {"call_id": self.call_id, "state": self.state}
@@ -406,7 +436,7 @@ class CallManager:
                         call.rung.add(d)
                         self._emit(callee, d, invite)
                     call.timer = self.env.call_later(self.settings.timeout,
-                                                     lambda: self._on_timeout(call_id))
+                                                     self._timeout_of(call_id))
                     self._changed.append(call)
                     await self._flush()
                     if not devices:
@@ -556,10 +586,14 @@ class CallManager:
         async with self._lock:
             for call in self.live_calls_of(user):
                 if call.state == "ringing" and call.callee == user:
-                    call.rung.add(device)
+                    if device not in call.rung:
+                        call.rung.add(device)
+                        self._changed.append(call)  # recorded: a node taking over rings it
                     self._emit(user, device,
                                self._invite_event(call, waiting=self._busy_besides(call)))
             await self._flush()
+            after = self._take_after()
+        await self._run_after(after)
 
     async def device_disconnected(self, user: str, device: str) -> None:
         """A device's connection closed: its calls wait ``grace`` seconds for a resume."""
@@ -576,20 +610,31 @@ class CallManager:
                         self.settings.grace, self._grace_over(call.call_id, user, device))
                     call.away[(user, device)] = _Away(since=now, timer=timer)
 
-    async def close(self, keep_connected: bool = False) -> list[Call]:
-        """Server shutdown: end live calls ``failed`` (logged), then stop every timer.
+    async def close(self, hand_over: HandOver | None = None) -> list[Call]:
+        """Server shutdown: hand live calls to another node, or end them; stop every timer.
 
-        With ``keep_connected`` (nodes sharing Redis, where each call's parties are recorded)
-        connected calls are left to go on: their media is peer to peer, and any node ends
-        them later from the record (see call_handlers.CallRouter). They are returned.
-        Ringing calls always end: their ring timers cannot outlive this process.
+        Without ``hand_over`` (one node) every call still ringing or connected ends
+        ``failed`` and is logged. With it (nodes sharing Redis) the snapshots of the live
+        calls are offered to it while the lock keeps every request off them; the calls whose
+        ids it returns were taken over by another node and are forgotten here without a word.
+        Of the others, connected calls go on (their media is peer to peer; a node takes them
+        over later from their Redis record) and are returned; ringing ones end ``failed``.
         """
         kept: list[Call] = []
         async with self._lock:
-            for call in list(self._calls.values()):
-                if call.state == "connected" and keep_connected:
+            live = [c for c in self._calls.values() if c.state != "ended"]
+            moved: Collection[str] = ()
+            if hand_over is not None and live:
+                try:
+                    moved = await hand_over([c.snapshot() for c in live])
+                except Exception:
+                    log.exception("handing %d calls over failed", len(live))
+            for call in live:
+                if call.call_id in moved:
+                    self._drop(call)
+                elif call.state == "connected" and hand_over is not None:
                     kept.append(call)
-                elif call.state != "ended":
+                else:
                     since = min((a.since for a in call.away.values()), default=None)
                     self._end(call, "failed", None, at=since)
             await self._flush()
@@ -601,6 +646,49 @@ class CallManager:
                     away.timer.cancel()
         await self._run_after(after)
         return kept
+
+    async def adopt(self, snapshots: Iterable[Mapping[str, Any]]) -> list[str]:
+        """Take over calls another node held (it stopped or died) from their snapshots.
+
+        Each call goes on here as it was: the ring timeout fires at the original
+        ``expires_at`` (at once if that has passed), a device that was away keeps its held
+        events and the rest of its grace period, caller candidates wait for the answer.
+        Calls already here are skipped. Returns the ids taken over.
+        """
+        adopted: list[str] = []
+        async with self._lock:
+            now = self.env.now()
+            for snap in snapshots:
+                call = Call.from_snapshot(snap)
+                if call.call_id in self._calls or call.state == "ended":
+                    continue
+                self._calls[call.call_id] = call
+                for party in (call.caller, call.callee):
+                    self._live.setdefault(party, set()).add(call.call_id)
+                adopted.append(call.call_id)
+                self._changed.append(call)
+                away = [(str(a["user"]), str(a["device"]), float(a["since"]), list(a["held"]))
+                        for a in snap.get("away") or ()]
+                gone = min((since for _, _, since, _ in away
+                            if since + self.settings.grace <= now), default=None)
+                # Past its deadline or grace the call ends now, before any request sees it.
+                if call.state == "ringing" and call.expires_at <= now:
+                    self._end(call, "timeout", None, at=call.expires_at)
+                    continue
+                if gone is not None:
+                    self._end(call, "failed", None, at=gone)
+                    continue
+                for user, device, since, held in away:
+                    timer = self.env.call_later(since + self.settings.grace - now,
+                                                self._grace_over(call.call_id, user, device))
+                    call.away[(user, device)] = _Away(since=since, timer=timer, held=held)
+                if call.state == "ringing":
+                    call.timer = self.env.call_later(call.expires_at - now,
+                                                     self._timeout_of(call.call_id))
+            await self._flush()
+            after = self._take_after()
+        await self._run_after(after)
+        return adopted
 
     # --- internals -------------------------------------------------------------------------
 
@@ -782,6 +870,23 @@ class CallManager:
                 log.warning("call log for %s not written: %s", entry.call_id, exc.message)
             except Exception:
                 log.exception("call log for %s not written", entry.call_id)
+
+    def _drop(self, call: Call) -> None:
+        """Forget a live call without ending it: another node holds it now."""
+        if call.timer is not None:
+            call.timer.cancel()
+        for away in call.away.values():
+            away.timer.cancel()
+        del self._calls[call.call_id]
+        for party in (call.caller, call.callee):
+            ids = self._live.get(party)
+            if ids is not None:
+                ids.discard(call.call_id)
+                if not ids:
+                    del self._live[party]
+
+    def _timeout_of(self, call_id: str) -> Callable[[], Awaitable[None]]:
+        return lambda: self._on_timeout(call_id)
 
     async def _on_timeout(self, call_id: str) -> None:
         async with self._lock:

@@ -6,6 +6,7 @@ alice calls from device a1 (she also has a2); bob has phone and laptop; carol is
 from __future__ import annotations
 
 import asyncio
+import json
 from typing import Any
 
 import pytest
@@ -427,6 +428,115 @@ async def test_shutting_down_ends_live_calls_failed_and_logs_them(calls, env):
     assert [(lg.call_id, lg.outcome, lg.duration_s) for lg in env.logs] == [
         ("call-2", "busy", 0), ("call-1", "failed", 30)]
     assert [t for t in env.timers if not t.cancelled] == []
+
+
+# --- handing calls over to another node ------------------------------------------------------
+
+def over_the_wire(snapshots: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Snapshots as another node reads them back from Redis."""
+    return [json.loads(json.dumps(s)) for s in snapshots]
+
+
+@pytest.fixture
+def other(env: RecordingEnv) -> CallManager:
+    """The call manager of a second node in the same world (same devices, same clock)."""
+    return CallManager(env, CallSettings(timeout=45, grace=20))
+
+
+async def hand_over(calls: CallManager, other: CallManager) -> list[Call]:
+    """``calls``' node stops and ``other`` takes over whatever it offers."""
+    async def to_other(snapshots: list[dict[str, Any]]) -> list[str]:
+        return await other.adopt(over_the_wire(snapshots))
+
+    return await calls.close(hand_over=to_other)
+
+
+async def test_a_ringing_call_handed_over_is_forgotten_silently_by_the_stopping_node(
+        calls, other, env):
+    await invite(calls)
+    env.take("bob", "phone"), env.take("bob", "laptop")
+    assert await hand_over(calls, other) == []
+    assert calls.get("call-1") is None and the(other, "call-1").state == "ringing"
+    assert env.all_events() == [] and env.logs == []
+    assert len([t for t in env.timers if not t.cancelled]) == 1  # the new node's ring timer
+
+
+async def test_a_handed_over_call_rings_until_its_original_deadline(calls, other, env):
+    reply = await invite(calls)
+    await env.advance(30)
+    await hand_over(calls, other)
+    assert the(other, "call-1").summary()["expires_at"] == reply["expires_at"]
+    await env.advance(14.9)
+    assert the(other, "call-1").state == "ringing"
+    await env.advance(0.2)
+    assert the(other, "call-1").end_reason == "timeout"
+    assert [(lg.call_id, lg.outcome) for lg in env.logs] == [("call-1", "missed")]
+
+
+async def test_a_handed_over_call_answered_delivers_the_candidates_buffered_before(
+        calls, other, env):
+    await invite(calls)
+    await calls.ice("alice", "a1", {"call_id": "call-1", "candidate": cand(1)})
+    env.take("bob", "phone"), env.take("bob", "laptop")
+    await hand_over(calls, other)
+    await other.accept("bob", "laptop", {"call_id": "call-1", "sdp": ANSWER})
+    assert types(env.take("alice", "a1")) == ["call.accepted"]
+    assert [e.get("candidate") for e in env.take("bob", "laptop")] == [cand(1)]
+    assert types(env.take("bob", "phone")) == ["call.ended"]  # answered elsewhere
+
+
+async def test_a_handed_over_call_keeps_what_was_held_for_an_away_device(calls, other, env):
+    await connected(calls, env)
+    env.disconnect("alice", "a1")
+    await calls.device_disconnected("alice", "a1")
+    await calls.sdp("bob", "phone", {"call_id": "call-1", "sdp": OFFER})
+    await hand_over(calls, other)
+    env.connect("alice", "a1")
+    reply = await other.resume("alice", "a1", {"call_id": "call-1"})
+    assert reply["state"] == "connected"
+    assert [(e["type"], e["sdp"]) for e in env.take("alice", "a1")] == [("call.sdp", OFFER)]
+
+
+async def test_a_handed_over_call_fails_when_the_away_device_s_first_grace_period_ends(
+        calls, other, env):
+    await connected(calls, env)
+    env.disconnect("alice", "a1")
+    await calls.device_disconnected("alice", "a1")
+    await env.advance(15)
+    await hand_over(calls, other)
+    await env.advance(4.9)
+    assert the(other, "call-1").state == "connected"
+    await env.advance(0.2)
+    assert the(other, "call-1").end_reason == "failed"
+    assert [(lg.outcome, lg.duration_s) for lg in env.logs] == [("failed", 0)]
+
+
+async def test_a_call_taken_over_past_its_deadline_ends_missed_before_any_answer(
+        calls, other, env):
+    await invite(calls)
+    snapshot = over_the_wire([the(calls, "call-1").snapshot()])  # its record
+    for timer in env.timers:
+        timer.cancel()  # its node died, timers and all
+    await env.advance(46)
+    await other.adopt(snapshot)
+    with pytest.raises(Conflict) as err:
+        await other.accept("bob", "phone", {"call_id": "call-1", "sdp": ANSWER})
+    assert err.value.details["reason"] == "timeout"
+    assert [lg.outcome for lg in env.logs] == ["missed"]
+
+
+async def test_a_stopping_node_with_nobody_to_take_its_calls_keeps_connected_ones_only(
+        calls, other, env):
+    await connected(calls, env)
+    await invite(calls, "call-2", frm="carol", dev="c1", to="dave")
+
+    async def nobody(snapshots: list[dict[str, Any]]) -> list[str]:
+        return []
+
+    kept = await calls.close(hand_over=nobody)
+    assert [c.call_id for c in kept] == ["call-1"]
+    assert the(calls, "call-1").state == "connected"
+    assert [(lg.call_id, lg.outcome) for lg in env.logs] == [("call-2", "failed")]
 
 
 # --- trickle ICE and renegotiation -----------------------------------------------------------

@@ -14,6 +14,7 @@ import urllib.request
 import uuid
 from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +22,7 @@ import pytest
 
 from signaling.client import Client, ClientError
 from tests.calls.server import RunningServer, free_port, run_redis, run_talkbridge
-from tests.calls.wire import ANSWER, AUDIO, OFFER, cand, connect
+from tests.calls.wire import ANSWER, AUDIO, OFFER, Inbox, cand, connect
 
 pytestmark = pytest.mark.redis
 
@@ -200,72 +201,199 @@ async def test_when_the_node_holding_a_call_dies_its_users_can_be_called_again(t
                                             media=AUDIO, sdp=OFFER, timeout=15)
                 assert reply["state"] == "ringing"
                 assert (await b_in.wait("call.invite", lambda e: e["call_id"] == cid))
-                # The lost call can still be hung up, once; then it is gone everywhere.
+                # The lost call can still be hung up (node 2 takes it over), once: then it
+                # has ended, like any call.
                 ended = await bob.request("call.hangup", call_id=lost, timeout=15)
                 assert (ended["state"], ended["reason"]) == ("ended", "hangup")
                 with pytest.raises(ClientError) as err:
                     await bob.request("call.hangup", call_id=lost, timeout=15)
-                assert err.value.code == "not_found"
+                assert (err.value.code, err.value.data.get("reason")) == ("conflict", "hangup")
                 await carol.request("call.cancel", call_id=cid)
 
 
+@dataclass
+class Parties:
+    """Two nodes sharing Redis and a store; alice's client knows both and starts on node 1
+    (so node 1 holds the calls she places); bob stays on node 2."""
+
+    n1: RunningServer
+    n2: RunningServer
+    alice: Client
+    a_in: Inbox
+    bob: Client
+    b_in: Inbox
+
+
 @asynccontextmanager
-async def _call_held_by_node_1(
-    tmp_path: Path,
-) -> AsyncIterator[tuple[RunningServer, Client, Any, str]]:
-    """Two nodes; alice (whose client knows both) calls bob (on node 2); node 1 takes, and
-    holds, the call, which is connected. Yields (node 1, alice, bob, call id)."""
+async def _alice_on_node_1_bob_on_node_2(tmp_path: Path, **settings: str
+                                         ) -> AsyncIterator[Parties]:
     store = f"sqlite:///{tmp_path / 'shared.sqlite3'}"
     with run_redis(tmp_path / "redis", free_port()) as url:
-        settings = {"redis": url, "store": store}
+        settings = {"redis": url, "store": store, **settings}
         with run_talkbridge(tmp_path / "n1", node_id="n1", **settings) as n1, \
                 run_talkbridge(tmp_path / "n2", node_id="n2", **settings) as n2:
             alice = Client([n1.ws_url, n2.ws_url], n1.token("alice"), device="a1",
                            max_backoff=0.3)
             await alice.connect()
-            async with connect(n2.ws_url, n2.token("bob"), "b1") as (bob, b_in):
-                try:
-                    cid = new_id()
-                    await invite(alice, cid, "bob")
-                    assert await b_in.wait("call.invite", lambda e: e["call_id"] == cid)
-                    await bob.request("call.accept", call_id=cid, sdp=ANSWER)
-                    await alice.next_event("call.accepted", timeout=10)
-                    yield n1, alice, bob, cid
-                finally:
-                    await alice.close()
+            a_in = Inbox(alice)
+            try:
+                async with connect(n2.ws_url, n2.token("bob"), "b1") as (bob, b_in):
+                    yield Parties(n1, n2, alice, a_in, bob, b_in)
+            finally:
+                await a_in.close()
+                await alice.close()
 
 
-async def _bob_hangs_up_and_alice_is_told(alice: Client, bob: Any, cid: str) -> dict[str, Any]:
+@asynccontextmanager
+async def _call_ringing_on_node_1(tmp_path: Path, **settings: str
+                                  ) -> AsyncIterator[tuple[Parties, str, dict[str, Any]]]:
+    """alice calls bob; node 1 holds the call, which rings bob's device on node 2. Yields
+    the parties, the call id and the invite's reply."""
+    async with _alice_on_node_1_bob_on_node_2(tmp_path, **settings) as p:
+        cid = new_id()
+        invited = await invite(p.alice, cid, "bob")
+        assert await p.b_in.wait("call.invite", lambda e: e["call_id"] == cid)
+        yield p, cid, invited
+
+
+@asynccontextmanager
+async def _call_held_by_node_1(tmp_path: Path) -> AsyncIterator[tuple[Parties, str]]:
+    """As _call_ringing_on_node_1, and bob has answered: the call is connected."""
+    async with _call_ringing_on_node_1(tmp_path) as (p, cid, _):
+        await p.bob.request("call.accept", call_id=cid, sdp=ANSWER)
+        await p.a_in.wait("call.accepted")
+        yield p, cid
+
+
+async def _bob_hangs_up_and_alice_is_told(p: Parties, cid: str) -> dict[str, Any]:
     """bob hangs up through node 2; alice hears of it; returns the call log alice gets."""
-    ended = await bob.request("call.hangup", call_id=cid, timeout=15)
+    ended = await p.bob.request("call.hangup", call_id=cid, timeout=15)
     assert (ended["state"], ended["reason"]) == ("ended", "hangup")
-    ev = await alice.next_event("call.ended", timeout=10, where=lambda e: e["call_id"] == cid)
+    ev = await p.a_in.wait("call.ended", lambda e: e["call_id"] == cid, timeout=10)
     assert ev["reason"] == "hangup"
-    return await alice.next_event("msg.new", timeout=10, where=lambda e: e["kind"] == "call")
+    return await p.a_in.wait("msg.new", lambda e: e["kind"] == "call", timeout=10)
+
+
+async def _call_logs(client: Client) -> list[dict[str, Any]]:
+    history = await client.request("msg.history", conv="dm:alice:bob")
+    return [m for m in history["messages"] if m["kind"] == "call"]
 
 
 async def test_a_call_whose_node_died_can_still_be_hung_up_and_is_logged(tmp_path: Path):
-    async with _call_held_by_node_1(tmp_path) as (n1, alice, bob, cid):
-        os.kill(n1.pid, signal.SIGKILL)
-        await alice.next_event("client.reconnected", timeout=15)  # now on node 2
-        log = await _bob_hangs_up_and_alice_is_told(alice, bob, cid)
+    async with _call_held_by_node_1(tmp_path) as (p, cid):
+        os.kill(p.n1.pid, signal.SIGKILL)
+        await p.a_in.wait("client.reconnected", timeout=15)  # now on node 2
+        log = await _bob_hangs_up_and_alice_is_told(p, cid)
         assert (log["body"]["call_id"], log["body"]["outcome"]) == (cid, "completed")
 
 
 async def test_a_rolling_restart_drops_no_call(tmp_path: Path):
-    async with _call_held_by_node_1(tmp_path) as (n1, alice, bob, cid):
-        os.kill(n1.pid, signal.SIGTERM)  # node 1 stops gracefully
-        await _exited(n1.pid)
-        await alice.next_event("client.reconnected", timeout=15)
+    async with _call_held_by_node_1(tmp_path) as (p, cid):
+        os.kill(p.n1.pid, signal.SIGTERM)  # node 1 stops gracefully
+        await _exited(p.n1.pid)
+        await p.a_in.wait("client.reconnected", timeout=15)
         # Nobody was told the call ended, and nothing was logged.
         await asyncio.sleep(0.5)
-        assert not [e for e in alice.pending_events()
+        assert not [e for e in p.a_in.events + p.b_in.events
                     if e.get("type") in ("call.ended", "msg.new")]
-        log = await _bob_hangs_up_and_alice_is_told(alice, bob, cid)
+        log = await _bob_hangs_up_and_alice_is_told(p, cid)
         assert log["body"]["outcome"] == "completed"
-        history = await alice.request("msg.history", conv="dm:alice:bob")
-        logs = [m for m in history["messages"] if m["kind"] == "call"]
-        assert len(logs) == 1  # one log, not a "failed" one from the stop
+        assert len(await _call_logs(p.alice)) == 1  # one log, not a "failed" one from the stop
+
+
+async def test_a_call_ringing_on_a_stopping_node_can_still_be_answered(tmp_path: Path):
+    async with _call_ringing_on_node_1(tmp_path) as (p, cid, invited):
+        await p.alice.request("call.ice", call_id=cid, candidate=cand(1))  # held for the answer
+        os.kill(p.n1.pid, signal.SIGTERM)
+        await _exited(p.n1.pid)
+        await p.a_in.wait("client.reconnected", timeout=15)  # now on node 2
+        resumed = await p.alice.request("call.resume", call_id=cid, timeout=15)
+        assert (resumed["state"], resumed["expires_at"]) == ("ringing", invited["expires_at"])
+        await p.bob.request("call.accept", call_id=cid, sdp=ANSWER, timeout=15)
+        accepted = await p.a_in.wait("call.accepted", timeout=10)
+        assert (accepted["call_id"], accepted["device"], accepted["sdp"]) == (cid, "b1", ANSWER)
+        assert (await p.b_in.wait("call.ice"))["candidate"] == cand(1)
+        await p.bob.request("call.ice", call_id=cid, candidate=cand(2))
+        assert (await p.a_in.wait("call.ice"))["candidate"] == cand(2)
+        assert not p.a_in.of("call.ended") and not p.b_in.of("call.ended")
+        log = await _bob_hangs_up_and_alice_is_told(p, cid)
+        assert log["body"]["outcome"] == "completed"
+        assert len(await _call_logs(p.bob)) == 1
+
+
+async def test_a_call_ringing_on_a_stopping_node_can_still_be_cancelled(tmp_path: Path):
+    async with _call_ringing_on_node_1(tmp_path) as (p, cid, _):
+        os.kill(p.n1.pid, signal.SIGTERM)
+        await _exited(p.n1.pid)
+        await p.a_in.wait("client.reconnected", timeout=15)
+        reply = await p.alice.request("call.cancel", call_id=cid, timeout=15)
+        assert (reply["state"], reply["reason"]) == ("ended", "cancelled")
+        await p.b_in.wait("call.ended", timeout=10)
+        assert [e["reason"] for e in p.b_in.of("call.ended")] == ["cancelled"]
+        log = await p.b_in.wait("msg.new", lambda e: e["kind"] == "call", timeout=10)
+        assert log["body"]["outcome"] == "cancelled"
+        assert len(await _call_logs(p.bob)) == 1
+
+
+async def test_a_call_handed_over_at_a_stop_times_out_at_its_original_deadline(
+        tmp_path: Path):
+    ring = 8
+    async with _call_ringing_on_node_1(tmp_path, call_timeout=str(ring)) as (p, cid, invited):
+        await asyncio.sleep(3)  # a ring restarted by the hand-over would end 3 s late
+        stopped_at_ms = time.time() * 1000
+        os.kill(p.n1.pid, signal.SIGTERM)
+        ended = await p.b_in.wait("call.ended", timeout=20)
+        assert (ended["call_id"], ended["reason"]) == (cid, "timeout")
+        assert (await p.a_in.wait("call.ended", timeout=10))["reason"] == "timeout"
+        log = await p.b_in.wait("msg.new", lambda e: e["kind"] == "call", timeout=10)
+        assert log["body"]["outcome"] == "missed"
+        # Logged once the original deadline passed, before a restarted ring could end.
+        assert invited["expires_at"] <= log["ts"] < stopped_at_ms + ring * 1000
+
+
+async def test_a_call_ringing_on_a_node_that_died_can_still_be_answered(tmp_path: Path):
+    async with _call_ringing_on_node_1(tmp_path) as (p, cid, _):
+        os.kill(p.n1.pid, signal.SIGKILL)
+        await p.a_in.wait("client.reconnected", timeout=15)  # now on node 2
+        connected = await p.bob.request("call.accept", call_id=cid, sdp=ANSWER, timeout=15)
+        assert connected["state"] == "connected"
+        accepted = await p.a_in.wait("call.accepted", timeout=10)
+        assert (accepted["call_id"], accepted["sdp"]) == (cid, ANSWER)
+        log = await _bob_hangs_up_and_alice_is_told(p, cid)
+        assert log["body"]["outcome"] == "completed"
+
+
+async def test_after_its_node_died_a_call_relays_renegotiation_between_its_parties_only(
+        tmp_path: Path):
+    async with _call_held_by_node_1(tmp_path) as (p, cid):
+        os.kill(p.n1.pid, signal.SIGKILL)
+        await p.a_in.wait("client.reconnected", timeout=15)  # now on node 2, as bob
+        restart = {"type": "offer", "sdp": OFFER["sdp"].replace("o=- 1 1", "o=- 3 2")}
+        await p.bob.request("call.sdp", call_id=cid, sdp=restart, timeout=15)
+        got = await p.a_in.wait("call.sdp", timeout=10)
+        assert (got["call_id"], got["from_device"], got["sdp"]) == (cid, "b1", restart)
+        await p.alice.request("call.sdp", call_id=cid, sdp=ANSWER, timeout=15)
+        assert (await p.b_in.wait("call.sdp", timeout=10))["sdp"] == ANSWER
+        await p.alice.request("call.ice", call_id=cid, candidate=cand(1), timeout=15)
+        assert (await p.b_in.wait("call.ice", timeout=10))["candidate"] == cand(1)
+        async with connect(p.n2.ws_url, p.n2.token("carol"), "c1") as (carol, c_in), \
+                connect(p.n2.ws_url, p.n2.token("bob"), "b2") as (bob2, b2_in):
+            for client, code in ((carol, "not_found"), (bob2, "conflict")):
+                with pytest.raises(ClientError) as err:
+                    await client.request("call.sdp", call_id=cid, sdp=restart, timeout=15)
+                assert err.value.code == code
+                with pytest.raises(ClientError) as err:
+                    await client.request("call.ice", call_id=cid, candidate=cand(9),
+                                         timeout=15)
+                assert err.value.code == code
+            await p.bob.request("call.ice", call_id=cid, candidate=cand(2), timeout=15)
+            await p.a_in.wait("call.ice", lambda e: e["candidate"] == cand(2), timeout=10)
+            # alice got bob's frames only; the outsiders got nothing of the call.
+            assert [e["from_device"] for e in p.a_in.of("call.sdp") + p.a_in.of("call.ice")] \
+                == ["b1", "b1"]
+            assert not c_in.of("call.") and not b2_in.of("call.")
+        log = await _bob_hangs_up_and_alice_is_told(p, cid)
+        assert log["body"]["outcome"] == "completed"
 
 
 async def _exited(pid: int, within: float = 20.0) -> None:
