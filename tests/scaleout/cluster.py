@@ -29,6 +29,7 @@ class Cluster:
     n: int = 3
     prefix: str = field(default_factory=lambda: f"t{secrets.token_hex(3)}:")
     nodes: list[ServerProcess] = field(default_factory=list)
+    settings: dict[str, str] = field(default_factory=dict)  # more TALKBRIDGE_* for every node
     clients: list[Client] = field(default_factory=list)
 
     @property
@@ -43,6 +44,7 @@ class Cluster:
             TALKBRIDGE_RATE_LIMIT="0",
             TALKBRIDGE_SHUTDOWN_GRACE="3",
             TALKBRIDGE_LOG_LEVEL=os.environ.get("TALKBRIDGE_TEST_LOG_LEVEL", "WARNING"),
+            **self.settings,
         )
 
     async def start(self) -> None:
