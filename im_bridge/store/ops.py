@@ -151,8 +151,10 @@ def append_message(req: SendRequest, now: int) -> Op[tuple[Message, bool]]:
     sender, cid = req.sender, req.client_msg_id
     if req.check == "dm":
         r = yield one(
-            f"SELECT {_DUP}, (SELECT 1 FROM blocks WHERE user_id = ? AND blocked = ?)",
-            sender, cid, sender, cid, req.peer, sender,
+            "SELECT m.conv, m.seq, (SELECT 1 FROM blocks WHERE user_id = ? AND blocked = ?) "
+            "FROM (SELECT 1) AS one "
+            "LEFT JOIN messages m ON m.sender = ? AND m.client_msg_id = ?",
+            req.peer, sender, sender, cid,
         )
         if r[0] is not None:
             return (yield from _first_copy(r[0], r[1])), False
