@@ -16,7 +16,8 @@ from collections import Counter
 from dataclasses import dataclass, field
 
 from signaling.client import Client, ClientError
-from tests.scaleout.cluster import Cluster, until
+from tests.scaleout.cluster import Cluster
+from tests.support import until
 
 
 @dataclass

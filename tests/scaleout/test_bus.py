@@ -14,9 +14,9 @@ from signaling.bus import MemoryBus
 from signaling.client import Client
 from signaling.codec import encode
 from signaling.redis_bus import RedisBus, parse_redis_url
-from tests.scaleout.cluster import BUS_PARAMS, until
+from tests.scaleout.cluster import BUS_PARAMS
 from tests.scaleout.redis_server import RedisServer
-from tests.support import Node, fresh_pg_database, start_node
+from tests.support import Node, fresh_pg_database, start_node, until
 
 
 @asynccontextmanager

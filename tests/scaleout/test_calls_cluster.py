@@ -136,9 +136,9 @@ async def test_a_rolling_restart_while_calls_ring_and_talk_drops_none(
         finally:
             for task in tasks:
                 task.cancel()
-            ended = await asyncio.gather(*tasks, return_exceptions=True)
+            stopped = await asyncio.gather(*tasks, return_exceptions=True)
         assert failures == [], f"{failures}\n{cluster.logs()}"
-        assert all(isinstance(e, asyncio.CancelledError) for e in ended), ended
+        assert all(isinstance(e, asyncio.CancelledError) for e in stopped), stopped
         for pair in pairs:
             assert not pair.caller.inbox.of("call.ended") and not pair.callee.inbox.of(
                 "call.ended"), cluster.logs()
@@ -157,9 +157,9 @@ async def test_a_rolling_restart_while_calls_ring_and_talk_drops_none(
                                              timeout=10)
                 got = [e["candidate"] for e in pair.callee.inbox.of("call.ice")]
                 assert [c for c in got if c in pair.early_acked] == pair.early_acked
-            ended = await pair.caller.client.request("call.hangup", call_id=pair.call_id,
+            hung_up = await pair.caller.client.request("call.hangup", call_id=pair.call_id,
                                                      timeout=15)
-            assert ended["reason"] == "hangup"
+            assert hung_up["reason"] == "hangup"
             assert (await pair.callee.inbox.wait("call.ended", timeout=10))["reason"] \
                 == "hangup"
         for i, pair in enumerate(pairs):

@@ -11,8 +11,9 @@ import pytest
 
 from signaling.client import Client
 from tests.scaleout.chatload import ChatLoad
-from tests.scaleout.cluster import Cluster, until
+from tests.scaleout.cluster import Cluster
 from tests.scaleout.redis_server import RedisServer
+from tests.support import until
 
 pytestmark = [pytest.mark.redis, pytest.mark.postgres]
 

@@ -10,8 +10,8 @@ import pytest
 
 from media.placement import LocalPlacement, Placement
 from signaling.redis_placement import NoRelay, RedisPlacement, RelayRegistration
-from tests.scaleout.cluster import until
 from tests.scaleout.redis_server import RedisServer
+from tests.support import until
 
 
 @pytest.fixture(params=["local", pytest.param("redis", marks=pytest.mark.redis)])
