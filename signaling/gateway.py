@@ -129,7 +129,6 @@ async def websocket_handler(request: web.Request) -> web.StreamResponse:
         admin=claims.admin,
         queue_limit=cfg.send_queue,
     )
-    session.start()
     session.send_obj(
         {
             "type": "auth.ok",

@@ -1,12 +1,15 @@
 """One connected device: its identity and a bounded outbound queue drained by a writer task.
 
 Events are enqueued as complete WebSocket text frames (header + JSON), so a fan-out
-serializes and frames once and every recipient session shares the same bytes. The writer
-sends everything queued since it last ran in ONE transport write: under load that is one
-syscall for many frames instead of one each (aiohttp's ``send_frame`` writes per frame).
-Frames are whole units, so they never interleave with the pings, pongs and close frames
-aiohttp writes to the same transport. A device that cannot keep up (queue full) is
-disconnected with close code 4408; it reconnects and syncs, and nobody else waits for it.
+serializes and frames once and every recipient session shares the same bytes. Once per
+turn of the event loop, one callback writes what each session queued meanwhile in ONE
+transport write: under load that is one syscall for many frames instead of one each
+(aiohttp's ``send_frame`` writes per frame), and no task wakes per session (a 500-member
+group message would wake 500). Frames are whole units, so they never interleave with the
+pings, pongs and close frames aiohttp writes to the same transport. A socket whose buffer
+passes HIGH_WATER is left to drain before more is written to it; a device that cannot keep
+up (queue full) is disconnected with close code 4408; it reconnects and syncs, and nobody
+else waits for it.
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ import logging
 import secrets
 import struct
 import time
+import weakref
 from collections import deque
 from typing import Any
 
@@ -43,6 +47,37 @@ def frame_text(payload: bytes) -> bytes:
     return struct.pack("!BBQ", 0x81, 127, n) + payload
 
 
+class _Flusher:
+    """The sessions with frames queued since the last turn of the loop, written at once."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self._loop = loop
+        self._dirty: list[Session] = []
+
+    def add(self, session: Session) -> None:
+        if not self._dirty:
+            self._loop.call_soon(self._run)
+        self._dirty.append(session)
+
+    def _run(self) -> None:
+        dirty, self._dirty = self._dirty, []
+        for session in dirty:
+            session.flush()
+
+
+_flushers: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, _Flusher] = (
+    weakref.WeakKeyDictionary()
+)
+
+
+def _flusher() -> _Flusher:
+    loop = asyncio.get_running_loop()
+    flusher = _flushers.get(loop)
+    if flusher is None:
+        flusher = _flushers[loop] = _Flusher(loop)
+    return flusher
+
+
 class Session:
     """An authenticated WebSocket of one user's device."""
 
@@ -67,9 +102,10 @@ class Session:
         self.connected_at = time.time()
         self._queue: deque[bytes] = deque()
         self._queue_limit = queue_limit
-        self._ready = asyncio.Event()
+        self._flusher = _flusher()
+        self._scheduled = False  # in the flusher's list for this turn
+        self._draining: asyncio.Task[None] | None = None  # waiting for the socket to drain
         self._closing = False
-        self.writer_task: asyncio.Task[None] | None = None
         self.frames_out = 0
         # While > 0, events wait in _held (see hold_events); replies still go out.
         self._holds = 0
@@ -78,11 +114,6 @@ class Session:
     @property
     def closed(self) -> bool:
         return self._closing or self.ws.closed
-
-    def start(self) -> None:
-        self.writer_task = asyncio.get_running_loop().create_task(
-            self._writer(), name=f"ws-writer-{self.session_id}"
-        )
 
     def hold_events(self) -> None:
         """Keep events back until :meth:`release_events` (a request whose reply must reach
@@ -116,7 +147,9 @@ class Session:
             self.close_soon(CLOSE_TOO_SLOW, "too slow")
             return False
         self._queue.append(frame)
-        self._ready.set()
+        if not self._scheduled:
+            self._scheduled = True
+            self._flusher.add(self)
         return True
 
     def send(self, data: bytes) -> bool:
@@ -126,41 +159,54 @@ class Session:
     def send_obj(self, obj: Any) -> bool:
         return self.send(encode(obj))
 
-    async def _writer(self) -> None:
-        transport = self.transport
-        queue = self._queue
-        try:
-            while True:
-                await self._ready.wait()
-                self._ready.clear()
-                if queue:
-                    if transport is None or transport.is_closing():
-                        return
-                    n = len(queue)
-                    transport.write(b"".join([queue.popleft() for _ in range(n)]))
-                    self.frames_out += n
-                    while transport.get_write_buffer_size() > HIGH_WATER:
-                        if transport.is_closing():
-                            return
-                        await asyncio.sleep(0.005)  # a slow reader: let the socket drain
-                if self._closing:
-                    return
-        except (ConnectionError, RuntimeError, asyncio.CancelledError):
+    def flush(self) -> None:
+        """Write what is queued in one transport write (unless the socket is draining)."""
+        self._scheduled = False
+        queue, transport = self._queue, self.transport
+        if not queue or self._draining is not None:
             return
+        if transport is None or transport.is_closing():
+            queue.clear()
+            return
+        n = len(queue)
+        try:
+            transport.write(b"".join(queue))
+        except (ConnectionError, RuntimeError):
+            queue.clear()
+            return
+        queue.clear()
+        self.frames_out += n
+        if transport.get_write_buffer_size() > HIGH_WATER:  # a slow reader
+            self._draining = asyncio.get_running_loop().create_task(self._drain())
+
+    async def _drain(self) -> None:
+        transport = self.transport
+        try:
+            # aiohttp owns the protocol, so its pause/resume_writing are not ours to hook.
+            while transport.get_write_buffer_size() > HIGH_WATER and not transport.is_closing():  # noqa: ASYNC110
+                await asyncio.sleep(0.005)
+        finally:
+            self._draining = None
+        self.flush()
+
+    async def _drained(self, timeout: float) -> None:
+        """Wait (up to ``timeout``) until what was queued has been handed to the socket."""
+        self.flush()
+        draining = self._draining
+        if draining is not None:
+            try:
+                await asyncio.wait_for(asyncio.shield(draining), timeout)
+            except (TimeoutError, asyncio.CancelledError):
+                draining.cancel()
 
     def close_soon(self, code: int, message: str) -> None:
         """Flush what is queued, then close with ``code`` (without awaiting here)."""
         if self._closing:
             return
         self._closing = True
-        self._ready.set()
 
         async def _close() -> None:
-            if self.writer_task is not None:
-                try:
-                    await asyncio.wait_for(asyncio.shield(self.writer_task), 2.0)
-                except (TimeoutError, asyncio.CancelledError):
-                    self.writer_task.cancel()
+            await self._drained(2.0)
             await self.ws.close(code=code, message=message.encode())
 
         asyncio.get_running_loop().create_task(_close())
@@ -168,9 +214,5 @@ class Session:
     async def flush_and_close(self, code: int, message: str) -> None:
         """Close after flushing the queue, and wait for it."""
         self.close_soon(code, message)
-        if self.writer_task is not None:
-            try:
-                await asyncio.wait_for(asyncio.shield(self.writer_task), 2.0)
-            except (TimeoutError, asyncio.CancelledError):
-                pass
+        await self._drained(2.0)
         await self.ws.close(code=code, message=message.encode())
