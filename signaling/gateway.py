@@ -255,12 +255,12 @@ class _Reply:
             self.ctx.session.send_reply(_reply(self.rid, data))
 
     def fail(self, err: BaseException) -> None:
-        if self._once():
+        if self._once(err):
             self.ctx.session.send_reply(_error_reply(self.ctx.state, self.ftype, self.rid, err))
 
-    def _once(self) -> bool:
+    def _once(self, err: BaseException | None = None) -> bool:
         if self.sent:
-            log.error("a second reply to %s %r was dropped", self.ftype, self.rid)
+            log.error("a second reply to %s %r was dropped", self.ftype, self.rid, exc_info=err)
             return False
         self.sent = True
         self.slots.release()

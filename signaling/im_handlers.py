@@ -141,11 +141,14 @@ def msg_send(ctx: RequestContext, req: dict[str, Any], reply: Reply) -> None:
             reply.fail(result)
             return
         msg, created = result
-        members = state.chat.members_now(msg.conv)
-        if members is None:  # a group whose member list is not cached: read it first
-            state.spawn(_sent_after_read(ctx, reply, msg, created))
-        else:
-            _sent(ctx, reply, msg, created, members)
+        try:
+            members = state.chat.members_now(msg.conv)
+            if members is None:  # a group whose member list is not cached: read it first
+                state.spawn(_sent_after_read(ctx, reply, msg, created))
+            else:
+                _sent(ctx, reply, msg, created, members)
+        except Exception as exc:  # never leave the request without its reply
+            reply.fail(exc)
 
     state.chat.send_nowait(send, stored)
 
@@ -154,11 +157,9 @@ async def _sent_after_read(
     ctx: RequestContext, reply: Reply, msg: Message, created: bool
 ) -> None:
     try:
-        members = await ctx.state.chat.members(msg.conv)
+        _sent(ctx, reply, msg, created, await ctx.state.chat.members(msg.conv))
     except Exception as exc:
         reply.fail(exc)
-        return
-    _sent(ctx, reply, msg, created, members)
 
 
 def _sent(

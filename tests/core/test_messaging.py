@@ -243,3 +243,27 @@ async def test_a_retried_send_is_delivered_again_and_the_client_keeps_one_copy(n
     assert (await bob.next_event("msg.new"))["seq"] == 1
     await asyncio.sleep(0.2)
     assert not [e for e in bob.pending_events() if e["type"] == "msg.new"]
+
+
+async def test_a_fan_out_failure_after_the_commit_still_answers_and_a_retry_delivers(
+    node: Node, monkeypatch: pytest.MonkeyPatch
+):
+    alice = await node.client("alice")
+    bob = await node.client("bob")
+    real = node.state.bus.post_users
+    failures = [RuntimeError("bus down")]
+
+    def post_users(*args: object, **kwargs: object) -> None:
+        if failures:
+            raise failures.pop()
+        real(*args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(node.state.bus, "post_users", post_users)
+    with pytest.raises(ClientError) as err:
+        await alice.send_text("lost fan-out", user="bob", client_msg_id="m1")
+    assert err.value.code == "internal"  # answered, not left hanging
+    # The message was committed; the app's retry (same id) delivers it, stored once.
+    again = await alice.send_text("lost fan-out", user="bob", client_msg_id="m1")
+    got = await bob.next_event("msg.new")
+    assert again["seq"] == got["seq"] == 1
+    assert got["body"]["text"] == "lost fan-out"
