@@ -816,12 +816,7 @@ class CallManager:
         call.state = "ended"
         call.end_reason = reason
         call.ended_at = ended_at
-        for party in (call.caller, call.callee):
-            ids = self._live.get(party)
-            if ids is not None:
-                ids.discard(call.call_id)
-                if not ids:
-                    del self._live[party]
+        self._forget_live(call)
         self._changed.append(call)
         call_id = call.call_id
         call.timer = self.env.call_later(self.settings.remember_ended,
@@ -878,6 +873,10 @@ class CallManager:
         for away in call.away.values():
             away.timer.cancel()
         del self._calls[call.call_id]
+        self._forget_live(call)
+
+    def _forget_live(self, call: Call) -> None:
+        """The call is no longer one of its parties' live calls (here)."""
         for party in (call.caller, call.callee):
             ids = self._live.get(party)
             if ids is not None:
