@@ -21,7 +21,6 @@ import argparse
 import asyncio
 import json
 import os
-import resource
 import secrets
 import sys
 import time
@@ -32,38 +31,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from loadtest import servers
 from loadtest.cli import build_parser, run_command
-
-PG_ADMIN = "postgresql://postgres@127.0.0.1:5432/postgres"
-
-
-def raise_fd_limit() -> int:
-    """Soft open-files limit up to the hard one; servers started after this inherit it."""
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    if soft < hard:
-        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
-    return hard
-
-
-async def _pg(sql: str) -> None:
-    import asyncpg
-
-    conn = await asyncpg.connect(PG_ADMIN)
-    try:
-        await conn.execute(sql)
-    finally:
-        await conn.close()
-
-
-def create_pg_db() -> str:
-    """Create a fresh database; returns its name."""
-    name = f"tb_bench_{secrets.token_hex(4)}"
-    asyncio.run(_pg(f'CREATE DATABASE "{name}"'))
-    return name
-
-
-def drop_pg_db(name: str) -> None:
-    """Drop the benchmark database (connections are gone by now; FORCE in case)."""
-    asyncio.run(_pg(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+from signaling.cli import raise_fd_limit
 
 
 def load(args: argparse.Namespace, url: str, transport: str, pid: int, label: str,
@@ -135,13 +103,12 @@ def run_chat_once(args: argparse.Namespace, label: str, rep: int) -> dict[str, A
     chat = ["chat", "--pairs", str(args.pairs), "--window", str(args.window),
             "--size", str(args.size)]
     name = f"talkbridge-{label}" if label in ("sqlite", "postgres") else label
-    db = create_pg_db() if label == "postgres" else None
+    db = asyncio.run(servers.create_database("tb_bench_")) if label == "postgres" else None
     try:
         if label == "sqlite":
             srv = servers.start_talkbridge(args.secret)
         elif label == "postgres":
-            srv = servers.start_talkbridge(
-                args.secret, store=f"postgresql://postgres@127.0.0.1:5432/{db}")
+            srv = servers.start_talkbridge(args.secret, store=db)
         else:
             srv = servers.start_baseline(label, args.secret)
         with srv:
@@ -153,7 +120,7 @@ def run_chat_once(args: argparse.Namespace, label: str, rep: int) -> dict[str, A
             return chat_row(name, report)
     finally:
         if db:
-            drop_pg_db(db)
+            asyncio.run(servers.drop_database(db))
 
 
 def run_idle(args: argparse.Namespace) -> dict[str, Any]:

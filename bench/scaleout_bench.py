@@ -49,16 +49,16 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import aiohttp
-import asyncpg
 import jwt
 import msgspec
 from hdrh.histogram import HdrHistogram
 
+from loadtest import servers
 from loadtest.procstat import cpu_seconds, machine_busy_seconds
+from signaling.cli import raise_fd_limit
 from signaling.client import Client
 
 REPO = Path(__file__).resolve().parent.parent
-PG_ADMIN = os.environ.get("TALKBRIDGE_TEST_PG", "postgresql://postgres@127.0.0.1:5432/postgres")
 SECRET = "scaleout-bench-secret-" + secrets.token_hex(8)
 _enc = msgspec.json.Encoder()
 _dec = msgspec.json.Decoder()
@@ -144,24 +144,6 @@ def start_node(workdir: Path, name: str, store: str, redis_url: str | None) -> P
              "--data-dir", str(d)], env=env, stdout=fh, stderr=fh, cwd=REPO)
     wait_port(port, p, log)
     return Proc(p, port, log)
-
-
-async def create_db() -> tuple[str, str]:
-    name = f"tb_scaleout_{secrets.token_hex(4)}"
-    conn = await asyncpg.connect(PG_ADMIN)
-    try:
-        await conn.execute(f'CREATE DATABASE "{name}"')
-    finally:
-        await conn.close()
-    return name, f"{PG_ADMIN.rsplit('/', 1)[0]}/{name}"
-
-
-async def drop_db(name: str) -> None:
-    conn = await asyncpg.connect(PG_ADMIN)
-    try:
-        await conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-    finally:
-        await conn.close()
 
 
 # ---------------------------------------------------------------- lean chat generator
@@ -443,11 +425,10 @@ async def reconnect_row(workdir: Path, store: str, redis: Proc,
 
 
 async def main(args: argparse.Namespace) -> dict[str, Any]:
-    _soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    raise_fd_limit()
     only = set(args.only.split(",")) if args.only else {"saturation", "hop", "reconnect"}
     workdir = Path(tempfile.mkdtemp(prefix="tb-scaleout-"))
-    db, store = await create_db()
+    store = await servers.create_database("tb_scaleout_")
     redis = start_redis(workdir)
     out: dict[str, Any] = {"machine": {"cpus": os.cpu_count(), "loadavg_start": loadavg()},
                            "options": vars(args)}
@@ -475,7 +456,7 @@ async def main(args: argparse.Namespace) -> dict[str, Any]:
             out["reconnect"] = row
     finally:
         redis.stop(signal.SIGKILL)
-        await drop_db(db)
+        await servers.drop_database(store)
     return out
 
 

@@ -20,7 +20,7 @@ import time
 from typing import Any
 
 from loadtest import servers
-from loadtest.worker import raise_fd_limit
+from signaling.cli import raise_fd_limit
 
 
 def _run(argv: list[str]) -> dict[str, Any]:

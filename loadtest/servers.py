@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import secrets
 import shutil
 import signal
 import socket
@@ -20,6 +21,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
+# The PostgreSQL server benchmarks and tests create their databases on (trust auth).
+PG_ADMIN = os.environ.get("TALKBRIDGE_TEST_PG", "postgresql://postgres@127.0.0.1:5432/postgres")
 
 
 def free_port() -> int:
@@ -192,3 +195,27 @@ def which(name: str) -> str | None:
     """An executable from the venv or PATH."""
     venv = REPO / ".venv" / "bin" / name
     return str(venv) if venv.exists() else shutil.which(name)
+
+
+async def create_database(prefix: str, admin: str = PG_ADMIN) -> str:
+    """Create an empty PostgreSQL database named ``<prefix><random>``; returns its URL."""
+    import asyncpg
+
+    name = f"{prefix}{secrets.token_hex(4)}"
+    conn = await asyncpg.connect(admin)
+    try:
+        await conn.execute(f'CREATE DATABASE "{name}"')
+    finally:
+        await conn.close()
+    return f"{admin.rsplit('/', 1)[0]}/{name}"
+
+
+async def drop_database(url: str, admin: str = PG_ADMIN) -> None:
+    """Drop the database of ``url`` (FORCE: connections left to it go with it)."""
+    import asyncpg
+
+    conn = await asyncpg.connect(admin)
+    try:
+        await conn.execute(f'DROP DATABASE IF EXISTS "{url.rsplit("/", 1)[1]}" WITH (FORCE)')
+    finally:
+        await conn.close()

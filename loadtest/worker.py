@@ -9,7 +9,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import resource
 import time
 import traceback
 from dataclasses import dataclass
@@ -22,6 +21,7 @@ from loadtest.scenarios import load_all
 from loadtest.scenarios.base import Context, Scenario
 from loadtest.tokens import Users
 from loadtest.wire import Target
+from signaling.cli import raise_fd_limit
 
 LAG_PERIOD = 0.05
 
@@ -47,14 +47,6 @@ class WorkerPlan:
     run_id: str
     duration: float
     drain: float
-
-
-def raise_fd_limit() -> int:
-    """Raise the soft open-files limit to the hard limit; returns the new soft limit."""
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    if soft < hard:
-        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
-    return hard
 
 
 def entry(plan: WorkerPlan, queue: Any, go: Any, go_at: Any) -> None:

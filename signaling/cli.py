@@ -13,11 +13,13 @@ from aiohttp import web
 from signaling.config import add_config_flags, config_from_args
 
 
-def raise_fd_limit() -> None:
-    """Lift the soft open-files limit to the hard one: each connection is a descriptor."""
+def raise_fd_limit() -> int:
+    """Lift the soft open-files limit to the hard one (each connection is a descriptor;
+    processes started afterwards inherit it); returns the new limit."""
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     if soft < hard:
         resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    return hard
 
 
 # Objects allocated before the young generation is collected (CPython's default: 700).

@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import inspect
 import os
-import secrets
 import socket
 import subprocess
 import sys
@@ -16,10 +15,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import asyncpg
 import jwt
 from aiohttp import web
 
+from loadtest.servers import create_database, drop_database
 from signaling.app import create_app
 from signaling.client import Client
 from signaling.config import Config, load_config
@@ -27,7 +26,6 @@ from signaling.keys import STATE
 from signaling.state import AppState
 
 SECRET = "talkbridge-test-secret-0123456789abcdef"
-PG_ADMIN = os.environ.get("TALKBRIDGE_TEST_PG", "postgresql://postgres@127.0.0.1:5432/postgres")
 REPO = Path(__file__).resolve().parent.parent
 
 
@@ -59,21 +57,11 @@ def free_port() -> int:
 @asynccontextmanager
 async def fresh_pg_database() -> AsyncIterator[str]:
     """A new, empty PostgreSQL database (dropped afterwards); yields its URL."""
-    name = f"tb_test_{secrets.token_hex(6)}"
-    admin = await asyncpg.connect(PG_ADMIN)
+    url = await create_database("tb_test_")
     try:
-        await admin.execute(f'CREATE DATABASE "{name}"')
+        yield url
     finally:
-        await admin.close()
-    base = PG_ADMIN.rsplit("/", 1)[0]
-    try:
-        yield f"{base}/{name}"
-    finally:
-        admin = await asyncpg.connect(PG_ADMIN)
-        try:
-            await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-        finally:
-            await admin.close()
+        await drop_database(url)
 
 
 @dataclass

@@ -362,22 +362,9 @@ def test_group_members_spread_over_two_workers_are_all_counted(
 
 @pytest.mark.postgres
 def test_chat_against_talkbridge_on_postgresql_matches_what_it_stored(tmp_path: Path) -> None:
-    import asyncpg
-
-    from tests.support import PG_ADMIN
-
-    name = f"tb_load_{secrets.token_hex(4)}"
-
-    async def admin(sql: str) -> None:
-        conn = await asyncpg.connect(PG_ADMIN)
-        try:
-            await conn.execute(sql)
-        finally:
-            await conn.close()
-
-    asyncio.run(admin(f'CREATE DATABASE "{name}"'))
+    db = asyncio.run(servers.create_database("tb_load_"))
     try:
-        srv = servers.start_talkbridge(SECRET, store=f"{PG_ADMIN.rsplit('/', 1)[0]}/{name}")
+        srv = servers.start_talkbridge(SECRET, store=db)
         try:
             report = run(tmp_path, "chat", "--url", srv.url, "--pairs", "3", "--duration", "1",
                          "--run-id", "pg1")
@@ -397,7 +384,7 @@ def test_chat_against_talkbridge_on_postgresql_matches_what_it_stored(tmp_path: 
         finally:
             srv.stop()
     finally:
-        asyncio.run(admin(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+        asyncio.run(servers.drop_database(db))
 
 
 def test_every_device_of_both_users_gets_every_message(
