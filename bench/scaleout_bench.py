@@ -279,10 +279,16 @@ def own_cpu() -> float:
     return ru.ru_utime + ru.ru_stime
 
 
+def start_nodes(workdir: Path, label: str, store: str, redis: Proc | None,
+                n: int) -> list[Proc]:
+    """``n`` nodes for one row: data dirs under ``workdir/label``, Redis keys under ``label:``."""
+    redis_url = f"redis://127.0.0.1:{redis.port}/0?prefix={label}:" if redis else None
+    return [start_node(workdir / label, f"n{i + 1}", store, redis_url) for i in range(n)]
+
+
 async def saturation_row(workdir: Path, store: str, redis: Proc | None, nodes: int,
                          args: argparse.Namespace, label: str) -> dict[str, Any]:
-    redis_url = f"redis://127.0.0.1:{redis.port}/0?prefix={label}:" if redis else None
-    procs = [start_node(workdir / label, f"n{i + 1}", store, redis_url) for i in range(nodes)]
+    procs = start_nodes(workdir, label, store, redis, nodes)
     try:
         await asyncio.sleep(1.0)
         urls = [f"ws://127.0.0.1:{p.port}/ws" for p in procs]
@@ -323,8 +329,7 @@ async def saturation_row(workdir: Path, store: str, redis: Proc | None, nodes: i
 
 async def hop_row(workdir: Path, store: str, redis: Proc | None, nodes: int,
                   args: argparse.Namespace, label: str) -> dict[str, Any]:
-    redis_url = f"redis://127.0.0.1:{redis.port}/0?prefix={label}:" if redis else None
-    procs = [start_node(workdir / label, f"n{i + 1}", store, redis_url) for i in range(nodes)]
+    procs = start_nodes(workdir, label, store, redis, nodes)
     try:
         await asyncio.sleep(1.0)
         urls = [f"ws://127.0.0.1:{p.port}/ws" for p in procs]
@@ -347,8 +352,7 @@ async def hop_row(workdir: Path, store: str, redis: Proc | None, nodes: int,
 async def reconnect_row(workdir: Path, store: str, redis: Proc,
                         args: argparse.Namespace) -> dict[str, Any]:
     label = "reconnect"
-    redis_url = f"redis://127.0.0.1:{redis.port}/0?prefix={label}:"
-    procs = [start_node(workdir / label, f"n{i + 1}", store, redis_url) for i in range(3)]
+    procs = start_nodes(workdir, label, store, redis, 3)
     urls = [f"ws://127.0.0.1:{p.port}/ws" for p in procs]
     clients: list[Client] = []
     try:
