@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.support import Node, fresh_pg_database, start_node
+from tests.support import Node, fresh_store, running_node
 
 
 def only_loopback() -> bool:
@@ -29,28 +29,19 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
 @pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
 async def store_url(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[str]:
     """A fresh store of each kind: an SQLite file, then a new PostgreSQL database."""
-    if request.param == "sqlite":
-        yield f"sqlite:///{tmp_path / 'store.sqlite3'}"
-    else:
-        async with fresh_pg_database() as url:
-            yield url
+    async with fresh_store(request.param, tmp_path) as url:
+        yield url
 
 
 @pytest.fixture
 async def node(tmp_path: Path) -> AsyncIterator[Node]:
     """A node on SQLite (the embedded default)."""
-    n = await start_node(f"sqlite:///{tmp_path / 'store.sqlite3'}", tmp_path)
-    try:
+    async with running_node(f"sqlite:///{tmp_path / 'store.sqlite3'}", tmp_path) as n:
         yield n
-    finally:
-        await n.stop()
 
 
 @pytest.fixture
 async def any_node(store_url: str, tmp_path: Path) -> AsyncIterator[Node]:
     """A node on each store backend (the same test runs against SQLite and PostgreSQL)."""
-    n = await start_node(store_url, tmp_path)
-    try:
+    async with running_node(store_url, tmp_path) as n:
         yield n
-    finally:
-        await n.stop()

@@ -64,6 +64,16 @@ async def fresh_pg_database() -> AsyncIterator[str]:
         await drop_database(url)
 
 
+@asynccontextmanager
+async def fresh_store(backend: str, tmp: Path) -> AsyncIterator[str]:
+    """A new store of ``backend``: "sqlite" (a file in ``tmp``) or "postgres" (a database)."""
+    if backend == "sqlite":
+        yield f"sqlite:///{tmp / 'store.sqlite3'}"
+    else:
+        async with fresh_pg_database() as url:
+            yield url
+
+
 @dataclass
 class Node:
     """A running in-process talkbridge node."""
@@ -117,6 +127,16 @@ async def start_node(store_url: str, data_dir: Path, **settings: Any) -> Node:
     site = web.TCPSite(runner, "127.0.0.1", port)
     await site.start()
     return Node(config, runner, port)
+
+
+@asynccontextmanager
+async def running_node(store_url: str, data_dir: Path, **settings: Any) -> AsyncIterator[Node]:
+    """:func:`start_node`, stopped on the way out."""
+    node = await start_node(store_url, data_dir, **settings)
+    try:
+        yield node
+    finally:
+        await node.stop()
 
 
 @dataclass

@@ -14,7 +14,7 @@ import pytest
 import pytest_asyncio
 
 from tests.groups.world import World, make_world
-from tests.support import Node, fresh_pg_database, start_node
+from tests.support import Node, fresh_store, running_node
 
 # Each test makes its own group on a node shared by the module (one per store backend):
 # groups are independent, and a fresh database per row would dominate the run time.
@@ -30,19 +30,8 @@ async def shared_node(
     request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
 ) -> AsyncIterator[Node]:
     tmp: Path = tmp_path_factory.mktemp("authz")
-    if request.param == "sqlite":
-        node = await start_node(f"sqlite:///{tmp / 'store.sqlite3'}", tmp, rate_limit=0)
-        try:
-            yield node
-        finally:
-            await node.stop()
-    else:
-        async with fresh_pg_database() as url:
-            node = await start_node(url, tmp, rate_limit=0)
-            try:
-                yield node
-            finally:
-                await node.stop()
+    async with fresh_store(request.param, tmp) as url, running_node(url, tmp, rate_limit=0) as n:
+        yield n
 
 
 @pytest_asyncio.fixture(loop_scope="module")

@@ -14,7 +14,7 @@ import pytest
 import pytest_asyncio
 
 from tests.groups.world import World, make_world
-from tests.support import fresh_pg_database, start_node
+from tests.support import fresh_store, running_node
 
 pytestmark = pytest.mark.asyncio(loop_scope="module")
 
@@ -30,19 +30,8 @@ async def world(
     """One group (see tests/groups/world.py) per backend for the whole module (rate limit
     off: the rows follow each other faster than a person types)."""
     tmp: Path = tmp_path_factory.mktemp("bad-input")
-    if request.param == "sqlite":
-        node = await start_node(f"sqlite:///{tmp / 'store.sqlite3'}", tmp, rate_limit=0)
-        try:
-            yield await make_world(node)
-        finally:
-            await node.stop()
-    else:
-        async with fresh_pg_database() as url:
-            node = await start_node(url, tmp, rate_limit=0)
-            try:
-                yield await make_world(node)
-            finally:
-                await node.stop()
+    async with fresh_store(request.param, tmp) as url, running_node(url, tmp, rate_limit=0) as n:
+        yield await make_world(n)
 
 
 GROUP = object()  # stands for the world's group id
