@@ -24,6 +24,13 @@ async def frames(user: User, direction: str) -> list[dict[str, Any]]:
     return found
 
 
+async def call_via_relay(user: User) -> None:
+    """Tick the developer panel's "calls through the media relay" on this device."""
+    await user.page.click("#dev-toggle")
+    await user.page.check("#dev-call-via-relay")
+    await user.page.click("#dev-close")
+
+
 async def audio_packets_received(user: User) -> int:
     """Audio RTP packets the call's peer connection has received, once they keep coming."""
     js = """async () => {
@@ -66,9 +73,7 @@ async def test_video_call_through_the_media_relay(server: Server, browser: Brows
     alice = await new_device(browser, server.url, "alice", register=True)
     bob = await new_device(browser, server.url, "bob", register=True)
     # alice asks for the relay; bob's own switch is off and his page follows the invite.
-    await alice.page.click("#dev-toggle")
-    await alice.page.check("#dev-call-via-relay")
-    await alice.page.click("#dev-close")
+    await call_via_relay(alice)
     await alice.open_dm("bob")
     await bob.open_dm("alice")
 
@@ -140,9 +145,7 @@ async def test_answering_a_relay_call_audio_only_still_shows_the_caller(
 ) -> None:
     alice = await new_device(browser, server.url, "alice", register=True)
     bob = await new_device(browser, server.url, "bob", register=True)
-    await alice.page.click("#dev-toggle")
-    await alice.page.check("#dev-call-via-relay")
-    await alice.page.click("#dev-close")
+    await call_via_relay(alice)
     await alice.open_dm("bob")
     await alice.page.click("#btn-video")
     await bob.page.click("#incoming-accept-audio")
@@ -167,9 +170,7 @@ async def test_relay_call_survives_a_dropped_signaling_socket(
 ) -> None:
     alice = await new_device(browser, server.url, "alice", register=True)
     bob = await new_device(browser, server.url, "bob", register=True)
-    await bob.page.click("#dev-toggle")
-    await bob.page.check("#dev-call-via-relay")
-    await bob.page.click("#dev-close")
+    await call_via_relay(bob)
     await bob.open_dm("alice")
     await bob.page.click("#btn-video")
     await alice.page.click("#incoming-accept")
