@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from signaling.client import Client, ClientError
-from tests.support import Node, start_node
+from tests.support import Node, running_node, start_node
 
 AV = {"audio": True, "video": True}
 SDP = "v=0\r\no=- 1 1 IN IP4 127.0.0.1\r\ns=-\r\nt=0 0\r\nm=audio 9 UDP/TLS/RTP/SAVPF 111\r\n"
@@ -16,16 +16,13 @@ SDP = "v=0\r\no=- 1 1 IN IP4 127.0.0.1\r\ns=-\r\nt=0 0\r\nm=audio 9 UDP/TLS/RTP/
 
 @pytest.fixture
 async def node(tmp_path: Path) -> AsyncIterator[Node]:
-    n = await start_node(
+    async with running_node(
         f"sqlite:///{tmp_path / 's.db'}",
         tmp_path,
         relay_in_process=True,
         relay_addresses=["127.0.0.1"],
-    )
-    try:
+    ) as n:
         yield n
-    finally:
-        await n.stop()
 
 
 async def _ring(caller: Client, callee: Client, call_id: str = "c1") -> dict:

@@ -14,24 +14,21 @@ from pathlib import Path
 import pytest
 
 from signaling.client import Client, ClientError
-from tests.support import Node, start_node
+from tests.support import Node, running_node
 
 AV = {"audio": True, "video": True}
 
 
 @pytest.fixture
 async def node(tmp_path: Path) -> AsyncIterator[Node]:
-    n = await start_node(
+    async with running_node(
         f"sqlite:///{tmp_path / 's.db'}",
         tmp_path,
         relay_in_process=True,
         relay_addresses=["127.0.0.1"],
         call_grace=0.5,
-    )
-    try:
+    ) as n:
         yield n
-    finally:
-        await n.stop()
 
 
 async def _group(node: Node, owner: Client, *members: str) -> str:
