@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import subprocess
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import pytest
 
+from media.host_addresses import restrict_host_addresses
 from tests.support import Node, fresh_store, running_node
 
 
@@ -24,6 +25,14 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
         for item in items:
             if item.get_closest_marker("netns"):
                 item.add_marker(skip)
+
+
+@pytest.fixture
+def loopback_only() -> Iterator[None]:
+    """aiortc gathers host candidates on 127.0.0.1 only (for the WebRTC tests)."""
+    restrict_host_addresses(["127.0.0.1"])
+    yield
+    restrict_host_addresses(None)
 
 
 @pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])

@@ -12,20 +12,13 @@ from typing import Any
 
 import pytest
 
-from media.host_addresses import restrict_host_addresses
 from signaling.client import Client
 from tests.calls.rtc_peer import CallPeer, candidate_type
 from tests.calls.server import RunningServer, run_talkbridge
 from tests.turn.coturn import Coturn, run_coturn
 
-pytestmark = pytest.mark.netns
+pytestmark = [pytest.mark.netns, pytest.mark.usefixtures("loopback_only")]
 
-
-@pytest.fixture(autouse=True)
-def loopback_only() -> Iterator[None]:
-    restrict_host_addresses(["127.0.0.1"])
-    yield
-    restrict_host_addresses(None)
 
 
 @pytest.fixture(scope="module")

@@ -15,20 +15,13 @@ from pathlib import Path
 
 import pytest
 
-from media.host_addresses import restrict_host_addresses
 from signaling.client import Client
 from tests.calls.rtc_peer import CallPeer
 from tests.calls.server import RunningServer, free_port, run_redis, run_talkbridge
 from tests.calls.test_call_e2e import place_call_and_hang_up
 
-pytestmark = pytest.mark.netns
+pytestmark = [pytest.mark.netns, pytest.mark.usefixtures("loopback_only")]
 
-
-@pytest.fixture(autouse=True)
-def loopback_only() -> Iterator[None]:
-    restrict_host_addresses(["127.0.0.1"])
-    yield
-    restrict_host_addresses(None)
 
 
 @pytest.fixture

@@ -14,12 +14,11 @@ from aiortc import (
 )
 from aiortc.rtcconfiguration import RTCIceTransportPolicy
 
-from media.host_addresses import restrict_host_addresses
 from signaling.config import Config
 from signaling.ice import ice_servers_for, turn_credentials
 from tests.turn.coturn import Coturn, uclient_allocates
 
-pytestmark = pytest.mark.netns
+pytestmark = [pytest.mark.netns, pytest.mark.usefixtures("loopback_only")]
 
 
 def relay_only(servers: list[dict[str, Any]]) -> RTCConfiguration:
@@ -35,12 +34,6 @@ def candidate_types(sdp: str) -> set[str]:
     return {line.split(" typ ")[1].split()[0]
             for line in sdp.splitlines() if line.startswith("a=candidate:")}
 
-
-@pytest.fixture(autouse=True)
-def loopback_only():
-    restrict_host_addresses(["127.0.0.1"])
-    yield
-    restrict_host_addresses(None)
 
 
 def servers_for(
