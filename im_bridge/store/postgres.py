@@ -19,7 +19,7 @@ from im_bridge.errors import Internal, TalkbridgeError
 from im_bridge.store import Store
 from im_bridge.store.groupcommit import GroupCommit
 from im_bridge.store.migrations import MIGRATIONS
-from im_bridge.store.ops import Op, Query
+from im_bridge.store.ops import Op, Query, coalesced
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -45,6 +45,9 @@ async def _run(conn: asyncpg.Connection, q: Query) -> Any:
         return None if r is None else tuple(r)
     if mode == "all":
         return [tuple(r) for r in await conn.fetch(stmt, *args)]
+    if mode == "many":
+        await conn.executemany(stmt, args)
+        return None
     status = await conn.execute(stmt, *args)
     if mode == "count":
         m = _COUNT_RE.search(status)
@@ -107,11 +110,13 @@ class PostgresStore(Store):
         results: list[Any] = []
         try:
             async with self._pool.acquire() as conn, conn.transaction():
-                for op in ops:
+                for op, n in coalesced(ops):
                     try:
-                        results.append(await drive(conn, op))
+                        r = await drive(conn, op)
                     except TalkbridgeError as exc:  # raised before the op's first write
-                        results.append(exc)
+                        results.extend([exc] * n)
+                    else:
+                        results.extend(r if n > 1 else [r])
             return results
         except Exception:
             # A database error mid-batch rolls the whole batch back; every caller gets

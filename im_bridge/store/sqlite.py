@@ -25,7 +25,7 @@ from im_bridge.errors import Internal, TalkbridgeError
 from im_bridge.store import Store
 from im_bridge.store.groupcommit import GroupCommit
 from im_bridge.store.migrations import MIGRATIONS
-from im_bridge.store.ops import Op, Query
+from im_bridge.store.ops import Op, Query, coalesced
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -47,6 +47,9 @@ AUTOCHECKPOINT_PAGES = 16_384
 
 def _run(db: sqlite3.Connection | sqlite3.Cursor, q: Query) -> Any:
     sql, args, mode = q
+    if mode == "many":
+        db.executemany(sql, args)
+        return None
     cur = db.execute(sql, args)
     if mode == "one":
         return cur.fetchone()
@@ -183,14 +186,18 @@ class SqliteStore(Store):
         results: list[Any] = []
         try:
             await self._begin(conn)
-            for i in range(0, len(ops), OPS_PER_TURN):
-                if i:
+            since_turn = 0
+            for op, n in coalesced(ops):
+                if since_turn >= OPS_PER_TURN:
                     await asyncio.sleep(0)  # let the loop serve sockets between chunks
-                for op in ops[i : i + OPS_PER_TURN]:
-                    try:
-                        results.append(drive(cur, op))
-                    except TalkbridgeError as exc:  # raised before the op's first write
-                        results.append(exc)
+                    since_turn = 0
+                since_turn += n
+                try:
+                    r = drive(cur, op)
+                except TalkbridgeError as exc:  # raised before the op's first write
+                    results.extend([exc] * n)
+                else:
+                    results.extend(r if n > 1 else [r])
             await self._in_writer(conn, "COMMIT")
         except BaseException:
             if conn.in_transaction:  # also after a failed COMMIT, which may leave it open

@@ -1,0 +1,146 @@
+"""1:1 sends that share a group-commit batch run as one op (store/ops.py: append_dms).
+
+Each send must get exactly what it gets when the batch runs its ops one at a time (in the
+batch's order): the same sequence numbers, the same answer to a retry or a block, the same
+stored rows. Run on SQLite and PostgreSQL.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+from collections.abc import AsyncIterator
+from typing import Any
+
+import pytest
+
+from im_bridge.errors import Forbidden
+from im_bridge.messages import ChatService, Sent
+from im_bridge.store import Store, open_store, ops
+
+# (sender, recipient, client_msg_id): recipients block some senders before the sends.
+Send = tuple[str, str, str | None]
+
+
+@pytest.fixture
+async def store(store_url: str) -> AsyncIterator[Store]:
+    s = open_store(store_url)
+    await s.open()
+    try:
+        yield s
+    finally:
+        await s.close()
+
+
+def scenario(seed: int, n: int = 120) -> tuple[list[tuple[str, str]], list[Send]]:
+    """Blocks and sends among five users: new and old conversations, retries of stored
+    messages and of messages earlier in the same list, messages without a client id."""
+    rnd = random.Random(seed)
+    users = ["u1", "u2", "u3", "u4", "u5"]
+    blocks = [("u4", "u1"), ("u2", "u5")]  # (blocker, blocked)
+    sends: list[Send] = []
+    for i in range(n):
+        a, b = rnd.sample(users, 2)
+        roll = rnd.random()
+        if sends and roll < 0.15:
+            sends.append(rnd.choice(sends))  # the same (sender, recipient, id) again
+        elif i >= n // 3 and roll < 0.2:
+            # An id reused in another conversation, from an earlier round (on PostgreSQL,
+            # two conversations' batches commit in parallel: reused in the same round, the
+            # second insert would fail its batch).
+            prev = rnd.choice(sends[: i // (n // 3) * (n // 3)])
+            sends.append((prev[0], b if b != prev[0] else a, prev[2]))
+        else:
+            sends.append((a, b, None if roll > 0.9 else f"c{i}"))
+    return blocks, sends
+
+
+def renamed(prefix: str, blocks: list[tuple[str, str]], sends: list[Send]) -> tuple[
+    list[tuple[str, str]], list[Send]
+]:
+    return (
+        [(prefix + x, prefix + y) for x, y in blocks],
+        [(prefix + s, prefix + r, c) for s, r, c in sends],
+    )
+
+
+def outcome(result: Sent | BaseException) -> tuple[Any, ...]:
+    """What a sender learns from a send, user names aside."""
+    if isinstance(result, BaseException):
+        return ("error", type(result).__name__)
+    m = result.message
+    return (m.conv.split(":", 1)[0], m.seq, result.created, m.body["text"])
+
+
+async def run(chat: ChatService, blocks: list[tuple[str, str]], sends: list[Send]
+              ) -> list[Sent | BaseException]:
+    for blocker, blocked in blocks:
+        await chat.block(blocker, blocked)
+
+    async def one(i: int, s: Send) -> Sent:
+        return await chat.send(s[0], "d1", {"user": s[1]}, s[2], "text", {"text": f"m{i}"})
+
+    # Three rounds of sends queued in one turn of the loop each: every round is one batch
+    # (so a round's retries find the rounds before it stored, and repeats inside it).
+    out: list[Sent | BaseException] = []
+    third = len(sends) // 3
+    for part in (sends[:third], sends[third : 2 * third], sends[2 * third :]):
+        base = len(out)
+        out += await asyncio.gather(
+            *(one(base + i, s) for i, s in enumerate(part)), return_exceptions=True
+        )
+    return out
+
+
+async def stored_view(chat: ChatService, users: list[str]) -> list[Any]:
+    """Every conversation of every user: counters and the messages, names stripped."""
+    view = []
+    for user in users:
+        for c in await chat.conversations(user):
+            msgs, _ = await chat.history(user, c.conv, None, None, 500)
+            view.append((
+                user[1:], c.last_seq, c.read_seq, c.unread,
+                [(m.seq, m.sender[1:], m.body["text"], m.client_msg_id) for m in msgs],
+            ))
+    return sorted(view, key=repr)
+
+
+@pytest.mark.parametrize("seed", [1, 2, 3])
+async def test_sends_sharing_a_batch_get_what_one_op_at_a_time_gives(
+    store: Store, seed: int, monkeypatch: pytest.MonkeyPatch
+):
+    chat = ChatService(store)
+    blocks, sends = scenario(seed)
+    with monkeypatch.context() as m:
+        m.setattr(ops, "MAX_RUN", 1)  # every send its own op
+        alone = await run(chat, *renamed("a", blocks, sends))
+    before = store.stats()
+    together = await run(chat, *renamed("b", blocks, sends))
+    after = store.stats()
+    # Three rounds, each one batch per lane (PostgreSQL commits four lanes in parallel),
+    # plus the two blocks: the sends did share batches.
+    batches, ops_run = after["batches"] - before["batches"], after["ops"] - before["ops"]
+    assert ops_run == len(sends) + len(blocks)
+    assert batches <= 3 * 4 + len(blocks)
+
+    assert [outcome(r) for r in together] == [outcome(r) for r in alone]
+    assert any(isinstance(r, Forbidden) for r in together)
+    assert any(not isinstance(r, BaseException) and not r.created for r in together)
+    users = ["u1", "u2", "u3", "u4", "u5"]
+    assert await stored_view(chat, ["b" + u for u in users]) == await stored_view(
+        chat, ["a" + u for u in users]
+    )
+
+
+async def test_a_repeat_inside_one_batch_returns_the_first_message_and_stores_one(
+    store: Store,
+):
+    chat = ChatService(store)
+    first, again = await asyncio.gather(
+        chat.send("alice", "d1", {"user": "bob"}, "same", "text", {"text": "one"}),
+        chat.send("alice", "d2", {"user": "bob"}, "same", "text", {"text": "two"}),
+    )
+    assert (first.created, again.created) == (True, False)
+    assert again.message.msg_id == first.message.msg_id
+    msgs, _ = await chat.history("bob", first.message.conv, None, None, 10)
+    assert [m.body["text"] for m in msgs] == ["one"]
