@@ -1,7 +1,10 @@
 """Group commit: batch concurrent write ops into one transaction.
 
 While one batch commits, new ops queue up and form the next batch, so the number of
-commits (fsyncs) per second stays bounded while throughput grows with concurrency.
+commits (fsyncs) per second stays bounded while throughput grows with concurrency. A runner
+may also hand back a batch's results before the batch is on disk, with a future that
+completes once it is (SQLite's fsync runs while the next batch executes): its callers hear
+only then, and in batch order.
 
 Ops carry a key (the conversation id for messages and receipts). With ``lanes > 1``
 (PostgreSQL) each key hashes to one lane and lanes commit in parallel: ops of one
@@ -14,6 +17,7 @@ different lanes, or of different nodes, cannot deadlock.
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import zlib
 from collections.abc import Awaitable, Callable
@@ -23,8 +27,10 @@ from im_bridge.store.ops import Op
 
 log = logging.getLogger(__name__)
 
-# Runs a batch and returns one result per op: a value or the exception that op raised.
-BatchRunner = Callable[[list[Op[Any]]], Awaitable[list[Any]]]
+# Runs a batch and returns one result per op (a value or the exception that op raised),
+# and None if the batch is durable already, else a future done once it is (or failed with
+# the error that makes its durability unknown).
+BatchRunner = Callable[[list[Op[Any]]], Awaitable[tuple[list[Any], "asyncio.Future[None] | None"]]]
 # Called, once the op's batch has committed, with its result or the exception it raised.
 Done: TypeAlias = Callable[[Any], None]
 
@@ -45,6 +51,7 @@ class GroupCommit:
         self._max_batch = max_batch
         self._lanes = [_Lane() for _ in range(max(1, lanes))]
         self._closing = False
+        self._syncing: set[asyncio.Future[None]] = set()  # batches not yet durable
         self.batches = 0
         self.ops = 0
 
@@ -84,19 +91,28 @@ class GroupCommit:
                 del lane.pending[: self._max_batch]
                 batch.sort(key=lambda item: item[0])  # stable: FIFO within a key
                 try:
-                    results = await self._run_batch([op for _, op, _ in batch])
+                    results, durable = await self._run_batch([op for _, op, _ in batch])
                 except Exception as exc:  # the runner failed as a whole: fail the batch
                     log.exception("group commit batch failed")
-                    results = [exc] * len(batch)
+                    results, durable = [exc] * len(batch), None
                 self.batches += 1
                 self.ops += len(batch)
-                for (_, _, done), res in zip(batch, results, strict=True):
-                    try:
-                        done(res)
-                    except Exception:
-                        log.exception("group commit callback failed")
+                if durable is None:
+                    _answer(batch, results)
+                else:
+                    self._syncing.add(durable)
+                    durable.add_done_callback(functools.partial(self._durable, batch, results))
             if self._closing:
+                while self._syncing:  # every caller hears before close() returns
+                    await asyncio.wait(list(self._syncing))
                 return
+
+    def _durable(
+        self, batch: list[tuple[str, Op[Any], Done]], results: list[Any], fut: asyncio.Future[None]
+    ) -> None:
+        self._syncing.discard(fut)
+        exc = fut.exception() if not fut.cancelled() else asyncio.CancelledError()
+        _answer(batch, results if exc is None else [exc] * len(batch))
 
     async def close(self) -> None:
         """Stop accepting ops and wait for the queued ones to commit."""
@@ -104,6 +120,15 @@ class GroupCommit:
         for lane in self._lanes:
             lane.wakeup.set()
         await asyncio.gather(*(lane.task for lane in self._lanes if lane.task is not None))
+
+
+def _answer(batch: list[tuple[str, Op[Any], Done]], results: list[Any]) -> None:
+    """Call each op's ``done`` with its result, in batch order."""
+    for (_, _, done), res in zip(batch, results, strict=True):
+        try:
+            done(res)
+        except Exception:
+            log.exception("group commit callback failed")
 
 
 def _settle(fut: asyncio.Future[Any], result: Any) -> None:

@@ -1,21 +1,31 @@
-"""SQLite store (the embedded default): WAL, group commit, reader threads.
+"""SQLite store (the embedded default): WAL, group commit, pipelined fsync, reader threads.
 
 Python's sqlite3 is used directly rather than through aiosqlite, which hops to a thread per
 statement. A group-commit batch's statements run on the event loop's thread, in chunks
 between which the loop serves sockets: SQLite's work for a message is ~15 us of CPU, less
 than what a writer thread costs in GIL hand-offs (every statement releases and retakes the
-GIL, and each retake waits for the busy loop thread; measured: +15% messages/s). What can
-wait on the disk runs in the writer thread: BEGIN IMMEDIATE (the write lock) and COMMIT
-(the fsync). Reads run in reader threads on their own connections.
+GIL, and each retake waits for the busy loop thread; measured: +15% messages/s). Waiting
+for another process's write lock happens in the writer thread.
+
+Durability is pipelined as in PostgreSQL's group commit: the writer commits with
+``synchronous=NORMAL`` (the WAL frames reach the OS, no fsync; so COMMIT runs on the loop
+too), and a syncer thread fdatasyncs the WAL file while the next batch already executes.
+A batch's callers hear only once a sync that began after its COMMIT has returned; the WAL
+is append-only between checkpoints (which sync before they copy), so that sync covers it
+and everything before it. Reads run in reader threads on their own connections, and only
+over durable data: a reader pins its snapshot, then waits for every commit the snapshot
+may hold to be synced, so no reader sees a message that a power cut could take back.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import sqlite3
 import threading
 import time
+from collections import deque
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -37,12 +47,11 @@ OPS_PER_TURN = 32
 # The writer's page cache (KiB): the default 2 MiB makes a growing database's index pages
 # fall out between batches and come back through a read syscall each.
 WRITER_CACHE_KIB = 64 * 1024
-# WAL checkpoints run in a thread of their own every CHECKPOINT_EVERY_S, off the commit
-# path (SQLite's automatic checkpoint runs inside a committing transaction, every 1,000
-# pages by default: every second batch under load). The automatic one stays as a backstop
-# for a WAL that grows past this many pages anyway.
+# WAL checkpoints run in a thread of their own every CHECKPOINT_EVERY_S, and only there:
+# SQLite's automatic checkpoint would run inside a COMMIT, which runs on the event loop.
 CHECKPOINT_EVERY_S = 1.0
-AUTOCHECKPOINT_PAGES = 16_384
+# A reader waits at most this long for the fsync of what its snapshot holds.
+DURABLE_WAIT_S = 30.0
 
 
 def _run(db: sqlite3.Connection | sqlite3.Cursor, q: Query) -> Any:
@@ -88,7 +97,8 @@ def drive(db: sqlite3.Connection | sqlite3.Cursor, op: Op[T]) -> T:
 
 
 class SqliteStore(Store):
-    """Store over one SQLite file in WAL mode (synchronous=FULL: durable at commit)."""
+    """Store over one SQLite file in WAL mode; a write's result is released once the WAL
+    holding it is fsynced."""
 
     def __init__(self, url: str, readers: int = 2) -> None:
         self.url = url
@@ -100,6 +110,17 @@ class SqliteStore(Store):
         self._local = threading.local()
         self._wconn: sqlite3.Connection | None = None
         self._commit = GroupCommit(self._run_batch)
+        # Pipelined durability (files only; an in-memory database has nothing to sync).
+        self._syncer = ThreadPoolExecutor(1, thread_name_prefix="sqlite-sync")
+        self._sync_task: asyncio.Task[None] | None = None
+        self._sync_wanted = asyncio.Event()
+        self._wal_fd: int | None = None
+        self._commits = 0  # COMMITs begun: a snapshot pinned now holds at most these
+        self._committed = 0  # COMMITs returned (or failed): the next sync covers these
+        self._durable_upto = 0  # every COMMIT up to this one is on disk
+        self._durable_changed = threading.Condition()
+        self._sync_failed: OSError | None = None
+        self._unsynced: deque[tuple[int, asyncio.Future[None]]] = deque()
 
     def _connect(self) -> sqlite3.Connection:
         conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
@@ -130,28 +151,46 @@ class SqliteStore(Store):
                 raise
             log.info("sqlite schema migrated to version %d", version)
         conn.execute(f"PRAGMA cache_size=-{WRITER_CACHE_KIB}")
-        conn.execute(f"PRAGMA wal_autocheckpoint={AUTOCHECKPOINT_PAGES}")
+        conn.execute("PRAGMA wal_autocheckpoint=0")  # see CHECKPOINT_EVERY_S
         conn.execute("PRAGMA busy_timeout=0")  # see _begin: the event loop never waits
+        if self.path != ":memory:":
+            # The syncer's handle on the WAL. SQLite deletes the WAL file only when its last
+            # connection closes, and this one stays open until close(): the handle stays
+            # the file's. The directory is synced once so that the file itself survives.
+            self._wal_fd = os.open(self.path + "-wal", os.O_RDONLY)
+            dir_fd = os.open(os.path.dirname(os.path.abspath(self.path)), os.O_RDONLY)
+            try:
+                os.fsync(dir_fd)
+            finally:
+                os.close(dir_fd)
+            conn.execute("PRAGMA synchronous=NORMAL")  # the syncer fsyncs instead
         self._wconn = conn
 
     async def open(self) -> None:
         loop = asyncio.get_running_loop()
         await loop.run_in_executor(self._writer, self._open_sync)
         self._commit.start()
+        if self._wal_fd is not None:
+            self._sync_task = loop.create_task(self._syncs(), name="sqlite-sync")
         if self.path != ":memory:":
             self._checkpoint_task = loop.create_task(self._checkpoints(), name="sqlite-checkpoint")
 
     async def close(self) -> None:
-        await self._commit.close()
+        await self._commit.close()  # returns once every batch is durable and answered
         loop = asyncio.get_running_loop()
-        if self._checkpoint_task is not None:
-            self._checkpoint_task.cancel()
-            await asyncio.gather(self._checkpoint_task, return_exceptions=True)
+        for task in (self._checkpoint_task, self._sync_task):
+            if task is not None:
+                task.cancel()
+                await asyncio.gather(task, return_exceptions=True)
         if self._wconn is not None:
             await loop.run_in_executor(self._writer, self._wconn.close)
         self._writer.shutdown(wait=True)
         self._readers.shutdown(wait=True)
         self._checkpointer.shutdown(wait=True)
+        self._syncer.shutdown(wait=True)
+        if self._wal_fd is not None:
+            os.close(self._wal_fd)
+            self._wal_fd = None
 
     async def _checkpoints(self) -> None:
         loop = asyncio.get_running_loop()
@@ -169,17 +208,22 @@ class SqliteStore(Store):
         finally:
             await asyncio.shield(loop.run_in_executor(self._checkpointer, conn.close))
 
-    async def _run_batch(self, ops: list[Op[Any]]) -> list[Any]:
+    async def _run_batch(self, ops: list[Op[Any]]) -> tuple[list[Any], asyncio.Future[None] | None]:
+        if self._sync_failed is not None:
+            return [Internal("storage failure; nothing was stored")] * len(ops), None
         try:
             return await self._transaction(ops)
         except Exception:
             # A database error mid-batch rolls the whole batch back; every caller gets
             # `internal` and may retry with the same client_msg_id (idempotent).
             log.exception("sqlite batch of %d ops rolled back", len(ops))
-            return [Internal("storage failure; nothing was stored")] * len(ops)
+            return [Internal("storage failure; nothing was stored")] * len(ops), None
 
-    async def _transaction(self, ops: list[Op[Any]]) -> list[Any]:
-        """Run ``ops`` in one transaction; their results once it has committed."""
+    async def _transaction(
+        self, ops: list[Op[Any]]
+    ) -> tuple[list[Any], asyncio.Future[None] | None]:
+        """Run ``ops`` in one transaction and commit it; their results, and the future
+        that is done once the commit is on disk (None: it is already)."""
         conn = self._wconn
         assert conn is not None
         cur = conn.cursor()
@@ -198,12 +242,68 @@ class SqliteStore(Store):
                     results.extend([exc] * n)
                 else:
                     results.extend(r if n > 1 else [r])
-            await self._in_writer(conn, "COMMIT")
+            self._commits += 1
+            gen = self._commits
+            try:
+                # Here on the loop: without the fsync (the syncer's) and without an automatic
+                # checkpoint, COMMIT only hands the WAL frames to the OS (~1 ms a batch),
+                # less than a round trip through the writer thread costs the loop.
+                conn.execute("COMMIT")
+            finally:
+                # Even a failed COMMIT ends generation `gen`: readers that counted it wait
+                # for a sync past it, which must come.
+                self._committed = gen
+                self._sync_wanted.set()
         except BaseException:
             if conn.in_transaction:  # also after a failed COMMIT, which may leave it open
                 conn.execute("ROLLBACK")
             raise
-        return results
+        if self._wal_fd is None:
+            return results, None
+        durable = asyncio.get_running_loop().create_future()
+        self._unsynced.append((gen, durable))
+        return results, durable
+
+    async def _syncs(self) -> None:
+        """fdatasync the WAL whenever commits are not yet on disk; release their batches."""
+        loop = asyncio.get_running_loop()
+        assert self._wal_fd is not None
+        while True:
+            await self._sync_wanted.wait()
+            self._sync_wanted.clear()
+            target = self._committed  # every COMMIT up to here has written its frames
+            if target <= self._durable_upto:
+                continue
+            try:
+                await loop.run_in_executor(self._syncer, os.fdatasync, self._wal_fd)
+            except OSError as exc:
+                # Whether the data reached the disk is unknown, and a later fsync may
+                # succeed without it (the kernel drops the error): stop writing at all.
+                log.critical("sqlite WAL fsync failed; the store refuses writes: %s", exc)
+                self._sync_failed = exc
+                with self._durable_changed:
+                    self._durable_changed.notify_all()
+                while self._unsynced:
+                    self._unsynced.popleft()[1].set_exception(
+                        Internal("storage failure; the message may not have been stored")
+                    )
+                return
+            with self._durable_changed:
+                self._durable_upto = target
+                self._durable_changed.notify_all()
+            while self._unsynced and self._unsynced[0][0] <= target:
+                self._unsynced.popleft()[1].set_result(None)
+
+    def _wait_durable(self, gen: int) -> None:
+        """Block (a reader thread) until COMMIT ``gen`` and all before it are on disk."""
+        with self._durable_changed:
+            if not self._durable_changed.wait_for(
+                lambda: self._durable_upto >= gen or self._sync_failed is not None,
+                timeout=DURABLE_WAIT_S,
+            ):
+                raise Internal("storage is not syncing; try again")
+        if self._sync_failed is not None:
+            raise Internal("storage failure")
 
     async def _begin(self, conn: sqlite3.Connection) -> None:
         """BEGIN IMMEDIATE: here when the write lock is free (always, unless another
@@ -221,17 +321,6 @@ class SqliteStore(Store):
                 await asyncio.wait([begun])
                 raise
 
-    async def _in_writer(self, conn: sqlite3.Connection, sql: str) -> None:
-        """Run a statement that may wait on the disk or a lock in the writer thread. Even
-        when cancelled, return only once it has finished: until then the connection is
-        the thread's."""
-        done = asyncio.get_running_loop().run_in_executor(self._writer, conn.execute, sql)
-        try:
-            await asyncio.shield(done)
-        except asyncio.CancelledError:
-            await asyncio.wait([done])
-            raise
-
     async def write(self, op: Op[T], key: str = "") -> T:
         result: T = await self._commit.submit(op, key)
         return result
@@ -248,7 +337,17 @@ class SqliteStore(Store):
         return conn
 
     def _read_sync(self, op: Op[T]) -> T:
-        return drive(self._reader_conn(), op)
+        conn = self._reader_conn()
+        if self._wal_fd is None:
+            return drive(conn, op)
+        conn.execute("BEGIN")
+        try:
+            # The first read pins the snapshot; it holds no COMMIT begun after it.
+            conn.execute("SELECT 1 FROM schema_version LIMIT 1").fetchone()
+            self._wait_durable(self._commits)
+            return drive(conn, op)
+        finally:
+            conn.execute("COMMIT")
 
     async def read(self, op: Op[T]) -> T:
         loop = asyncio.get_running_loop()

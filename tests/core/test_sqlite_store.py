@@ -1,17 +1,23 @@
-"""The SQLite store's writer: statements on the event loop, waits in the writer thread."""
+"""The SQLite store's writer: statements on the event loop, waits in the writer thread,
+answers and readers only after the fsync."""
 
 from __future__ import annotations
 
 import asyncio
+import errno
+import os
 import sqlite3
+import threading
 from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
 
+from im_bridge.errors import Internal
 from im_bridge.messages import ChatService
 from im_bridge.store import open_store
 from im_bridge.store.sqlite import SqliteStore
+from tests.support import until
 
 
 @pytest.fixture
@@ -47,4 +53,60 @@ async def test_a_send_waits_for_another_connections_write_lock_and_the_loop_keep
         assert [m.body["text"] for m in stored] == ["hi"]
     finally:
         other.close()
+        await store.close()
+
+
+async def test_a_send_is_answered_and_readable_only_once_its_commit_is_fsynced(
+    sqlite_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    gate = threading.Event()
+    real_fdatasync = os.fdatasync
+
+    def slow_disk(fd: int) -> None:
+        gate.wait(10)
+        real_fdatasync(fd)
+
+    store = open_store(f"sqlite:///{sqlite_path}")
+    assert isinstance(store, SqliteStore)
+    await store.open()
+    chat = ChatService(store)
+    try:
+        first = await chat.send("alice", "d1", {"user": "bob"}, "c1", "text", {"text": "one"})
+        monkeypatch.setattr("im_bridge.store.sqlite.os.fdatasync", slow_disk)
+        send = asyncio.ensure_future(
+            chat.send("alice", "d1", {"user": "bob"}, "c2", "text", {"text": "two"})
+        )
+        # Committed (the WAL holds it), not yet on disk: no answer, and a reader that
+        # starts now must not see it either.
+        await until(lambda: store._committed >= 2, 5, every=0.01)
+        read = asyncio.ensure_future(chat.history("bob", first.message.conv, None, None, 10))
+        await asyncio.sleep(0.3)
+        assert not send.done() and not read.done()
+        gate.set()
+        sent = await asyncio.wait_for(send, 5)
+        msgs, _ = await asyncio.wait_for(read, 5)
+        assert sent.message.seq == 2
+        assert [m.body["text"] for m in msgs] == ["one", "two"]
+    finally:
+        gate.set()
+        await store.close()
+
+
+async def test_a_failed_fsync_fails_the_send_and_the_store_refuses_writes_after_it(
+    sqlite_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def broken_disk(fd: int) -> None:
+        raise OSError(errno.EIO, "Input/output error")
+
+    store = open_store(f"sqlite:///{sqlite_path}")
+    await store.open()
+    chat = ChatService(store)
+    try:
+        monkeypatch.setattr("im_bridge.store.sqlite.os.fdatasync", broken_disk)
+        with pytest.raises(Internal):
+            await chat.send("alice", "d1", {"user": "bob"}, "c1", "text", {"text": "one"})
+        monkeypatch.undo()  # the disk "recovers": a later fsync would report success
+        with pytest.raises(Internal):
+            await chat.send("alice", "d1", {"user": "bob"}, "c2", "text", {"text": "two"})
+    finally:
         await store.close()
