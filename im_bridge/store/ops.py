@@ -212,10 +212,9 @@ def coalesced(batch: list[Op[Any]]) -> Iterator[tuple[Op[Any], int]]:
 
 def append_dms(items: list[DmAppend]) -> Op[list[Any]]:
     """Append a run of 1:1 messages, with what :func:`_append_message` does for each, in
-    a statement per conversation and four in all: one probe for retries and blocks, one
-    sequence upsert per conversation, one executemany each for the messages and the
-    senders' read positions. Results in the order of ``items``: ``(message, created)``
-    or the TalkbridgeError that refused the message.
+    one probe for retries and blocks, two statements per conversation (the sequence upsert,
+    the senders' read positions) and one executemany for all the messages. Results in the
+    order of ``items``: ``(message, created)`` or the TalkbridgeError that refused it.
     """
     padded = -(-len(items) // _PROBE_STEP) * _PROBE_STEP
     args: list[Any] = []
@@ -257,34 +256,40 @@ def append_dms(items: list[DmAppend]) -> Op[list[Any]]:
             new_by_conv.setdefault(req.conv, []).append(i)
             if key is not None:
                 first_in_run[key] = i
-    # Writes, all checks done. Conversations in the batch's (key) order: row locks are
-    # taken in the same order by every transaction.
+    # Writes, all checks done. Row locks in the order every transaction takes them (the
+    # batch's key order, see groupcommit.py): all of one conversation's before the next
+    # one's, as when each message is its own op. (The message rows, inserted last, lock
+    # nothing that another transaction could hold: their keys are new.)
     msg_rows: list[tuple[Any, ...]] = []
-    read_upto: dict[tuple[str, str], int] = {}
-    new_members: list[tuple[Any, ...]] = []
     for conv, idx in new_by_conv.items():
+        now = items[idx[0]].now
         r = yield one(
             "INSERT INTO conversations (conv, kind, last_seq, created_at) VALUES (?, 'dm', ?, ?) "
             "ON CONFLICT (conv) DO UPDATE SET last_seq = conversations.last_seq + "
             "excluded.last_seq RETURNING last_seq",
             conv,
             len(idx),
-            items[idx[0]].now,
+            now,
         )
         seq = int(r[0]) - len(idx)
         if seq == 0:
             _, parts = parse_conv(conv)
-            new_members += [(conv, user, items[idx[0]].now) for user in sorted(set(parts))]
+            yield many(
+                "INSERT INTO conv_members (conv, user_id, joined_seq, joined_at) "
+                "VALUES (?, ?, 1, ?) ON CONFLICT (conv, user_id) DO NOTHING",
+                [(conv, user, now) for user in sorted(set(parts))],
+            )
+        read_upto: dict[str, int] = {}
         for i in idx:
             seq += 1
-            req, now = items[i].req, items[i].now
+            req = items[i].req
             msg = Message(
                 conv=conv,
                 seq=seq,
                 msg_id=new_id(),
                 sender=req.sender,
                 sender_device=req.sender_device,
-                ts=now,
+                ts=items[i].now,
                 kind=req.kind,
                 body=req.body,
                 client_msg_id=req.client_msg_id,
@@ -293,26 +298,21 @@ def append_dms(items: list[DmAppend]) -> Op[list[Any]]:
             results[i] = (msg, True)
             msg_rows.append((
                 conv, seq, msg.msg_id, msg.sender, msg.sender_device, msg.client_msg_id,
-                msg.kind, dumps(msg.body), dumps(msg.mentions) if msg.mentions else None, now,
+                msg.kind, dumps(msg.body), dumps(msg.mentions) if msg.mentions else None,
+                msg.ts,
             ))
-            read_upto[(conv, req.sender)] = seq
-    if new_members:
+            read_upto[req.sender] = seq
+        # Whoever writes a message has read the conversation up to it.
         yield many(
-            "INSERT INTO conv_members (conv, user_id, joined_seq, joined_at) "
-            "VALUES (?, ?, 1, ?) ON CONFLICT (conv, user_id) DO NOTHING",
-            new_members,
+            "UPDATE conv_members SET read_seq = ?, delivered_seq = ? "
+            "WHERE conv = ? AND user_id = ?",
+            [(seq, seq, conv, user) for user, seq in read_upto.items()],
         )
     if msg_rows:
         yield many(
             f"INSERT INTO messages ({MSG_COLS}) "
             "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, NULL, NULL)",
             msg_rows,
-        )
-        # Whoever writes a message has read the conversation up to it.
-        yield many(
-            "UPDATE conv_members SET read_seq = ?, delivered_seq = ? "
-            "WHERE conv = ? AND user_id = ?",
-            [(seq, seq, conv, user) for (conv, user), seq in read_upto.items()],
         )
     for i, first in copies:
         results[i] = (results[first][0], False)

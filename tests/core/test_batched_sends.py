@@ -16,6 +16,7 @@ import pytest
 
 from im_bridge.errors import Forbidden
 from im_bridge.messages import ChatService, Sent
+from im_bridge.models import SendRequest
 from im_bridge.store import Store, open_store, ops
 
 # (sender, recipient, client_msg_id): recipients block some senders before the sends.
@@ -144,3 +145,42 @@ async def test_a_repeat_inside_one_batch_returns_the_first_message_and_stores_on
     assert again.message.msg_id == first.message.msg_id
     msgs, _ = await chat.history("bob", first.message.conv, None, None, 10)
     assert [m.body["text"] for m in msgs] == ["one"]
+
+
+def test_a_run_locks_each_conversations_rows_before_the_next_conversations():
+    """Nodes sharing PostgreSQL cannot deadlock: every transaction takes row locks in the
+    batch's key order, whole conversation by whole conversation (a receipt on one
+    conversation and a send on another, in another node's batch, could otherwise wait for
+    each other)."""
+    convs = ["dm:ann:bob", "dm:bob:cat", "dm:cat:dan"]
+    items = [
+        ops.DmAppend(
+            SendRequest(conv=conv, sender=sender, sender_device="d1", kind="text",
+                        body={"text": "hi"}, client_msg_id=f"{conv}-{sender}-{n}",
+                        peer=conv.split(":")[2] if sender == conv.split(":")[1]
+                        else conv.split(":")[1]),
+            1,
+        )
+        for conv in convs
+        for n, sender in enumerate(conv.split(":")[1:])
+    ]
+    op = ops.append_dms(items)
+    locked: list[str] = []  # the conversation of each row-locking statement, in order
+    q = next(op)
+    try:
+        while True:
+            sql, args, _ = q
+            result: Any = None
+            if sql.startswith("WITH v"):
+                result = []  # no retries, no blocks
+            elif sql.startswith("INSERT INTO conversations"):
+                locked.append(args[0])
+                result = (7,)
+            elif sql.startswith("INSERT INTO conv_members"):
+                locked += [row[0] for row in args]
+            elif sql.startswith("UPDATE conv_members"):
+                locked += [row[2] for row in args]
+            q = op.send(result)
+    except StopIteration as stop:
+        assert [r[0].seq for r in stop.value] == [6, 7, 6, 7, 6, 7]
+    assert locked == sorted(locked) and set(locked) == set(convs)
