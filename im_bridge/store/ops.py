@@ -193,28 +193,38 @@ MAX_RUN = 256
 _PROBE_STEP = 32
 
 
-def coalesced(batch: list[Op[Any]]) -> Iterator[tuple[Op[Any], int]]:
+def coalesced(batch: list[Op[Any]], row_locks: bool) -> Iterator[tuple[Op[Any], int]]:
     """A batch's ops as they run: ``(op, 1)`` for an op alone, ``(append_dms(...), n)``
     for a run of ``n`` consecutive 1:1 appends, whose result is the list of their results
-    (a value or the TalkbridgeError that refused it, each)."""
+    (a value or the TalkbridgeError that refused it, each). ``row_locks``: the database
+    locks rows (PostgreSQL), see :func:`append_dms`."""
     i, n = 0, len(batch)
     while i < n:
         j = i
         while j < n and j - i < MAX_RUN and isinstance(batch[j], DmAppend):
             j += 1
         if j - i > 1:
-            yield append_dms(batch[i:j]), j - i  # type: ignore[arg-type]
+            yield append_dms(batch[i:j], row_locks), j - i  # type: ignore[arg-type]
             i = j
         else:
             yield batch[i], 1
             i += 1
 
 
-def append_dms(items: list[DmAppend]) -> Op[list[Any]]:
+_READ_UPTO = (
+    "UPDATE conv_members SET read_seq = ?, delivered_seq = ? WHERE conv = ? AND user_id = ?"
+)
+
+
+def append_dms(items: list[DmAppend], row_locks: bool = True) -> Op[list[Any]]:
     """Append a run of 1:1 messages, with what :func:`_append_message` does for each, in
     one probe for retries and blocks, two statements per conversation (the sequence upsert,
     the senders' read positions) and one executemany for all the messages. Results in the
     order of ``items``: ``(message, created)`` or the TalkbridgeError that refused it.
+
+    ``row_locks=False`` (SQLite: one writer, a database-wide write lock) updates every
+    conversation's read positions in one executemany after the upserts; with row locks
+    (PostgreSQL) that order could deadlock, see below.
     """
     padded = -(-len(items) // _PROBE_STEP) * _PROBE_STEP
     args: list[Any] = []
@@ -256,11 +266,12 @@ def append_dms(items: list[DmAppend]) -> Op[list[Any]]:
             new_by_conv.setdefault(req.conv, []).append(i)
             if key is not None:
                 first_in_run[key] = i
-    # Writes, all checks done. Row locks in the order every transaction takes them (the
-    # batch's key order, see groupcommit.py): all of one conversation's before the next
-    # one's, as when each message is its own op. (The message rows, inserted last, lock
-    # nothing that another transaction could hold: their keys are new.)
+    # Writes, all checks done. With row locks, in the order every transaction takes them
+    # (the batch's key order, see groupcommit.py): all of one conversation's before the
+    # next one's, as when each message is its own op. (The message rows, inserted last,
+    # lock nothing that another transaction could hold: their keys are new.)
     msg_rows: list[tuple[Any, ...]] = []
+    read_rows: list[tuple[Any, ...]] = []
     for conv, idx in new_by_conv.items():
         now = items[idx[0]].now
         r = yield one(
@@ -303,11 +314,12 @@ def append_dms(items: list[DmAppend]) -> Op[list[Any]]:
             ))
             read_upto[req.sender] = seq
         # Whoever writes a message has read the conversation up to it.
-        yield many(
-            "UPDATE conv_members SET read_seq = ?, delivered_seq = ? "
-            "WHERE conv = ? AND user_id = ?",
-            [(seq, seq, conv, user) for user, seq in read_upto.items()],
-        )
+        read_rows += [(seq, seq, conv, user) for user, seq in read_upto.items()]
+        if row_locks:
+            yield many(_READ_UPTO, read_rows)
+            read_rows = []
+    if read_rows:
+        yield many(_READ_UPTO, read_rows)
     if msg_rows:
         yield many(
             f"INSERT INTO messages ({MSG_COLS}) "

@@ -111,7 +111,7 @@ class PostgresStore(Store):
         results: list[Any] = []
         try:
             async with self._pool.acquire() as conn, conn.transaction():
-                for op, n in coalesced(ops):
+                for op, n in coalesced(ops, row_locks=True):
                     try:
                         r = await drive(conn, op)
                     except TalkbridgeError as exc:  # raised before the op's first write

@@ -231,7 +231,7 @@ class SqliteStore(Store):
         try:
             await self._begin(conn)
             since_turn = 0
-            for op, n in coalesced(ops):
+            for op, n in coalesced(ops, row_locks=False):
                 if since_turn >= OPS_PER_TURN:
                     await asyncio.sleep(0)  # let the loop serve sockets between chunks
                     since_turn = 0
