@@ -27,10 +27,40 @@ from im_bridge.store.ops import Op
 
 log = logging.getLogger(__name__)
 
+
+
+class Durable:
+    """A committed batch on its way to the disk. Unlike a Future's, its callbacks run the
+    moment it settles, not a turn of the event loop later: under load a turn takes
+    milliseconds, and every reply of the batch waits for it."""
+
+    __slots__ = ("_callbacks", "_settled", "error")
+
+    def __init__(self) -> None:
+        self._callbacks: list[Callable[[BaseException | None], None]] = []
+        self._settled = False
+        self.error: BaseException | None = None
+
+    def then(self, callback: Callable[[BaseException | None], None]) -> None:
+        """Call ``callback(None)`` once durable, or ``callback(error)`` if that failed."""
+        if self._settled:
+            callback(self.error)
+        else:
+            self._callbacks.append(callback)
+
+    def settle(self, error: BaseException | None = None) -> None:
+        """On disk (``error`` None), or its durability unknown; on the event loop."""
+        if self._settled:
+            return
+        self._settled, self.error = True, error
+        callbacks, self._callbacks = self._callbacks, []
+        for cb in callbacks:
+            cb(error)
+
+
 # Runs a batch and returns one result per op (a value or the exception that op raised),
-# and None if the batch is durable already, else a future done once it is (or failed with
-# the error that makes its durability unknown).
-BatchRunner = Callable[[list[Op[Any]]], Awaitable[tuple[list[Any], "asyncio.Future[None] | None"]]]
+# and None if the batch is durable already, else its Durable.
+BatchRunner = Callable[[list[Op[Any]]], Awaitable[tuple[list[Any], Durable | None]]]
 # Called, once the op's batch has committed, with its result or the exception it raised.
 Done: TypeAlias = Callable[[Any], None]
 
@@ -51,7 +81,8 @@ class GroupCommit:
         self._max_batch = max_batch
         self._lanes = [_Lane() for _ in range(max(1, lanes))]
         self._closing = False
-        self._syncing: set[asyncio.Future[None]] = set()  # batches not yet durable
+        self._syncing: set[Durable] = set()  # batches not yet durable
+        self._all_durable = asyncio.Event()
         self.batches = 0
         self.ops = 0
 
@@ -101,18 +132,24 @@ class GroupCommit:
                     _answer(batch, results)
                 else:
                     self._syncing.add(durable)
-                    durable.add_done_callback(functools.partial(self._durable, batch, results))
+                    durable.then(functools.partial(self._durable, batch, results, durable))
             if self._closing:
                 while self._syncing:  # every caller hears before close() returns
-                    await asyncio.wait(list(self._syncing))
+                    self._all_durable.clear()
+                    await self._all_durable.wait()
                 return
 
     def _durable(
-        self, batch: list[tuple[str, Op[Any], Done]], results: list[Any], fut: asyncio.Future[None]
+        self,
+        batch: list[tuple[str, Op[Any], Done]],
+        results: list[Any],
+        durable: Durable,
+        error: BaseException | None,
     ) -> None:
-        self._syncing.discard(fut)
-        exc = fut.exception() if not fut.cancelled() else asyncio.CancelledError()
-        _answer(batch, results if exc is None else [exc] * len(batch))
+        self._syncing.discard(durable)
+        if not self._syncing:
+            self._all_durable.set()
+        _answer(batch, results if error is None else [error] * len(batch))
 
     async def close(self) -> None:
         """Stop accepting ops and wait for the queued ones to commit."""

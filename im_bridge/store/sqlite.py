@@ -33,7 +33,7 @@ from typing import Any, TypeVar
 
 from im_bridge.errors import Internal, TalkbridgeError
 from im_bridge.store import Store
-from im_bridge.store.groupcommit import GroupCommit
+from im_bridge.store.groupcommit import Durable, GroupCommit
 from im_bridge.store.migrations import MIGRATIONS
 from im_bridge.store.ops import Op, Query, coalesced
 
@@ -124,16 +124,16 @@ class SqliteStore(Store):
         self._wconn: sqlite3.Connection | None = None
         self._commit = GroupCommit(self._run_batch)
         # Pipelined durability (files only; an in-memory database has nothing to sync).
-        self._syncer = ThreadPoolExecutor(1, thread_name_prefix="sqlite-sync")
-        self._sync_task: asyncio.Task[None] | None = None
-        self._sync_wanted = asyncio.Event()
+        self._syncer: threading.Thread | None = None
+        self._sync_wanted = threading.Condition()  # _committed moved, or stopping
+        self._sync_stop = False
         self._wal_fd: int | None = None
         self._commits = 0  # COMMITs begun: a snapshot pinned now holds at most these
         self._committed = 0  # COMMITs returned (or failed): the next sync covers these
         self._durable_upto = 0  # every COMMIT up to this one is on disk
         self._durable_changed = threading.Condition()
         self._sync_failed: OSError | None = None
-        self._unsynced: deque[tuple[int, asyncio.Future[None]]] = deque()
+        self._unsynced: deque[tuple[int, Durable]] = deque()  # by COMMIT number
 
     def _connect(self) -> sqlite3.Connection:
         conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
@@ -184,23 +184,29 @@ class SqliteStore(Store):
         await loop.run_in_executor(self._writer, self._open_sync)
         self._commit.start()
         if self._wal_fd is not None:
-            self._sync_task = loop.create_task(self._syncs(), name="sqlite-sync")
+            self._syncer = threading.Thread(
+                target=self._syncs, args=(loop, self._wal_fd), name="sqlite-sync", daemon=True
+            )
+            self._syncer.start()
         if self.path != ":memory:":
             self._checkpoint_task = loop.create_task(self._checkpoints(), name="sqlite-checkpoint")
 
     async def close(self) -> None:
         await self._commit.close()  # returns once every batch is durable and answered
         loop = asyncio.get_running_loop()
-        for task in (self._checkpoint_task, self._sync_task):
-            if task is not None:
-                task.cancel()
-                await asyncio.gather(task, return_exceptions=True)
+        if self._checkpoint_task is not None:
+            self._checkpoint_task.cancel()
+            await asyncio.gather(self._checkpoint_task, return_exceptions=True)
+        if self._syncer is not None:
+            with self._sync_wanted:
+                self._sync_stop = True
+                self._sync_wanted.notify()
+            await loop.run_in_executor(None, self._syncer.join)
         if self._wconn is not None:
             await loop.run_in_executor(self._writer, self._wconn.close)
         self._writer.shutdown(wait=True)
         self._readers.shutdown(wait=True)
         self._checkpointer.shutdown(wait=True)
-        self._syncer.shutdown(wait=True)
         if self._wal_fd is not None:
             os.close(self._wal_fd)
             self._wal_fd = None
@@ -225,7 +231,7 @@ class SqliteStore(Store):
         finally:
             await asyncio.shield(loop.run_in_executor(self._checkpointer, conn.close))
 
-    async def _run_batch(self, ops: list[Op[Any]]) -> tuple[list[Any], asyncio.Future[None] | None]:
+    async def _run_batch(self, ops: list[Op[Any]]) -> tuple[list[Any], Durable | None]:
         if self._sync_failed is not None:
             return [Internal("storage failure; nothing was stored")] * len(ops), None
         try:
@@ -236,11 +242,9 @@ class SqliteStore(Store):
             log.exception("sqlite batch of %d ops rolled back", len(ops))
             return [Internal("storage failure; nothing was stored")] * len(ops), None
 
-    async def _transaction(
-        self, ops: list[Op[Any]]
-    ) -> tuple[list[Any], asyncio.Future[None] | None]:
-        """Run ``ops`` in one transaction and commit it; their results, and the future
-        that is done once the commit is on disk (None: it is already)."""
+    async def _transaction(self, ops: list[Op[Any]]) -> tuple[list[Any], Durable | None]:
+        """Run ``ops`` in one transaction and commit it; their results, and the Durable
+        that settles once the commit is on disk (None: it is already)."""
         conn = self._wconn
         assert conn is not None
         cur = conn.cursor()
@@ -274,30 +278,35 @@ class SqliteStore(Store):
             finally:
                 # Even a failed COMMIT ends generation `gen`: readers that counted it wait
                 # for a sync past it, which must come.
-                self._committed = gen
-                self._sync_wanted.set()
+                with self._sync_wanted:
+                    self._committed = gen
+                    self._sync_wanted.notify()
         except BaseException:
             if conn.in_transaction:  # also after a failed COMMIT, which may leave it open
                 conn.execute("ROLLBACK")
             raise
         if self._wal_fd is None:
             return results, None
-        durable = asyncio.get_running_loop().create_future()
-        self._unsynced.append((gen, durable))
+        durable = Durable()
+        if self._sync_failed is not None:  # the syncer has stopped: nothing will settle it
+            durable.settle(Internal("storage failure; the message may not have been stored"))
+        else:
+            self._unsynced.append((gen, durable))
         return results, durable
 
-    async def _syncs(self) -> None:
-        """fdatasync the WAL whenever commits are not yet on disk; release their batches."""
-        loop = asyncio.get_running_loop()
-        assert self._wal_fd is not None
+    def _syncs(self, loop: asyncio.AbstractEventLoop, wal_fd: int) -> None:
+        """The syncer thread: fdatasync the WAL whenever commits are not yet on disk, then
+        release their batches on the loop (one hop: their replies go out in the next turn)."""
+        synced = 0
         while True:
-            await self._sync_wanted.wait()
-            self._sync_wanted.clear()
-            target = self._committed  # every COMMIT up to here has written its frames
-            if target <= self._durable_upto:
-                continue
+            with self._sync_wanted:
+                while self._committed <= synced and not self._sync_stop:
+                    self._sync_wanted.wait()
+                if self._committed <= synced:
+                    return  # stopping, and nothing left to sync
+                target = self._committed  # every COMMIT up to here has written its frames
             try:
-                await loop.run_in_executor(self._syncer, os.fdatasync, self._wal_fd)
+                os.fdatasync(wal_fd)
             except OSError as exc:
                 # Whether the data reached the disk is unknown, and a later fsync may
                 # succeed without it (the kernel drops the error): stop writing at all.
@@ -305,16 +314,24 @@ class SqliteStore(Store):
                 self._sync_failed = exc
                 with self._durable_changed:
                     self._durable_changed.notify_all()
-                while self._unsynced:
-                    self._unsynced.popleft()[1].set_exception(
-                        Internal("storage failure; the message may not have been stored")
-                    )
+                loop.call_soon_threadsafe(self._release, None)
                 return
+            synced = target
             with self._durable_changed:
                 self._durable_upto = target
                 self._durable_changed.notify_all()
-            while self._unsynced and self._unsynced[0][0] <= target:
-                self._unsynced.popleft()[1].set_result(None)
+            loop.call_soon_threadsafe(self._release, target)
+
+    def _release(self, upto: int | None) -> None:
+        """On the loop: answer the batches whose COMMIT is on disk (``upto``), or fail all
+        that wait (None: the fsync failed)."""
+        if upto is None:
+            error = Internal("storage failure; the message may not have been stored")
+            while self._unsynced:
+                self._unsynced.popleft()[1].settle(error)
+            return
+        while self._unsynced and self._unsynced[0][0] <= upto:
+            self._unsynced.popleft()[1].settle()
 
     def _wait_durable(self, gen: int) -> None:
         """Block (a reader thread) until COMMIT ``gen`` and all before it are on disk."""
