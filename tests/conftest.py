@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 
+from im_bridge.store import Store, open_store
 from media.host_addresses import restrict_host_addresses
 from tests.support import Node, fresh_store, running_node
 
@@ -40,6 +41,17 @@ async def store_url(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIter
     """A fresh store of each kind: an SQLite file, then a new PostgreSQL database."""
     async with fresh_store(request.param, tmp_path) as url:
         yield url
+
+
+@pytest.fixture
+async def store(store_url: str) -> AsyncIterator[Store]:
+    """An open store of each kind (see ``store_url``), closed after the test."""
+    s = open_store(store_url)
+    await s.open()
+    try:
+        yield s
+    finally:
+        await s.close()
 
 
 @pytest.fixture

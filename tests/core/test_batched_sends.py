@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import random
-from collections.abc import AsyncIterator
 from typing import Any
 
 import pytest
@@ -17,20 +16,10 @@ import pytest
 from im_bridge.errors import Forbidden
 from im_bridge.messages import ChatService, Sent
 from im_bridge.models import SendRequest
-from im_bridge.store import Store, open_store, ops
+from im_bridge.store import Store, ops
 
 # (sender, recipient, client_msg_id): recipients block some senders before the sends.
 Send = tuple[str, str, str | None]
-
-
-@pytest.fixture
-async def store(store_url: str) -> AsyncIterator[Store]:
-    s = open_store(store_url)
-    await s.open()
-    try:
-        yield s
-    finally:
-        await s.close()
 
 
 def scenario(seed: int, n: int = 120) -> tuple[list[tuple[str, str]], list[Send]]:

@@ -4,28 +4,16 @@ group-commit safety and the member cache."""
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
-
-import pytest
 
 from im_bridge.errors import TalkbridgeError
 from im_bridge.groups import GroupService
 from im_bridge.messages import ChatService
-from im_bridge.store import Store, open_store
+from im_bridge.store import Store
 from im_bridge.store.ops import Op
 
 T = TypeVar("T")
-
-
-@pytest.fixture
-async def store(store_url: str) -> AsyncIterator[Store]:
-    s = open_store(store_url)
-    await s.open()
-    try:
-        yield s
-    finally:
-        await s.close()
 
 
 async def test_concurrent_changes_and_refusals_leave_a_gap_free_timeline(store: Store):
