@@ -252,6 +252,8 @@ class SqliteStore(Store):
         if self._finish_checkpoint:
             try:
                 await self._in_writer(conn, "PRAGMA wal_checkpoint(PASSIVE)")
+            except sqlite3.Error as exc:  # the batch goes on; the WAL restarts later
+                log.warning("sqlite checkpoint failed: %s", exc)
             finally:
                 self._finish_checkpoint = False  # the thread's next round may start
         try:
@@ -397,7 +399,7 @@ class SqliteStore(Store):
             self._wait_durable(self._commits)
             return drive(conn, op)
         finally:
-            conn.execute("COMMIT")
+            conn.execute("ROLLBACK")  # a read: nothing to keep, and any statement may pend
 
     async def read(self, op: Op[T]) -> T:
         loop = asyncio.get_running_loop()
