@@ -2,8 +2,8 @@
 
 While one batch commits, new ops queue up and form the next batch, so the number of
 commits (fsyncs) per second stays bounded while throughput grows with concurrency. A runner
-may also hand back a batch's results before the batch is on disk, with a future that
-completes once it is (SQLite's fsync runs while the next batch executes): its callers hear
+may also hand back a batch's results before the batch is on disk, with a Durable that
+settles once it is (SQLite's fsync runs while the next batch executes): its callers hear
 only then, and in batch order.
 
 Ops carry a key (the conversation id for messages and receipts). With ``lanes > 1``
@@ -26,7 +26,6 @@ from typing import Any, TypeAlias
 from im_bridge.store.ops import Op
 
 log = logging.getLogger(__name__)
-
 
 
 class Durable:
