@@ -123,7 +123,7 @@ async def test_under_steady_writes_the_wal_file_stops_growing(
     text = "x" * 1000
     try:
         # Sends without a pause: the checkpoint thread never finds the WAL idle.
-        for round_ in range(100):
+        for round_ in range(300):
             await asyncio.gather(*(
                 chat.send(f"u{i}", "d1", {"user": f"v{i}"}, f"{round_}.{i}", "text",
                           {"text": text})
@@ -131,12 +131,13 @@ async def test_under_steady_writes_the_wal_file_stops_growing(
             ))
         wal = os.stat(f"{sqlite_path}-wal").st_size
         db = os.stat(sqlite_path).st_size
-        # 5,000 messages of 1 KB reached the database file; the WAL, restarted whenever
-        # it held 64 pages, grew to a few times that at most (without restarts it held
-        # every frame written since the test began: ~6 MB here).
-        assert db > 5_000_000
-        assert wal < 3_000_000, f"WAL {wal} bytes for a database of {db}"
+        # 15,000 messages of 1 KB reached the database file. Without restarts the WAL
+        # holds every frame written since the test began (~95 MB here); restarted
+        # whenever it holds 64 pages, it stays at a few MB at most even on a loaded
+        # machine (a restart missed while a checkpoint runs costs one more round).
+        assert db > 15_000_000
+        assert wal < 8_000_000, f"WAL {wal} bytes for a database of {db}"
         msgs, _ = await chat.history("v7", "dm:u7:v7", None, None, 100)
-        assert len(msgs) == 100
+        assert len(msgs) == 100  # the last page of 300
     finally:
         await store.close()
