@@ -316,15 +316,20 @@ class Client:
         self, type: str, timeout: float | None = None, **fields: Any
     ) -> dict[str, Any]:
         """Send a request and return the reply's ``data``; raise ClientError on ``ok: false``."""
+        # asyncio.timeout, not wait_for: on Python 3.11, wait_for returns the result when
+        # the task is cancelled in the turn the result arrives, and the cancellation is
+        # lost (a caller's loop that only ends by cancel then runs on for ever).
         if not self._connected.is_set():
-            await asyncio.wait_for(self._connected.wait(), timeout or self.request_timeout)
+            async with asyncio.timeout(timeout or self.request_timeout):
+                await self._connected.wait()
         rid = f"r{next(self._ids)}"
         fut: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
         self._pending[rid] = fut
         assert self._ws is not None
         try:
             await self._ws.send_str(_enc.encode({"type": type, "id": rid, **fields}).decode())
-            reply = await asyncio.wait_for(fut, timeout or self.request_timeout)
+            async with asyncio.timeout(timeout or self.request_timeout):
+                reply = await fut
         except (aiohttp.ClientError, ConnectionError) as exc:
             raise ConnectionLost(str(exc)) from None
         finally:
