@@ -35,7 +35,7 @@ from im_bridge.errors import Internal, TalkbridgeError
 from im_bridge.store import Store
 from im_bridge.store.groupcommit import Durable, GroupCommit
 from im_bridge.store.migrations import MIGRATIONS
-from im_bridge.store.ops import Op, Query, coalesced
+from im_bridge.store.ops import Op, Query, coalesced, rows
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -75,10 +75,9 @@ def _run(db: sqlite3.Connection | sqlite3.Cursor, q: Query) -> Any:
     return None
 
 
-def _run_all(conn: sqlite3.Connection, sql: str) -> list[Any]:
-    """Run a statement to its end: a statement left with rows to step keeps the
-    connection busy (no COMMIT) or its read snapshot open (no WAL restart)."""
-    return conn.execute(sql).fetchall()
+def _durability_unknown() -> Internal:
+    """What a caller hears when the fsync of its batch failed (or can no longer run)."""
+    return Internal("storage failure; the message may not have been stored")
 
 
 def _begin_waiting(conn: sqlite3.Connection, wait_s: float) -> None:
@@ -221,10 +220,12 @@ class SqliteStore(Store):
                     continue  # the writer's turn (two checkpoints at once: one gives up)
                 try:
                     # PASSIVE: copies what no reader still needs, never blocks the writer.
-                    rows = await loop.run_in_executor(
-                        self._checkpointer, _run_all, conn, "PRAGMA wal_checkpoint(PASSIVE)"
+                    # Stepped to its end (mode "all"): a statement left with a row to step
+                    # keeps its read snapshot open, and the WAL cannot restart.
+                    result = await loop.run_in_executor(
+                        self._checkpointer, _run, conn, rows("PRAGMA wal_checkpoint(PASSIVE)")
                     )
-                    _busy, wal_pages, _copied = rows[0]
+                    _busy, wal_pages, _copied = result[0]
                     self._finish_checkpoint = wal_pages >= RESTART_WAL_PAGES
                 except sqlite3.Error as exc:
                     log.warning("sqlite checkpoint failed: %s", exc)
@@ -291,7 +292,7 @@ class SqliteStore(Store):
             return results, None
         durable = Durable()
         if self._sync_failed is not None:  # the syncer has stopped: nothing will settle it
-            durable.settle(Internal("storage failure; the message may not have been stored"))
+            durable.settle(_durability_unknown())
         else:
             self._unsynced.append((gen, durable))
         return results, durable
@@ -328,7 +329,7 @@ class SqliteStore(Store):
         """On the loop: answer the batches whose COMMIT is on disk (``upto``), or fail all
         that wait (None: the fsync failed)."""
         if upto is None:
-            error = Internal("storage failure; the message may not have been stored")
+            error = _durability_unknown()
             while self._unsynced:
                 self._unsynced.popleft()[1].settle(error)
             return
@@ -366,7 +367,9 @@ class SqliteStore(Store):
         """Run a statement that waits on the disk in the writer thread. Even when
         cancelled, return only once it has finished: until then the connection is the
         thread's."""
-        done = asyncio.get_running_loop().run_in_executor(self._writer, _run_all, conn, sql)
+        # Stepped to its end (mode "all"): a statement left with a row to step keeps the
+        # connection busy, and the next COMMIT fails.
+        done = asyncio.get_running_loop().run_in_executor(self._writer, _run, conn, rows(sql))
         try:
             await asyncio.shield(done)
         except asyncio.CancelledError:
