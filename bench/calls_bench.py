@@ -148,15 +148,16 @@ async def bench_setup(server: RunningServer, calls: int) -> None:
             a, b = CallPeer(alice), CallPeer(bob)
             try:
                 await a.call("bob")
-                await asyncio.wait_for(
-                    asyncio.gather(a.ice_connected.wait(), b.ice_connected.wait()), 20)
+                async with asyncio.timeout(20):
+                    await asyncio.gather(a.ice_connected.wait(), b.ice_connected.wait())
                 assert a.t_ice_connected and b.t_ice_connected
                 t0 = a.t_sent["call.invite"]
                 setup.append(max(a.t_ice_connected, b.t_ice_connected) - t0)
                 invite_hop.append(b.t_got["call.invite"] - t0)
                 accept_hop.append(a.t_got["call.accepted"] - b.t_sent["call.accept"])
                 await a.hangup()
-                await asyncio.wait_for(b.ended, 5)
+                async with asyncio.timeout(5):
+                    await b.ended
             finally:
                 await a.close()
                 await b.close()
@@ -227,7 +228,9 @@ async def one_call(a: Side, b: Side, hops: list[float], ice: int = 10) -> None:
         fut = receiver.expect(event, cid, tag)
         t0 = time.perf_counter()
         await sender.client.request(kind, call_id=cid, **fields)
-        hops.append(await asyncio.wait_for(fut, 10) - t0)
+        async with asyncio.timeout(10):
+            t1 = await fut
+        hops.append(t1 - t0)
 
     await hop(a, "call.invite", "call.invite", b, to={"user": b.client.user},
               media={"audio": True, "video": False}, sdp=OFFER)

@@ -283,7 +283,8 @@ async def subscribe_main(args: argparse.Namespace) -> None:
     for i in range(args.count):
         name = f"{args.prefix}{i}"
         pcs.append(await run_subscriber_peer(args.port, name, counters[i], events[i]))
-    await asyncio.wait_for(asyncio.gather(*(e.wait() for e in events)), 60)
+    async with asyncio.timeout(60):
+        await asyncio.gather(*(e.wait() for e in events))
     print("CONNECTED", flush=True)
     line = await asyncio.get_running_loop().run_in_executor(None, sys.stdin.readline)
     t0, t1 = map(float, line.split()[1:3])

@@ -221,7 +221,8 @@ async def chat_run(urls: list[str], pairs: int, window: int, rate: float, durati
             next_at = time.monotonic() + (i / pairs) * interval
             while running:
                 try:
-                    await asyncio.wait_for(in_flight.acquire(), 10)
+                    async with asyncio.timeout(10):
+                        await in_flight.acquire()
                 except TimeoutError:
                     st.errors += 1  # replies stopped coming: count it, do not hang
                     break

@@ -128,7 +128,8 @@ class WsConn(Conn):
                 await self.ws.close()
         if self._reader is not None:
             with contextlib.suppress(asyncio.CancelledError, Exception):
-                await asyncio.wait_for(self._reader, 2.0)
+                async with asyncio.timeout(2.0):
+                    await self._reader
         self.closed = True
 
 
@@ -144,17 +145,15 @@ async def connect_ws(
     headers = {"Authorization": f"Bearer {token}"} if target.auth == "header" else {}
     try:
         # Bounded: a server that accepts TCP but never upgrades must not stall the run.
-        ws = await asyncio.wait_for(
-            session.ws_connect(
+        async with asyncio.timeout(timeout):
+            ws = await session.ws_connect(
                 target.url,
                 headers=headers,
                 heartbeat=None,
                 autoping=True,
                 max_msg_size=0,
                 timeout=aiohttp.ClientWSTimeout(ws_receive=None, ws_close=5.0),
-            ),
-            timeout,
-        )
+            )
     except TimeoutError as exc:
         raise ConnectError("handshake_timeout") from exc
     except aiohttp.WSServerHandshakeError as exc:
@@ -165,7 +164,8 @@ async def connect_ws(
         if target.auth == "frame":
             await ws.send_str(encode({"type": "auth", "token": token, "device": device}))
         # The first frame must be auth.ok (or the unauthorized error).
-        msg = await asyncio.wait_for(ws.receive(), timeout)
+        async with asyncio.timeout(timeout):
+            msg = await ws.receive()
     except (TimeoutError, aiohttp.ClientError, OSError) as exc:
         await ws.close()
         raise ConnectError("auth_timeout" if isinstance(exc, TimeoutError) else "closed") from exc
@@ -241,7 +241,8 @@ async def connect_sio(
             auth={"token": token, "device": device},
             wait_timeout=int(timeout),
         )
-        reply = await asyncio.wait_for(ready, timeout)
+        async with asyncio.timeout(timeout):
+            reply = await ready
     except Exception as exc:
         with contextlib.suppress(Exception):
             await client.disconnect()

@@ -178,13 +178,15 @@ class RelayPool:
         self._closing = True
         for worker in self._workers.values():
             try:
-                await asyncio.wait_for(self._call(worker.name, "close", {}), 10)
+                async with asyncio.timeout(10):
+                    await self._call(worker.name, "close", {})
             except (TalkbridgeError, TimeoutError, ConnectionError):
                 pass
             if worker.proc.stdin is not None:
                 worker.proc.stdin.close()
             try:
-                await asyncio.wait_for(worker.proc.wait(), 5)
+                async with asyncio.timeout(5):
+                    await worker.proc.wait()
             except TimeoutError:
                 worker.proc.kill()
                 await worker.proc.wait()

@@ -698,7 +698,8 @@ class Relay:
         if p.event_task is not None:
             try:
                 p.events.put_nowait(None)
-                await asyncio.wait_for(asyncio.shield(p.event_task), 2.0)
+                async with asyncio.timeout(2.0):
+                    await asyncio.shield(p.event_task)
             except (asyncio.QueueFull, TimeoutError):
                 p.event_task.cancel()
         if not room.participants and not keep_room:

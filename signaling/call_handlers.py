@@ -300,7 +300,8 @@ class CallRouter:
         """Start listening on this node's channel (waits a moment for the subscription)."""
         self._listener = asyncio.get_running_loop().create_task(self._supervise())
         with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(self._subscribed.wait(), 3.0)
+            async with asyncio.timeout(3.0):
+                await self._subscribed.wait()
 
     async def close(self) -> None:
         if self._listener is not None:
@@ -391,7 +392,8 @@ class CallRouter:
         if fut is None:
             return await self._run_here(op, user, device, req)
         try:
-            answer = await asyncio.wait_for(fut, self.rpc_timeout)
+            async with asyncio.timeout(self.rpc_timeout):
+                answer = await fut
         except TimeoutError:
             raise Internal("the node holding this call did not answer") from None
         if "moved" in answer:
@@ -437,7 +439,8 @@ class CallRouter:
         """Publish a request to ``node``; the future gets its answer."""
         # The answer comes on our own channel: be subscribed before asking.
         try:
-            await asyncio.wait_for(self._subscribed.wait(), self.rpc_timeout)
+            async with asyncio.timeout(self.rpc_timeout):
+                await self._subscribed.wait()
         except TimeoutError:
             raise Internal("call routing is not connected to Redis") from None
         rid = f"{self.node}:{next(self._ids)}"
@@ -605,7 +608,8 @@ class CallRouter:
             try:
                 fut = await self._send(node, {"k": "adopt", "from": self.node,
                                               "ids": sorted(waiting)})
-                answer = await asyncio.wait_for(fut, self.handover_timeout)
+                async with asyncio.timeout(self.handover_timeout):
+                    answer = await fut
             except (_NodeGone, TimeoutError, RedisError, Internal) as exc:
                 log.warning("node %s did not take calls over: %r", node, exc)
                 continue

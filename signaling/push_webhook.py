@@ -74,7 +74,8 @@ class WebhookPusher:
         """Give queued pushes a moment to go out, then stop."""
         if self._task is not None:
             try:
-                await asyncio.wait_for(self._queue.join(), 3.0)
+                async with asyncio.timeout(3.0):
+                    await self._queue.join()
             except TimeoutError:
                 log.warning("%d pushes not sent at shutdown", self._queue.qsize())
             self._task.cancel()

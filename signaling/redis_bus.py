@@ -333,7 +333,8 @@ class RedisBus(Bus):
             loop.create_task(self._caller(), name="redis-bus-caller"),
         ]
         with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(self._ready.wait(), 5.0)
+            async with asyncio.timeout(5.0):
+                await self._ready.wait()
         if not self._ready.is_set():
             log.warning("Redis at %s not reachable yet; retrying in the background", self.url)
 
@@ -366,7 +367,8 @@ class RedisBus(Bus):
         if not self._ready.is_set() or r is None:
             return False
         try:
-            return bool(await asyncio.wait_for(r.ping(), 1.0))
+            async with asyncio.timeout(1.0):
+                return bool(await r.ping())
         except (RedisError, OSError, TimeoutError):
             return False
 

@@ -142,7 +142,8 @@ class RoomCluster:
                    "args": args}
         try:
             await self.state.bus.send_to_node(node, REQUEST + encode(message))
-            reply = await asyncio.wait_for(fut, RPC_TIMEOUT)
+            async with asyncio.timeout(RPC_TIMEOUT):
+                reply = await fut
         except TimeoutError:
             raise Internal("the node hosting this call did not answer; join again") from None
         finally:

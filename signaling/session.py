@@ -195,7 +195,8 @@ class Session:
         draining = self._draining
         if draining is not None:
             try:
-                await asyncio.wait_for(asyncio.shield(draining), timeout)
+                async with asyncio.timeout(timeout):
+                    await asyncio.shield(draining)
             except (TimeoutError, asyncio.CancelledError):
                 draining.cancel()
 

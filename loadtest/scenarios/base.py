@@ -40,7 +40,8 @@ async def request(
     conn.handler = catch
     try:
         await conn.send(frame)
-        return await asyncio.wait_for(fut, timeout)
+        async with asyncio.timeout(timeout):
+            return await fut
     finally:
         conn.handler = inner
 

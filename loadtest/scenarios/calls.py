@@ -240,7 +240,8 @@ class Calls(Scenario):
                 "sdp": {"type": "offer", "sdp": OFFER},
             })
             try:
-                await asyncio.wait_for(asyncio.shield(run.done), self.timeout)
+                async with asyncio.timeout(self.timeout):
+                    await asyncio.shield(run.done)
                 self.rec.counts["calls_completed"] += 1
                 self.rec.latency("call_total", (time.monotonic_ns() - run.t0) / 1000)
             except TimeoutError:
