@@ -59,11 +59,15 @@ async def peers(server: RunningServer, request: pytest.FixtureRequest
 async def place_call_and_hang_up(a: CallPeer, b: CallPeer, hold: float) -> dict[str, Any]:
     reply = await a.call("bob")
     assert reply["state"] == "ringing"
-    await asyncio.wait_for(asyncio.gather(a.ice_connected.wait(), b.ice_connected.wait()), 20)
-    await asyncio.wait_for(asyncio.gather(a.media_flowing.wait(), b.media_flowing.wait()), 20)
+    async with asyncio.timeout(20):
+        await asyncio.gather(a.ice_connected.wait(), b.ice_connected.wait())
+    async with asyncio.timeout(20):
+        await asyncio.gather(a.media_flowing.wait(), b.media_flowing.wait())
     await asyncio.sleep(hold)
     await a.hangup()
-    assert await asyncio.wait_for(b.ended, 5) == "hangup"
+    async with asyncio.timeout(5):
+        reason = await b.ended
+    assert reason == "hangup"
     history = await a.client.request("msg.history", conv="dm:alice:bob", limit=100)
     [log] = [m for m in history["messages"]
              if m["kind"] == "call" and m["body"]["call_id"] == a.call_id]

@@ -60,13 +60,16 @@ async def test_media_keeps_flowing_when_the_calls_node_dies_and_hangup_still_wor
     a, b = CallPeer(alice, use_ice_servers=False), CallPeer(bob, use_ice_servers=False)
     try:
         await a.call("bob")  # taken, and held, by node 1
-        await asyncio.wait_for(asyncio.gather(a.media_flowing.wait(), b.media_flowing.wait()), 20)
+        async with asyncio.timeout(20):
+            await asyncio.gather(a.media_flowing.wait(), b.media_flowing.wait())
         os.kill(n1.pid, signal.SIGKILL)
         before = b.frames["video"]
         await asyncio.sleep(2.0)
         assert b.frames["video"] > before + 20, "media stopped with the signaling node"
         await b.hangup()  # through node 2: the call's node is gone
-        assert await asyncio.wait_for(a.ended, 15) == "hangup"
+        async with asyncio.timeout(15):
+            reason = await a.ended
+        assert reason == "hangup"
     finally:
         await a.close()
         await b.close()

@@ -47,7 +47,8 @@ async def test_a_send_waits_for_another_connections_write_lock_and_the_loop_keep
         await asyncio.sleep(0.3)
         assert not send.done()
         other.execute("COMMIT")
-        sent = await asyncio.wait_for(send, 5)
+        async with asyncio.timeout(5):
+            sent = await send
         assert (sent.message.seq, sent.created) == (1, True)
         stored, _ = await chat.history("bob", sent.message.conv, None, None, 10)
         assert [m.body["text"] for m in stored] == ["hi"]
@@ -83,8 +84,10 @@ async def test_a_send_is_answered_and_readable_only_once_its_commit_is_fsynced(
         await asyncio.sleep(0.3)
         assert not send.done() and not read.done()
         gate.set()
-        sent = await asyncio.wait_for(send, 5)
-        msgs, _ = await asyncio.wait_for(read, 5)
+        async with asyncio.timeout(5):
+            sent = await send
+        async with asyncio.timeout(5):
+            msgs, _ = await read
         assert sent.message.seq == 2
         assert [m.body["text"] for m in msgs] == ["one", "two"]
     finally:

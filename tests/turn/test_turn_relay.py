@@ -69,7 +69,9 @@ async def test_a_relay_only_peer_gets_a_relay_candidate_and_connects_with_our_cr
         assert candidate_types(b.localDescription.sdp) == {"relay"}
         await a.setRemoteDescription(b.localDescription)
 
-        assert await asyncio.wait_for(received, 20) == "over the relay"
+        async with asyncio.timeout(20):
+            text = await received
+        assert text == "over the relay"
         assert a.iceConnectionState in ("connected", "completed")
         assert b.iceConnectionState in ("connected", "completed")
     finally:
