@@ -52,13 +52,16 @@ WRITER_CACHE_KIB = 64 * 1024
 # WAL checkpoints: every CHECKPOINT_EVERY_S a thread of their own copies the bulk of the
 # WAL into the database without blocking the writer. Under steady writes it never copies
 # the last frames (new ones keep coming), so once the WAL holds RESTART_WAL_PAGES the
-# writer finishes the job between two batches (a pause of ~20 ms: the frames written
-# meanwhile, and the fsyncs), and its next transaction restarts the WAL from its start.
-# Without that the WAL grows without end, and so does the cost of every page look-up in
-# it. (SQLite's automatic checkpoint is off: it would run inside a COMMIT and hold up the
-# batches behind it.)
+# thread catches up (rounds at once, each copying the frames written during the one
+# before) until a round saw fewer than FINISH_LEFT_PAGES come in, and the writer finishes
+# the job between two batches (a pause of ~10 ms: the last frames, and the fsyncs); its
+# next transaction restarts the WAL from its start. Without that the WAL grows without
+# end, and so does the cost of every page look-up in it. (SQLite's automatic checkpoint is
+# off: it would run inside a COMMIT and hold up the batches behind it.)
 CHECKPOINT_EVERY_S = 1.0
 RESTART_WAL_PAGES = 16_384
+FINISH_LEFT_PAGES = 512
+CATCH_UP_ROUNDS = 8
 # A reader waits at most this long for the fsync of what its snapshot holds.
 DURABLE_WAIT_S = 30.0
 
@@ -222,18 +225,30 @@ class SqliteStore(Store):
                 if self._finish_checkpoint:
                     continue  # the writer's turn (two checkpoints at once: one gives up)
                 try:
-                    # PASSIVE: copies what no reader still needs, never blocks the writer.
-                    # Stepped to its end (mode "all"): a statement left with a row to step
-                    # keeps its read snapshot open, and the WAL cannot restart.
-                    result = await loop.run_in_executor(
-                        self._checkpointer, _run, conn, rows("PRAGMA wal_checkpoint(PASSIVE)")
-                    )
-                    _busy, wal_pages, _copied = result[0]
-                    self._finish_checkpoint = wal_pages >= RESTART_WAL_PAGES
+                    wal_pages = await self._passive_checkpoint(conn)
+                    if wal_pages < RESTART_WAL_PAGES:
+                        continue
+                    for _ in range(CATCH_UP_ROUNDS):
+                        before, wal_pages = wal_pages, await self._passive_checkpoint(conn)
+                        if wal_pages - before < FINISH_LEFT_PAGES:  # (or it restarted)
+                            break
+                    self._finish_checkpoint = True
                 except sqlite3.Error as exc:
                     log.warning("sqlite checkpoint failed: %s", exc)
         finally:
             await asyncio.shield(loop.run_in_executor(self._checkpointer, conn.close))
+
+    async def _passive_checkpoint(self, conn: sqlite3.Connection) -> int:
+        """One PASSIVE checkpoint in the checkpoint thread: it copies the WAL's frames
+        that no reader still needs and never blocks the writer. Returns the WAL's size in
+        pages when it began (it copies those; frames written meanwhile wait)."""
+        # Stepped to its end (mode "all"): a statement left with a row to step keeps its
+        # read snapshot open, and the WAL cannot restart.
+        result = await asyncio.get_running_loop().run_in_executor(
+            self._checkpointer, _run, conn, rows("PRAGMA wal_checkpoint(PASSIVE)")
+        )
+        _busy, wal_pages, _copied = result[0]
+        return int(wal_pages)
 
     async def _run_batch(self, ops: list[Op[Any]]) -> tuple[list[Any], Durable | None]:
         if self._sync_failed is not None:
