@@ -1,10 +1,8 @@
 """Group commit: batch concurrent write ops into one transaction.
 
 While one batch commits, new ops queue up and form the next batch, so the number of
-commits (fsyncs) per second stays bounded while throughput grows with concurrency. A runner
-may also hand back a batch's results before the batch is on disk, with a Durable that
-settles once it is (SQLite's fsync runs while the next batch executes): its callers hear
-only then, and in batch order.
+commits (fsyncs) per second stays bounded while throughput grows with concurrency. A
+batch's callers hear once it is on disk, in batch order.
 
 Ops carry a key (the conversation id for messages and receipts). With ``lanes > 1``
 (PostgreSQL) each key hashes to one lane and lanes commit in parallel: ops of one
@@ -17,7 +15,6 @@ different lanes, or of different nodes, cannot deadlock.
 from __future__ import annotations
 
 import asyncio
-import functools
 import logging
 import zlib
 from collections.abc import Awaitable, Callable
@@ -28,38 +25,9 @@ from im_bridge.store.ops import Op
 log = logging.getLogger(__name__)
 
 
-class Durable:
-    """A committed batch on its way to the disk. Unlike a Future's, its callbacks run the
-    moment it settles, not a turn of the event loop later: under load a turn takes
-    milliseconds, and every reply of the batch waits for it."""
-
-    __slots__ = ("_callbacks", "_settled", "error")
-
-    def __init__(self) -> None:
-        self._callbacks: list[Callable[[BaseException | None], None]] = []
-        self._settled = False
-        self.error: BaseException | None = None
-
-    def then(self, callback: Callable[[BaseException | None], None]) -> None:
-        """Call ``callback(None)`` once durable, or ``callback(error)`` if that failed."""
-        if self._settled:
-            callback(self.error)
-        else:
-            self._callbacks.append(callback)
-
-    def settle(self, error: BaseException | None = None) -> None:
-        """On disk (``error`` None), or its durability unknown; on the event loop."""
-        if self._settled:
-            return
-        self._settled, self.error = True, error
-        callbacks, self._callbacks = self._callbacks, []
-        for cb in callbacks:
-            cb(error)
-
-
-# Runs a batch and returns one result per op (a value or the exception that op raised),
-# and None if the batch is durable already, else its Durable.
-BatchRunner = Callable[[list[Op[Any]]], Awaitable[tuple[list[Any], Durable | None]]]
+# Runs a batch and returns, once it is durable, one result per op (a value or the
+# exception that op raised).
+BatchRunner = Callable[[list[Op[Any]]], Awaitable[list[Any]]]
 # Called, once the op's batch has committed, with its result or the exception it raised.
 Done: TypeAlias = Callable[[Any], None]
 
@@ -80,8 +48,6 @@ class GroupCommit:
         self._max_batch = max_batch
         self._lanes = [_Lane() for _ in range(max(1, lanes))]
         self._closing = False
-        self._syncing: set[Durable] = set()  # batches not yet durable
-        self._all_durable = asyncio.Event()
         self.batches = 0
         self.ops = 0
 
@@ -121,34 +87,15 @@ class GroupCommit:
                 del lane.pending[: self._max_batch]
                 batch.sort(key=lambda item: item[0])  # stable: FIFO within a key
                 try:
-                    results, durable = await self._run_batch([op for _, op, _ in batch])
+                    results = await self._run_batch([op for _, op, _ in batch])
                 except Exception as exc:  # the runner failed as a whole: fail the batch
                     log.exception("group commit batch failed")
-                    results, durable = [exc] * len(batch), None
+                    results = [exc] * len(batch)
                 self.batches += 1
                 self.ops += len(batch)
-                if durable is None:
-                    _answer(batch, results)
-                else:
-                    self._syncing.add(durable)
-                    durable.then(functools.partial(self._durable, batch, results, durable))
+                _answer(batch, results)
             if self._closing:
-                while self._syncing:  # every caller hears before close() returns
-                    self._all_durable.clear()
-                    await self._all_durable.wait()
                 return
-
-    def _durable(
-        self,
-        batch: list[tuple[str, Op[Any], Done]],
-        results: list[Any],
-        durable: Durable,
-        error: BaseException | None,
-    ) -> None:
-        self._syncing.discard(durable)
-        if not self._syncing:
-            self._all_durable.set()
-        _answer(batch, results if error is None else [error] * len(batch))
 
     async def close(self) -> None:
         """Stop accepting ops and wait for the queued ones to commit."""

@@ -105,7 +105,7 @@ class PostgresStore(Store):
         if self._pool is not None:
             await self._pool.close()
 
-    async def _run_batch(self, ops: list[Op[Any]]) -> tuple[list[Any], None]:
+    async def _run_batch(self, ops: list[Op[Any]]) -> list[Any]:
         """Run ``ops`` in one transaction; durable when it returns (synchronous_commit)."""
         assert self._pool is not None
         results: list[Any] = []
@@ -118,12 +118,12 @@ class PostgresStore(Store):
                         results.extend([exc] * n)
                     else:
                         results.extend(r if n > 1 else [r])
-            return results, None
+            return results
         except Exception:
             # A database error mid-batch rolls the whole batch back; every caller gets
             # `internal` and may retry with the same client_msg_id (idempotent).
             log.exception("postgres batch of %d ops rolled back", len(ops))
-            return [Internal("storage failure; nothing was stored")] * len(ops), None
+            return [Internal("storage failure; nothing was stored")] * len(ops)
 
     async def write(self, op: Op[T], key: str = "") -> T:
         result: T = await self._commit.submit(op, key)
