@@ -120,7 +120,11 @@ async def test_under_steady_writes_the_wal_file_stops_growing(
 ) -> None:
     monkeypatch.setattr("im_bridge.store.sqlite.CHECKPOINT_EVERY_S", 0.02)
     monkeypatch.setattr("im_bridge.store.sqlite.RESTART_WAL_PAGES", 64)
+    # Writes without a pause leave the checkpoint thread no moment to copy the whole WAL:
+    # once the WAL is long, the writer finishes the job at once.
+    monkeypatch.setattr("im_bridge.store.sqlite.CATCH_UP_ROUNDS", 0)
     store = open_store(f"sqlite:///{sqlite_path}")
+    assert isinstance(store, SqliteStore)
     await store.open()
     chat = ChatService(store)
     text = "x" * 1000
@@ -141,7 +145,38 @@ async def test_under_steady_writes_the_wal_file_stops_growing(
         # add their frames: 2.6-4.5 MB measured beside three CPU burners).
         assert db > 15_000_000
         assert wal < 8_000_000, f"WAL {wal} bytes for a database of {db}"
+        assert store.finished_checkpoints > 0
         msgs, _ = await chat.history("v7", "dm:u7:v7", None, None, 100)
         assert len(msgs) == 100  # the last page of 300
+    finally:
+        await store.close()
+
+
+async def test_when_writes_pause_the_wal_restarts_without_holding_up_the_writer(
+    sqlite_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A server waits for its clients now and then (a few ms): one of the checkpoint
+    # thread's quick rounds falls into such a gap, copies the whole WAL, and the next
+    # commit restarts it; the writer never pauses to finish a checkpoint.
+    monkeypatch.setattr("im_bridge.store.sqlite.CHECKPOINT_EVERY_S", 0.02)
+    monkeypatch.setattr("im_bridge.store.sqlite.RESTART_WAL_PAGES", 64)
+    store = open_store(f"sqlite:///{sqlite_path}")
+    assert isinstance(store, SqliteStore)
+    await store.open()
+    chat = ChatService(store)
+    text = "x" * 1000
+    try:
+        for round_ in range(300):
+            await asyncio.gather(*(
+                chat.send(f"u{i}", "d1", {"user": f"v{i}"}, f"{round_}.{i}", "text",
+                          {"text": text})
+                for i in range(50)
+            ))
+            await asyncio.sleep(0.003)
+        # It restarted (without restarts ~95 MB, see above); the thread's rounds until a
+        # gap let the WAL grow past its 64 pages: 11-14 MB beside three CPU burners.
+        wal = os.stat(f"{sqlite_path}-wal").st_size
+        assert wal < 32_000_000, f"WAL {wal} bytes"
+        assert store.finished_checkpoints == 0
     finally:
         await store.close()
