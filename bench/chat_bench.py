@@ -93,6 +93,7 @@ def run_chat(args: argparse.Namespace, which: list[str]) -> list[dict[str, Any]]
         ranked = sorted(series, key=lambda r: r["steady_msgs_per_s"])
         row = dict(ranked[(len(ranked) - 1) // 2])
         row["runs_msgs_per_s"] = [r["steady_msgs_per_s"] for r in series]
+        row["runs_p99_ms"] = [r["p99_ms"] for r in series]  # the row's p99 is one of these
         row["ok"] = all(r["ok"] for r in series)
         rows.append(row)
     return rows
@@ -160,6 +161,8 @@ def print_table(rows: list[dict[str, Any]], idle: dict[str, Any] | None) -> None
     for r in rows:
         runs = r.get("runs_msgs_per_s", [])
         notes = f"runs {'/'.join(f'{x:,.0f}' for x in runs)} " if len(runs) > 1 else ""
+        if len(runs) > 1:
+            notes += f"p99s {'/'.join(str(x) for x in r.get('runs_p99_ms', []))} "
         notes += " ".join(
             n for n, on in (("generator-limited", r["generator_limited"]),
                             ("disturbed", bool(r["disturbed"]))) if on
@@ -196,7 +199,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--ramp", type=float, default=2.0)
     p.add_argument("--workers", type=int, default=2, help="generator processes")
     p.add_argument("--repeat", type=int, default=1,
-                   help="rounds over the servers; each row is the median round")
+                   help="rounds over the servers; each row is the median round (by msgs/s)")
     p.add_argument("--idle", type=int, default=10_000, help="idle connections (0 = skip)")
     p.add_argument("--hold", type=float, default=5.0)
     p.add_argument("--connect-rate", type=float, default=2000.0)
