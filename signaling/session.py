@@ -197,8 +197,13 @@ class Session:
             try:
                 async with asyncio.timeout(timeout):
                     await asyncio.shield(draining)
-            except (TimeoutError, asyncio.CancelledError):
+            except TimeoutError:
                 draining.cancel()
+            except asyncio.CancelledError:
+                draining.cancel()
+                task = asyncio.current_task()
+                if task is not None and task.cancelling():
+                    raise  # we were cancelled (not only the drain, by another waiter)
 
     def close_soon(self, code: int, message: str) -> None:
         """Flush what is queued, then close with ``code`` (without awaiting here)."""
