@@ -9,6 +9,7 @@ import os
 import sqlite3
 import threading
 from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from pathlib import Path
 
 import pytest
@@ -115,27 +116,43 @@ async def test_a_failed_fsync_fails_the_send_and_the_store_refuses_writes_after_
         await store.close()
 
 
+@asynccontextmanager
+async def _checkpointed_store(
+    path: Path, monkeypatch: pytest.MonkeyPatch
+) -> AsyncIterator[tuple[SqliteStore, ChatService]]:
+    """A store whose checkpoint thread runs every 20 ms and restarts the WAL at 64 pages."""
+    monkeypatch.setattr("im_bridge.store.sqlite.CHECKPOINT_EVERY_S", 0.02)
+    monkeypatch.setattr("im_bridge.store.sqlite.RESTART_WAL_PAGES", 64)
+    store = open_store(f"sqlite:///{path}")
+    assert isinstance(store, SqliteStore)
+    await store.open()
+    try:
+        yield store, ChatService(store)
+    finally:
+        await store.close()
+
+
+async def _send_rounds(chat: ChatService, pause: float) -> None:
+    """300 rounds of 50 concurrent 1 KB sends, ``pause`` seconds apart."""
+    text = "x" * 1000
+    for round_ in range(300):
+        await asyncio.gather(*(
+            chat.send(f"u{i}", "d1", {"user": f"v{i}"}, f"{round_}.{i}", "text",
+                      {"text": text})
+            for i in range(50)
+        ))
+        if pause:
+            await asyncio.sleep(pause)
+
+
 async def test_under_steady_writes_the_wal_file_stops_growing(
     sqlite_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr("im_bridge.store.sqlite.CHECKPOINT_EVERY_S", 0.02)
-    monkeypatch.setattr("im_bridge.store.sqlite.RESTART_WAL_PAGES", 64)
     # Writes without a pause leave the checkpoint thread no moment to copy the whole WAL:
     # once the WAL is long, the writer finishes the job at once.
     monkeypatch.setattr("im_bridge.store.sqlite.CATCH_UP_ROUNDS", 0)
-    store = open_store(f"sqlite:///{sqlite_path}")
-    assert isinstance(store, SqliteStore)
-    await store.open()
-    chat = ChatService(store)
-    text = "x" * 1000
-    try:
-        # Sends without a pause: the checkpoint thread never finds the WAL idle.
-        for round_ in range(300):
-            await asyncio.gather(*(
-                chat.send(f"u{i}", "d1", {"user": f"v{i}"}, f"{round_}.{i}", "text",
-                          {"text": text})
-                for i in range(50)
-            ))
+    async with _checkpointed_store(sqlite_path, monkeypatch) as (store, chat):
+        await _send_rounds(chat, pause=0)
         wal = os.stat(f"{sqlite_path}-wal").st_size
         db = os.stat(sqlite_path).st_size
         # 15,000 messages of 1 KB reached the database file. Without restarts the WAL
@@ -148,8 +165,6 @@ async def test_under_steady_writes_the_wal_file_stops_growing(
         assert store.finished_checkpoints > 0
         msgs, _ = await chat.history("v7", "dm:u7:v7", None, None, 100)
         assert len(msgs) == 100  # the last page of 300
-    finally:
-        await store.close()
 
 
 async def test_when_writes_pause_the_wal_restarts_without_holding_up_the_writer(
@@ -158,25 +173,10 @@ async def test_when_writes_pause_the_wal_restarts_without_holding_up_the_writer(
     # A server waits for its clients now and then (a few ms): one of the checkpoint
     # thread's quick rounds falls into such a gap, copies the whole WAL, and the next
     # commit restarts it; the writer never pauses to finish a checkpoint.
-    monkeypatch.setattr("im_bridge.store.sqlite.CHECKPOINT_EVERY_S", 0.02)
-    monkeypatch.setattr("im_bridge.store.sqlite.RESTART_WAL_PAGES", 64)
-    store = open_store(f"sqlite:///{sqlite_path}")
-    assert isinstance(store, SqliteStore)
-    await store.open()
-    chat = ChatService(store)
-    text = "x" * 1000
-    try:
-        for round_ in range(300):
-            await asyncio.gather(*(
-                chat.send(f"u{i}", "d1", {"user": f"v{i}"}, f"{round_}.{i}", "text",
-                          {"text": text})
-                for i in range(50)
-            ))
-            await asyncio.sleep(0.003)
+    async with _checkpointed_store(sqlite_path, monkeypatch) as (store, chat):
+        await _send_rounds(chat, pause=0.003)
         # It restarted (without restarts ~95 MB, see above); the thread's rounds until a
         # gap let the WAL grow past its 64 pages: 11-14 MB beside three CPU burners.
         wal = os.stat(f"{sqlite_path}-wal").st_size
         assert wal < 32_000_000, f"WAL {wal} bytes"
         assert store.finished_checkpoints == 0
-    finally:
-        await store.close()
