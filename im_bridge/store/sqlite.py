@@ -139,7 +139,6 @@ class SqliteStore(Store):
         # Durability (files only; an in-memory database has nothing to sync).
         self._wal_fd: int | None = None
         self._commits = 0  # COMMITs begun: a snapshot pinned now holds at most these
-        self._committed = 0  # COMMITs returned (or failed), their fsync under way
         self._durable_upto = 0  # every COMMIT up to this one is on disk
         self._durable_changed = threading.Condition()
         self._sync_failed: OSError | None = None
@@ -315,8 +314,6 @@ class SqliteStore(Store):
             # counted it need not wait for it.
             self._durable(gen)
             raise
-        finally:
-            self._committed = gen
         if self._wal_fd is None:
             self._durable(gen)
             return

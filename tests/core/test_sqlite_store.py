@@ -62,9 +62,11 @@ async def test_a_send_is_answered_and_readable_only_once_its_commit_is_fsynced(
     sqlite_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     gate = threading.Event()
+    syncing = threading.Event()  # a COMMIT has returned and its fsync began
     real_fdatasync = os.fdatasync
 
     def slow_disk(fd: int) -> None:
+        syncing.set()
         gate.wait(10)
         real_fdatasync(fd)
 
@@ -80,7 +82,7 @@ async def test_a_send_is_answered_and_readable_only_once_its_commit_is_fsynced(
         )
         # Committed (the WAL holds it), not yet on disk: no answer, and a reader that
         # starts now must not see it either.
-        await until(lambda: store._committed >= 2, 5, every=0.01)
+        await until(syncing.is_set, 5, every=0.01)
         read = asyncio.ensure_future(chat.history("bob", first.message.conv, None, None, 10))
         await asyncio.sleep(0.3)
         assert not send.done() and not read.done()
