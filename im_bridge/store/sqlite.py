@@ -84,6 +84,17 @@ def _run(db: sqlite3.Connection | sqlite3.Cursor, q: Query) -> Any:
     return None
 
 
+def _passive_checkpoint(conn: sqlite3.Connection) -> int:
+    """A PASSIVE checkpoint (in a thread): it copies the WAL's frames that no reader still
+    needs and never waits for the writer. Returns the WAL's size in pages when it began
+    (it copies those; frames written meanwhile wait)."""
+    # Stepped to its end (mode "all"): a statement left with a row to step keeps its read
+    # snapshot open (the WAL cannot restart) and its connection busy (on the writer's, the
+    # next COMMIT fails).
+    _busy, wal_pages, _copied = _run(conn, rows("PRAGMA wal_checkpoint(PASSIVE)"))[0]
+    return int(wal_pages)
+
+
 class _SyncFailed(Exception):
     """The WAL's fsync failed after a COMMIT (see SqliteStore._commit_durably)."""
 
@@ -213,17 +224,21 @@ class SqliteStore(Store):
     async def _checkpoints(self) -> None:
         loop = asyncio.get_running_loop()
         conn = await loop.run_in_executor(self._checkpointer, self._connect)
+
+        def round_() -> asyncio.Future[int]:
+            return loop.run_in_executor(self._checkpointer, _passive_checkpoint, conn)
+
         try:
             while True:
                 await asyncio.sleep(CHECKPOINT_EVERY_S)
                 if self._finish_checkpoint:
                     continue  # the writer's turn (two checkpoints at once: one gives up)
                 try:
-                    wal_pages = await self._passive_checkpoint(conn)
+                    wal_pages = await round_()
                     if wal_pages < RESTART_WAL_PAGES:
                         continue
                     for _ in range(CATCH_UP_ROUNDS):
-                        before, wal_pages = wal_pages, await self._passive_checkpoint(conn)
+                        before, wal_pages = wal_pages, await round_()
                         if wal_pages < before:
                             break  # the WAL restarted
                         if wal_pages - before < SMALL_ROUND_PAGES:
@@ -234,18 +249,6 @@ class SqliteStore(Store):
                     log.warning("sqlite checkpoint failed: %s", exc)
         finally:
             await asyncio.shield(loop.run_in_executor(self._checkpointer, conn.close))
-
-    async def _passive_checkpoint(self, conn: sqlite3.Connection) -> int:
-        """One PASSIVE checkpoint in the checkpoint thread: it copies the WAL's frames
-        that no reader still needs and never blocks the writer. Returns the WAL's size in
-        pages when it began (it copies those; frames written meanwhile wait)."""
-        # Stepped to its end (mode "all"): a statement left with a row to step keeps its
-        # read snapshot open, and the WAL cannot restart.
-        result = await asyncio.get_running_loop().run_in_executor(
-            self._checkpointer, _run, conn, rows("PRAGMA wal_checkpoint(PASSIVE)")
-        )
-        _busy, wal_pages, _copied = result[0]
-        return int(wal_pages)
 
     async def _run_batch(self, ops: list[Op[Any]]) -> list[Any]:
         if self._sync_failed is not None:
@@ -266,9 +269,7 @@ class SqliteStore(Store):
         results: list[Any] = []
         if self._finish_checkpoint:
             try:
-                # Stepped to its end (mode "all"): a statement left with a row to step
-                # keeps the connection busy, and the next COMMIT fails.
-                await self._in_writer(_run, conn, rows("PRAGMA wal_checkpoint(PASSIVE)"))
+                await self._in_writer(_passive_checkpoint, conn)
             except sqlite3.Error as exc:  # the batch goes on; the WAL restarts later
                 log.warning("sqlite checkpoint failed: %s", exc)
             finally:
@@ -361,7 +362,7 @@ class SqliteStore(Store):
                 await asyncio.wait([begun])
                 raise
 
-    async def _in_writer(self, fn: Callable[..., Any], *args: Any) -> None:
+    async def _in_writer(self, fn: Callable[..., object], *args: Any) -> None:
         """Run ``fn(*args)`` (work that holds no GIL for long: COMMIT, fsync, a checkpoint)
         in the writer thread. Even when cancelled, return only once it has finished:
         until then the connection is the thread's."""
