@@ -43,7 +43,7 @@ T = TypeVar("T")
 
 # How long a batch waits for another process's write lock (the readers' busy timeout too).
 WRITE_LOCK_WAIT_S = 10.0
-# Ops run between two turns of the event loop (a message's op is ~15 us).
+# Ops run between two turns of the event loop (a message's op is ~10 us).
 OPS_PER_TURN = 32
 # The writer's page cache (KiB): the default 2 MiB makes a growing database's index pages
 # fall out between batches and come back through a read syscall each.
@@ -100,7 +100,7 @@ class _SyncFailed(Exception):
 
 
 def _durability_unknown() -> Internal:
-    """What a caller hears when the fsync of its batch failed (or can no longer run)."""
+    """What a caller hears when the fsync after its batch's COMMIT failed."""
     return Internal("storage failure; the message may not have been stored")
 
 
