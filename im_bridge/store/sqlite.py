@@ -354,18 +354,12 @@ class SqliteStore(Store):
         except sqlite3.OperationalError as exc:
             if exc.sqlite_errorcode != sqlite3.SQLITE_BUSY:
                 raise
-            loop = asyncio.get_running_loop()
-            begun = loop.run_in_executor(self._writer, _begin_waiting, conn, WRITE_LOCK_WAIT_S)
-            try:
-                await asyncio.shield(begun)
-            except asyncio.CancelledError:
-                await asyncio.wait([begun])
-                raise
+            await self._in_writer(_begin_waiting, conn, WRITE_LOCK_WAIT_S)
 
     async def _in_writer(self, fn: Callable[..., object], *args: Any) -> None:
-        """Run ``fn(*args)`` (work that holds no GIL for long: COMMIT, fsync, a checkpoint)
-        in the writer thread. Even when cancelled, return only once it has finished:
-        until then the connection is the thread's."""
+        """Run ``fn(*args)`` (work that holds no GIL for long: COMMIT, fsync, a checkpoint,
+        waiting for the write lock) in the writer thread. Even when cancelled, return only
+        once it has finished: until then the connection is the thread's."""
         done = asyncio.get_running_loop().run_in_executor(self._writer, fn, *args)
         try:
             await asyncio.shield(done)
