@@ -22,11 +22,11 @@ from im_bridge.store import Store, ops
 Send = tuple[str, str, str | None]
 
 
-def scenario(seed: int, n: int = 120) -> tuple[list[tuple[str, str]], list[Send]]:
-    """Blocks and sends among five users: new and old conversations, retries of stored
-    messages and of messages earlier in the same list, messages without a client id."""
+def scenario(seed: int, users: list[str], n: int) -> tuple[list[tuple[str, str]], list[Send]]:
+    """Blocks and sends among ``users`` (u1..u5 at least): new and old conversations,
+    retries of stored messages and of messages earlier in the same list, messages without
+    a client id."""
     rnd = random.Random(seed)
-    users = ["u1", "u2", "u3", "u4", "u5"]
     blocks = [("u4", "u1"), ("u2", "u5")]  # (blocker, blocked)
     sends: list[Send] = []
     for i in range(n):
@@ -95,12 +95,16 @@ async def stored_view(chat: ChatService, users: list[str]) -> list[Any]:
     return sorted(view, key=repr)
 
 
-@pytest.mark.parametrize("seed", [1, 2, 3])
+# Five users: at most ten conversations a batch. Thirty, 200 sends a round: over a hundred
+# conversations in one batch, whose sequences SQLite upserts many rows a statement.
+@pytest.mark.parametrize(("seed", "n_users", "n"), [(1, 5, 120), (2, 5, 120), (3, 5, 120),
+                                                    (4, 30, 600)])
 async def test_sends_sharing_a_batch_get_what_one_op_at_a_time_gives(
-    store: Store, seed: int, monkeypatch: pytest.MonkeyPatch
+    store: Store, seed: int, n_users: int, n: int, monkeypatch: pytest.MonkeyPatch
 ):
     chat = ChatService(store)
-    blocks, sends = scenario(seed)
+    users = [f"u{i}" for i in range(1, n_users + 1)]
+    blocks, sends = scenario(seed, users, n)
     with monkeypatch.context() as m:
         m.setattr(ops, "MAX_RUN", 1)  # every send its own op
         alone = await run(chat, *renamed("a", blocks, sends))
@@ -116,7 +120,6 @@ async def test_sends_sharing_a_batch_get_what_one_op_at_a_time_gives(
     assert [outcome(r) for r in together] == [outcome(r) for r in alone]
     assert any(isinstance(r, Forbidden) for r in together)
     assert any(not isinstance(r, BaseException) and not r.created for r in together)
-    users = ["u1", "u2", "u3", "u4", "u5"]
     assert await stored_view(chat, ["b" + u for u in users]) == await stored_view(
         chat, ["a" + u for u in users]
     )
@@ -164,7 +167,7 @@ def test_a_run_locks_each_conversations_rows_before_the_next_conversations():
                 result = []  # no retries, no blocks
             elif sql.startswith("INSERT INTO conversations"):
                 locked.append(args[0])
-                result = (7,)
+                result = (args[0], 7)  # (conv, last_seq)
             elif sql.startswith("INSERT INTO conv_members"):
                 locked += [row[0] for row in args]
             elif sql.startswith("UPDATE conv_members"):
