@@ -79,4 +79,5 @@ def new_id(prefix: str = "") -> str:
 
     Ids are not secrets, so a PRNG seeded from the OS (no syscall per id) is enough.
     """
-    return f"{prefix}{now_ms():012x}{_prng.getrandbits(64):016x}"
+    # One 112-bit number, one format: half the time of two (one is made per message).
+    return f"{prefix}{(time.time_ns() // 1_000_000) << 64 | _prng.getrandbits(64):028x}"
