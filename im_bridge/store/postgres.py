@@ -3,6 +3,13 @@
 Runs the same ops as SQLite; ``?`` placeholders are rewritten to ``$n`` once per statement.
 Sequence allocation takes the conversation row's lock until commit, so several nodes
 appending to one conversation still produce a gap-free sequence.
+
+Batches commit in parallel (lanes, nodes), so a batch's probe for an earlier message with
+the same ``(sender, client_msg_id)`` cannot see one that another batch has inserted but not
+committed yet; the second insert would then fail on the unique index and roll back every
+other op of its batch. So each batch first locks every ``(sender, client_msg_id)`` it may
+insert (see :meth:`PostgresStore._run_batch`): the later batch waits for the earlier one's
+commit, and its probe then finds the message and answers as to a retry.
 """
 
 from __future__ import annotations
@@ -11,6 +18,8 @@ import logging
 import re
 from collections.abc import Callable
 from functools import lru_cache
+from hashlib import blake2b
+from types import GeneratorType
 from typing import Any, TypeVar
 
 import asyncpg
@@ -19,7 +28,7 @@ from im_bridge.errors import Internal, TalkbridgeError
 from im_bridge.store import Store
 from im_bridge.store.groupcommit import GroupCommit
 from im_bridge.store.migrations import MIGRATIONS
-from im_bridge.store.ops import Op, Query, coalesced
+from im_bridge.store.ops import DmAppend, Op, Query, _append_message, coalesced
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -53,6 +62,39 @@ async def _run(conn: asyncpg.Connection, q: Query) -> Any:
         m = _COUNT_RE.search(status)
         return int(m.group(1)) if m else 0
     return None
+
+
+# The op append_message returns for a group message or a server-written one (call logs):
+# a plain generator, whose request is its argument ``req`` until it has run.
+_APPEND_CODE = _append_message.__code__
+# Takes a transaction-level advisory lock on each key of an array, in the array's order.
+_LOCK_CLIENT_IDS = "SELECT count(pg_advisory_xact_lock(k)) FROM unnest($1::bigint[]) AS k"
+
+
+def client_id(op: Op[Any]) -> tuple[str, str] | None:
+    """The ``(sender, client_msg_id)`` an op not yet started may insert into ``messages``;
+    None for an op that inserts none, or none with a client_msg_id (group notices)."""
+    req: Any = None
+    if isinstance(op, DmAppend):
+        req = op.req
+    elif isinstance(op, GeneratorType) and op.gi_code is _APPEND_CODE and op.gi_frame:
+        req = op.gi_frame.f_locals.get("req")
+    if req is None or req.client_msg_id is None:
+        return None
+    return req.sender, req.client_msg_id
+
+
+def client_id_locks(batch: list[Op[Any]]) -> list[int]:
+    """The advisory lock keys of the client ids a batch may insert: 64-bit hashes of
+    ``(sender, client_msg_id)``, the same on every node (user ids have no spaces), each
+    once, sorted (every transaction takes them in one order)."""
+    keys = set()
+    for op in batch:
+        key = client_id(op)
+        if key is not None:
+            digest = blake2b(f"{key[0]} {key[1]}".encode(), digest_size=8).digest()
+            keys.add(int.from_bytes(digest, "big", signed=True))
+    return sorted(keys)
 
 
 async def drive(conn: asyncpg.Connection, op: Op[T]) -> T:
@@ -109,8 +151,18 @@ class PostgresStore(Store):
         """Run ``ops`` in one transaction; durable when it returns (synchronous_commit)."""
         assert self._pool is not None
         results: list[Any] = []
+        locks = client_id_locks(ops)
         try:
             async with self._pool.acquire() as conn, conn.transaction():
+                if locks:
+                    # A batch inserting one of these client ids commits before this one
+                    # goes on; then this one's probes (new statements, READ COMMITTED) see
+                    # its message and answer as to a retry, instead of inserting again.
+                    # No deadlock: a transaction waiting here holds no row lock, only
+                    # smaller keys of these (sorted); one past here waits only for row
+                    # locks (taken in the batch's key order), never for another's insert
+                    # of one of its client ids (that one waits here).
+                    await conn.execute(_LOCK_CLIENT_IDS, locks)
                 for op, n in coalesced(ops, row_locks=True):
                     try:
                         r = await drive(conn, op)
