@@ -36,8 +36,9 @@ def scenario(seed: int, users: list[str], n: int) -> tuple[list[tuple[str, str]]
             sends.append(rnd.choice(sends))  # the same (sender, recipient, id) again
         elif i >= n // 3 and roll < 0.2:
             # An id reused in another conversation, from an earlier round (on PostgreSQL,
-            # two conversations' batches commit in parallel: reused in the same round, the
-            # second insert would fail its batch).
+            # two conversations' batches commit in parallel: reused in the same round,
+            # which of the two stores the message depends on timing, and the two runs
+            # below could differ; test_client_id_collisions.py covers that case).
             prev = rnd.choice(sends[: i // (n // 3) * (n // 3)])
             sends.append((prev[0], b if b != prev[0] else a, prev[2]))
         else:
