@@ -150,19 +150,17 @@ def append_message(req: SendRequest, now: int) -> Op[tuple[Message, bool]]:
     """Append a message with the next sequence number, atomically with its posting rule.
 
     Returns (message, created). A repeated (sender, client_msg_id) returns the first
-    message and created=False, storing nothing. A 1:1 message's op is a :class:`DmAppend`,
-    which a batch may run together with its neighbours (see :func:`coalesced`).
+    message and created=False, storing nothing. The op is a :class:`MessageAppend`: a
+    batch may run a 1:1 message together with its neighbours (see :func:`coalesced`).
     """
-    if req.check == "dm":
-        return DmAppend(req, now)
-    return _append_message(req, now)
+    return MessageAppend(req, now)
 
 
-class DmAppend(Generator[Query, Any, tuple[Message, bool]]):
-    """The op appending one 1:1 message, with its request kept as data.
+class MessageAppend(Generator[Query, Any, tuple[Message, bool]]):
+    """The op appending one message, with its request kept as data (a batch can see which
+    1:1 sends to run as one :func:`append_dms` op, and which client ids it may insert).
 
-    Run alone it is :func:`_append_message`; a batch runs a run of them as one
-    :func:`append_dms` op instead.
+    Run alone it is :func:`_append_message`.
     """
 
     __slots__ = ("_op", "now", "req")
@@ -193,6 +191,10 @@ MAX_RUN = 256
 _PROBE_STEP = 32
 
 
+def _is_dm_append(op: Op[Any]) -> bool:
+    return isinstance(op, MessageAppend) and op.req.check == "dm"
+
+
 def coalesced(batch: list[Op[Any]], row_locks: bool) -> Iterator[tuple[Op[Any], int]]:
     """A batch's ops as they run: ``(op, 1)`` for an op alone, ``(append_dms(...), n)``
     for a run of ``n`` consecutive 1:1 appends, whose result is the list of their results
@@ -201,7 +203,7 @@ def coalesced(batch: list[Op[Any]], row_locks: bool) -> Iterator[tuple[Op[Any], 
     i, n = 0, len(batch)
     while i < n:
         j = i
-        while j < n and j - i < MAX_RUN and isinstance(batch[j], DmAppend):
+        while j < n and j - i < MAX_RUN and _is_dm_append(batch[j]):
             j += 1
         if j - i > 1:
             yield append_dms(batch[i:j], row_locks), j - i  # type: ignore[arg-type]
@@ -235,7 +237,7 @@ def _upsert_seqs(n: int) -> str:
 _UPSERT_SQL = {n: _upsert_seqs(n) for n in _UPSERT_SIZES}
 
 
-def append_dms(items: list[DmAppend], row_locks: bool = True) -> Op[list[Any]]:
+def append_dms(items: list[MessageAppend], row_locks: bool = True) -> Op[list[Any]]:
     """Append a run of 1:1 messages, with what :func:`_append_message` does for each, in
     one probe for retries and blocks, the sequence upserts, the senders' read positions
     and one executemany for all the messages. Results in the order of ``items``:

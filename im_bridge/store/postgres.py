@@ -19,7 +19,6 @@ import re
 from collections.abc import Callable
 from functools import lru_cache
 from hashlib import blake2b
-from types import GeneratorType
 from typing import Any, TypeVar
 
 import asyncpg
@@ -28,7 +27,7 @@ from im_bridge.errors import Internal, TalkbridgeError
 from im_bridge.store import Store
 from im_bridge.store.groupcommit import GroupCommit
 from im_bridge.store.migrations import MIGRATIONS
-from im_bridge.store.ops import DmAppend, Op, Query, _append_message, coalesced
+from im_bridge.store.ops import MessageAppend, Op, Query, coalesced
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -64,9 +63,6 @@ async def _run(conn: asyncpg.Connection, q: Query) -> Any:
     return None
 
 
-# The op append_message returns for a group message or a server-written one (call logs):
-# a plain generator, whose request is its argument ``req`` until it has run.
-_APPEND_CODE = _append_message.__code__
 # Takes a transaction-level advisory lock on each key of an array, in the array's order.
 _LOCK_CLIENT_IDS = "SELECT count(pg_advisory_xact_lock(k)) FROM unnest($1::bigint[]) AS k"
 
@@ -74,14 +70,9 @@ _LOCK_CLIENT_IDS = "SELECT count(pg_advisory_xact_lock(k)) FROM unnest($1::bigin
 def client_id(op: Op[Any]) -> tuple[str, str] | None:
     """The ``(sender, client_msg_id)`` an op not yet started may insert into ``messages``;
     None for an op that inserts none, or none with a client_msg_id (group notices)."""
-    req: Any = None
-    if isinstance(op, DmAppend):
-        req = op.req
-    elif isinstance(op, GeneratorType) and op.gi_code is _APPEND_CODE and op.gi_frame:
-        req = op.gi_frame.f_locals.get("req")
-    if req is None or req.client_msg_id is None:
+    if not isinstance(op, MessageAppend) or op.req.client_msg_id is None:
         return None
-    return req.sender, req.client_msg_id
+    return op.req.sender, op.req.client_msg_id
 
 
 def client_id_locks(batch: list[Op[Any]]) -> list[int]:

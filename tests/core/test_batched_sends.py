@@ -147,7 +147,7 @@ def test_a_run_locks_each_conversations_rows_before_the_next_conversations():
     each other)."""
     convs = ["dm:ann:bob", "dm:bob:cat", "dm:cat:dan"]
     items = [
-        ops.DmAppend(
+        ops.MessageAppend(
             SendRequest(conv=conv, sender=sender, sender_device="d1", kind="text",
                         body={"text": "hi"}, client_msg_id=f"{conv}-{sender}-{n}",
                         peer=conv.split(":")[2] if sender == conv.split(":")[1]
