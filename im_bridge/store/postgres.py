@@ -63,6 +63,12 @@ async def _run(conn: asyncpg.Connection, q: Query) -> Any:
     return None
 
 
+# Ops in one batch (a lane's transaction). It bounds the client-id locks a transaction
+# holds (one per op at most): PostgreSQL's shared lock table has room for about
+# max_locks_per_transaction x max_connections of them (6,400 by default; one server took
+# 12,500 in one transaction and failed at 13,000), and every node's four lanes hold theirs
+# at once.
+MAX_BATCH = 256
 # Takes a transaction-level advisory lock on each key of an array, in the array's order.
 _LOCK_CLIENT_IDS = "SELECT count(pg_advisory_xact_lock(k)) FROM unnest($1::bigint[]) AS k"
 
@@ -105,7 +111,7 @@ class PostgresStore(Store):
         self.url = url
         self._pool_size = max(pool_size, lanes + 2)  # each lane holds a connection per batch
         self._pool: asyncpg.Pool | None = None
-        self._commit = GroupCommit(self._run_batch, lanes=lanes)
+        self._commit = GroupCommit(self._run_batch, max_batch=MAX_BATCH, lanes=lanes)
 
     async def open(self) -> None:
         self._pool = await asyncpg.create_pool(
