@@ -73,8 +73,9 @@ async def test_late_joiner_starts_on_keyframes_the_relay_asks_for(relay: Relay) 
     """A late joiner's video from every publisher starts on a keyframe the relay asks the
     publisher for (RTCP PLI) when the joiner's leg starts: within seconds, where the
     publishers' own next keyframe is 3,000 frames (100 s) away. (How soon is a speed
-    figure of the machine, not asserted here: 0.1-1.7 s on the project's 2-core machine,
-    with the relay and all four peers in this one process.)"""
+    figure of the machine, not asserted here: under a second in most runs on the
+    project's 2-core machine, 1.0-5.3 s in some on a slow evening, with the relay and all
+    four peers in this one process.)"""
     peers = await _start(relay, ["alice", "bob", "carol"])
     late = Peer(relay, "r1", "dave")
     try:
