@@ -80,4 +80,4 @@ def new_id(prefix: str = "") -> str:
     Ids are not secrets, so a PRNG seeded from the OS (no syscall per id) is enough.
     """
     # One 112-bit number, one format: half the time of two (one is made per message).
-    return f"{prefix}{(time.time_ns() // 1_000_000) << 64 | _prng.getrandbits(64):028x}"
+    return f"{prefix}{now_ms() << 64 | _prng.getrandbits(64):028x}"
