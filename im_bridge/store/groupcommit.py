@@ -74,7 +74,7 @@ class GroupCommit:
             op.close()
             raise RuntimeError("store is closing")
         lanes = self._lanes
-        lane = lanes[zlib.crc32(key.encode()) % len(lanes)] if len(lanes) > 1 else lanes[0]
+        lane = lanes[lane_index(key, len(lanes))] if len(lanes) > 1 else lanes[0]
         lane.pending.append((key, op, done))
         lane.wakeup.set()
 
@@ -103,6 +103,11 @@ class GroupCommit:
         for lane in self._lanes:
             lane.wakeup.set()
         await asyncio.gather(*(lane.task for lane in self._lanes if lane.task is not None))
+
+
+def lane_index(key: str, lanes: int) -> int:
+    """The lane (of ``lanes``) that ops with ``key`` queue in: the same on every node."""
+    return zlib.crc32(key.encode()) % lanes
 
 
 def _answer(batch: list[tuple[str, Op[Any], Done]], results: list[Any]) -> None:

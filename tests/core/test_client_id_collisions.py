@@ -10,26 +10,22 @@ PostgreSQL.
 from __future__ import annotations
 
 import asyncio
-import zlib
 
 import pytest
 
+from im_bridge.ids import dm_conv, group_conv
 from im_bridge.messages import ChatService, Sent
 from im_bridge.models import SendRequest
 from im_bridge.store import Store, group_ops, ops
+from im_bridge.store.groupcommit import lane_index
 from im_bridge.store.postgres import PostgresStore
 
 LANES = 4  # PostgresStore's default
 
 
 def lane(conv: str) -> int:
-    """The group-commit lane of a conversation (groupcommit.py: crc32 of the key)."""
-    return zlib.crc32(conv.encode()) % LANES
-
-
-def dm(a: str, b: str) -> str:
-    """The dm conversation of two users."""
-    return ":".join(["dm", *sorted((a, b))])
+    """The group-commit lane of a conversation on PostgreSQL."""
+    return lane_index(conv, LANES)
 
 
 def peers_in_lanes(sender: str, lanes: list[int], prefix: str) -> list[str]:
@@ -40,7 +36,7 @@ def peers_in_lanes(sender: str, lanes: list[int], prefix: str) -> list[str]:
         while True:
             n += 1
             peer = f"{prefix}{n}"
-            if lane(dm(sender, peer)) == want:
+            if lane(dm_conv(sender, peer)) == want:
                 out.append(peer)
                 break
     return out
@@ -101,8 +97,8 @@ async def test_one_client_id_in_two_conversations_at_once_is_a_retry(store: Stor
         # One message stored for the two sends, in the conversation of the one that won.
         stored = []
         for peer in (one, two):
-            convs.add(dm(user, peer))
-            msgs, _ = await store.read(ops.history(dm(user, peer), 1, None, None, None, 10))
+            convs.add(dm_conv(user, peer))
+            msgs, _ = await store.read(ops.history(dm_conv(user, peer), 1, None, None, None, 10))
             stored += msgs
         assert stored == [first.message]
         # The retry's answer stays the same afterwards, from either conversation.
@@ -115,11 +111,11 @@ async def test_one_client_id_in_two_conversations_at_once_is_a_retry(store: Stor
 async def test_one_client_id_in_a_group_and_a_dm_at_once_is_a_retry(store: Store):
     chat = ChatService(store)
     # A group whose conversation is in another lane than alice's dm with bob.
-    group = next(g for g in (f"grp{n}" for n in range(100)) if lane(f"g:{g}") == 2)
+    group = next(g for g in (f"grp{n}" for n in range(100)) if lane(group_conv(g)) == 2)
     (bob,) = peers_in_lanes("alice", [3], "q")
     await store.write(
         group_ops.create(group, "G", "alice", ["bob", "cat"], "open", "", "", 1, 100),
-        key=f"g:{group}",
+        key=group_conv(group),
     )
     await warm_up(chat)
     # Others' sends in every lane: in the group's lane after alice's (a dm would run
@@ -139,10 +135,10 @@ async def test_one_client_id_in_a_group_and_a_dm_at_once_is_a_retry(store: Store
     assert isinstance(to_group, Sent) and isinstance(to_bob, Sent)
     assert sorted([to_group.created, to_bob.created]) == [False, True]
     assert to_group.message == to_bob.message
-    in_dm, _ = await store.read(ops.history(dm("alice", bob), 1, None, None, None, 10))
-    in_group, _ = await store.read(ops.history(f"g:{group}", 1, None, None, None, 10))
+    in_dm, _ = await store.read(ops.history(dm_conv("alice", bob), 1, None, None, None, 10))
+    in_group, _ = await store.read(ops.history(group_conv(group), 1, None, None, None, 10))
     assert [m for m in in_dm + in_group if m.client_msg_id == "same"] == [to_group.message]
-    convs = {dm("alice", bob), f"g:{group}"}
+    convs = {dm_conv("alice", bob), group_conv(group)}
     convs |= {r.message.conv for r in results if isinstance(r, Sent)}
     await assert_gap_free(store, convs)
 
