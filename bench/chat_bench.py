@@ -52,7 +52,7 @@ def load(args: argparse.Namespace, url: str, transport: str, pid: int, label: st
 def chat_row(label: str, report: dict[str, Any]) -> dict[str, Any]:
     """The figures one chat run contributes to the table."""
     s = report["scenarios"]["chat"]
-    lat = s["headline"]["latency_ms"]
+    lat = s["headline"]["steady_latency_ms"]
     gen = report["generator"]
     return {
         "server": label,
@@ -61,7 +61,7 @@ def chat_row(label: str, report: dict[str, Any]) -> dict[str, Any]:
         "p50_ms": lat.get("p50"),
         "p99_ms": lat.get("p99"),
         "max_ms": lat.get("max"),
-        "reply_p99_ms": s["latency_ms"].get("send_reply", {}).get("p99"),
+        "reply_p99_ms": s["steady_latency_ms"].get("send_reply", {}).get("p99"),
         "delivered": s["counts"].get("delivered", 0),
         "lost": s["checks"].get("lost"),
         "duplicates": s["checks"].get("duplicates"),

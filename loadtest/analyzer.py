@@ -138,12 +138,15 @@ def analyze(records: list[dict[str, Any]]) -> dict[str, Any]:
         steady_counts: Counter[str] = Counter()
         errors: Counter[str] = Counter()
         hists: dict[str, HdrHistogram] = {}
+        # The same, from the intervals at full load only (after the ramp, before the drain).
+        steady_hists: dict[str, HdrHistogram] = {}
         for s in snaps:
             sc = s["scenarios"].get(name)
             if sc is None:
                 continue
             counts.update(sc["counts"])
             errors.update(sc["errors"])
+            frac = 0.0
             if s["phase"] == "run":
                 run_counts.update(sc["counts"])
                 # Intervals are ~1 s; weigh one that straddles the ramp end by its overlap.
@@ -156,6 +159,13 @@ def analyze(records: list[dict[str, Any]]) -> dict[str, Any]:
                 if h is None:
                     h = hists[k] = new_histogram()
                 _add(h, enc)
+                # A histogram cannot be split: an interval straddling the ramp's end
+                # counts as steady when most of it is.
+                if frac >= 0.5:
+                    h = steady_hists.get(k)
+                    if h is None:
+                        h = steady_hists[k] = new_histogram()
+                    _add(h, enc)
         cls = registry.get(name)
         checks = cls.checks(dict(counts), dict(errors)) if cls else {}
         if "storm" in hists and hists["storm"].get_max_value():
@@ -165,6 +175,8 @@ def analyze(records: list[dict[str, Any]]) -> dict[str, Any]:
                 counts.get("connected", 0) / (hists["storm"].get_max_value() / 1e6), 1
             )
         counter, lat = info["headline"]
+        head_hist = steady_hists.get(lat, hists.get(lat))
+        head_steady = summarize(head_hist) if head_hist is not None else {"count": 0}
         scen[name] = {
             "clients": info["clients"],
             "units": info["units"],
@@ -174,12 +186,16 @@ def analyze(records: list[dict[str, Any]]) -> dict[str, Any]:
             "rates": {k: round(v / run_s, 1) for k, v in sorted(run_counts.items())},
             "steady_rates": {k: round(v / steady_s, 1) for k, v in sorted(steady_counts.items())},
             "latency_ms": {k: summarize(h) for k, h in sorted(hists.items())},
+            "steady_latency_ms": {k: summarize(h) for k, h in sorted(steady_hists.items())},
             "headline": {
                 "counter": counter,
                 "per_s": round(run_counts.get(counter, 0) / run_s, 1),
                 "steady_per_s": round(steady_counts.get(counter, 0) / steady_s, 1),
                 "latency": lat,
                 "latency_ms": summarize(hists[lat]) if lat in hists else {"count": 0},
+                # At full load, as the steady rate: the ramp's lightly loaded seconds and
+                # the drain's last replies would otherwise pull the percentiles down.
+                "steady_latency_ms": head_steady,
             },
             "checks": checks,
             "facts": _facts(records, name),
@@ -474,7 +490,7 @@ def compare(target: dict[str, Any], baseline: dict[str, Any]) -> dict[str, Any]:
             ratio = round(th["steady_per_s"] / bh["steady_per_s"], 3)
         lat = {}
         for q in ("p50", "p99", "max"):
-            tv, bv = th["latency_ms"].get(q), bh["latency_ms"].get(q)
+            tv, bv = th["steady_latency_ms"].get(q), bh["steady_latency_ms"].get(q)
             if tv is not None and bv:
                 lat[q] = round(float(tv) / float(bv), 3)
         out[name] = {

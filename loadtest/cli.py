@@ -258,12 +258,12 @@ def summary_text(report: dict[str, Any]) -> str:
     def add(label: str, rep: dict[str, Any]) -> None:
         for name, s in rep["scenarios"].items():
             h = s["headline"]
-            lat = h["latency_ms"]
+            lat = h["steady_latency_ms"]
             rows.append(
                 (
                     label,
                     name,
-                    f"{h['per_s']:,.0f} {h['counter']}/s",
+                    f"{h['steady_per_s']:,.0f} {h['counter']}/s",
                     str(lat.get("p50", "-")),
                     str(lat.get("p99", "-")),
                     str(lat.get("max", "-")),

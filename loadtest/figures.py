@@ -33,7 +33,7 @@ def _run(argv: list[str]) -> dict[str, Any]:
 def _row(what: str, report: dict[str, Any], scenario: str, unit: str) -> dict[str, Any]:
     s = report["scenarios"][scenario]
     h = s["headline"]
-    lat = h["latency_ms"]
+    lat = h["steady_latency_ms"]
     gen = report["generator"]
     return {
         "what": what,

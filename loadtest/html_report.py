@@ -91,7 +91,7 @@ def _scenario_rows(report: dict[str, Any], label: str) -> list[list[Any]]:
     rows = []
     for name, s in report["scenarios"].items():
         h = s["headline"]
-        lat = h["latency_ms"]
+        lat = h["steady_latency_ms"]
         rows.append(
             [
                 label,
