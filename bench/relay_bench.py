@@ -58,6 +58,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from media import aiortc_adapter as adapter  # noqa: E402
+from media.eventloop import new_event_loop  # noqa: E402
 from media.frames import Vp8Assembler  # noqa: E402
 from media.host_addresses import restrict_host_addresses  # noqa: E402
 from media.relay import Relay  # noqa: E402
@@ -549,7 +550,8 @@ def run_one(mode: str, subscribers: int, args: argparse.Namespace, port: int,
     procs: list[Proc] = []
     try:
         serve = Proc("serve", "--mode", mode, "--port", str(port), "--bitrate", str(args.bitrate),
-                     *(["--profile", args.profile] if profile else []))
+                     *(["--profile", args.profile] if profile else []),
+                     *(["--stock-loop"] if args.stock_loop else []))
         procs.append(serve)
         serve.expect("READY")
         encoded = None
@@ -721,6 +723,7 @@ def main() -> None:
     s.add_argument("--port", type=int, required=True)
     s.add_argument("--bitrate", type=int, default=1_000_000)
     s.add_argument("--profile")
+    s.add_argument("--stock-loop", action="store_true")
     p = sub.add_parser("publish")
     p.add_argument("--port", type=int, required=True)
     p.add_argument("--bitrate", type=int, default=1_000_000)
@@ -740,13 +743,17 @@ def main() -> None:
     ap.add_argument("--per-process", type=int, default=8, help="subscriber peers per process")
     ap.add_argument("--profile", help="cProfile the forwarding relay at the largest run into FILE")
     ap.add_argument("--json", help="write the results to FILE")
+    ap.add_argument("--stock-loop", action="store_true",
+                    help="run the relay on asyncio's stock loop (one datagram per wake-up)")
     args = ap.parse_args()
     if args.cmd in ("serve", "publish", "subscribe"):
         restrict_host_addresses(["127.0.0.1"])
         if args.cmd == "serve":
             runner = {"forward": serve_forward, "forward-pack": serve_forward,
                       "stock": serve_stock, "direct": serve_direct}
-            asyncio.run(runner[args.mode](args))
+            factory = asyncio.SelectorEventLoop if args.stock_loop else new_event_loop
+            with asyncio.Runner(loop_factory=factory) as loop_runner:
+                loop_runner.run(runner[args.mode](args))
         elif args.cmd == "publish":
             asyncio.run(publish_main(args))
         else:

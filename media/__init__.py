@@ -11,5 +11,7 @@ Entry points (nothing is imported here, so ``import media.host_addresses`` stays
 Modules: ``aiortc_adapter`` (the only code touching aiortc internals, version-pinned),
 ``frames`` (frame reassembly from RTP), ``forwarding`` (per-subscriber queues, keyframe
 requests, bitrate choice), ``sdp_codecs`` (codec checks), ``relay``, ``pool``, ``worker``,
-``placement``, ``service``, ``host_addresses`` (loopback ICE gathering).
+``placement``, ``service``, ``host_addresses`` (loopback ICE gathering), ``eventloop``
+(the loop relay processes run on: UDP sockets drained per wake-up, not one datagram a
+turn; asyncio internals, checked at start).
 """

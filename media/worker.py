@@ -16,6 +16,7 @@ import sys
 from typing import Any
 
 from im_bridge.errors import Internal, TalkbridgeError
+from media.eventloop import new_event_loop
 from media.relay import Relay
 
 logger = logging.getLogger("media.worker")
@@ -132,7 +133,8 @@ async def serve(config: dict[str, Any]) -> None:
 def main() -> None:
     """Entry point: ``python -m media.worker '<json config>'``."""
     logging.basicConfig(stream=sys.stderr, level=logging.WARNING)
-    asyncio.run(serve(json.loads(sys.argv[1])))
+    with asyncio.Runner(loop_factory=new_event_loop) as runner:
+        runner.run(serve(json.loads(sys.argv[1])))
 
 
 if __name__ == "__main__":

@@ -67,6 +67,7 @@ def main(argv: list[str] | None = None) -> int:
         tok, _ = TokenVerifier(config).mint(args.user, ttl=args.ttl, **extra)
         print(tok)
         return 0
+    from media.eventloop import new_event_loop
     from signaling.app import create_app
 
     raise_fd_limit()
@@ -75,6 +76,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"talkbridge serving on http://{config.host}:{config.port}/", file=sys.stderr, flush=True)
     web.run_app(
         app,
+        loop=new_event_loop(),  # the embedded relay's UDP sockets drain per wake-up
         host=config.host,
         port=config.port,
         print=None,

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import subprocess
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Iterator, Mapping
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from im_bridge.store import Store, open_store
+from media.eventloop import new_event_loop
 from media.host_addresses import restrict_host_addresses
 from tests.support import Node, fresh_store, running_node
 
@@ -18,6 +20,11 @@ def only_loopback() -> bool:
     out = subprocess.run(["ip", "-o", "link"], capture_output=True, text=True, check=True).stdout
     names = [line.split(":")[1].strip().split("@")[0] for line in out.splitlines() if line.strip()]
     return names == ["lo"]
+
+
+def pytest_asyncio_loop_factories(config: pytest.Config, item: pytest.Item) -> Mapping[str, Any]:
+    """Async tests run on the loop the server and the relay run on (media/eventloop.py)."""
+    return {"media-loop": new_event_loop}
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
