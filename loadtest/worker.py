@@ -21,6 +21,7 @@ from loadtest.scenarios import load_all
 from loadtest.scenarios.base import Context, Scenario
 from loadtest.tokens import Users
 from loadtest.wire import Target
+from media.eventloop import new_event_loop
 from signaling.cli import raise_fd_limit
 
 LAG_PERIOD = 0.05
@@ -53,7 +54,9 @@ def entry(plan: WorkerPlan, queue: Any, go: Any, go_at: Any) -> None:
     """Process entry point."""
     raise_fd_limit()
     try:
-        asyncio.run(_main(plan, queue, go, go_at))
+        # The relay's loop: simulated call members read their UDP sockets as it does.
+        with asyncio.Runner(loop_factory=new_event_loop) as runner:
+            runner.run(_main(plan, queue, go, go_at))
     except BaseException:
         queue.put(("failed", plan.worker, traceback.format_exc()))
         raise
