@@ -92,7 +92,13 @@ class Peer:
         self._tasks: list[asyncio.Task[None]] = []
         self._video = MovingPicture() if publish else None
         self._audio = Tone(loudness) if publish else None
+        self.connected_at: float | None = None
         self.pc.on("track", self._on_track)
+
+        @self.pc.on("connectionstatechange")
+        def _state() -> None:
+            if self.pc.connectionState == "connected" and self.connected_at is None:
+                self.connected_at = time.monotonic()
 
     async def join(self) -> dict[str, Any]:
         self._tasks.append(asyncio.ensure_future(self._run_inbox()))

@@ -89,18 +89,27 @@ async def test_late_joiner_starts_on_keyframes_the_relay_asks_for(relay: Relay) 
         await asyncio.sleep(1.5)
         before = _plis_sent(relay)
         await late.join()
-        assert await wait_for(lambda: late.pc.connectionState == "connected", 10)
         assert await wait_for(
-            lambda: all(late.frames[(o, "video")] > 0 for o in ("alice", "bob", "carol")), 1
+            lambda: all(late.frames[(o, "video")] > 0 for o in ("alice", "bob", "carol")), 10
         ), f"late joiner got {dict(late.frames)}"
+        assert late.pc.connectionState == "connected"
         after = _plis_sent(relay)
+        # Time from its connection coming up to its first decoded frame of each publisher.
+        up = _connected_at(late)
         for o in ("alice", "bob", "carol"):
             assert after[o] > before[o], f"no keyframe request to {o}: {before} -> {after}"
+            waited = late.first_frame_at[(o, "video")] - up
+            assert waited < 1.0, f"first video from {o} {waited:.2f}s after connecting"
             assert late.sizes[o] == (WIDTH, HEIGHT)
     finally:
         await late.close()
         for p in peers:
             await p.close()
+
+
+def _connected_at(peer: Peer) -> float:
+    assert peer.connected_at is not None
+    return peer.connected_at
 
 
 def _plis_sent(relay: Relay) -> dict[str, int]:
