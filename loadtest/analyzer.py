@@ -25,8 +25,19 @@ CPU_LAG_BUSY = 0.6
 PSI_DISTURBED = 0.2
 
 
+def _decode(encoded: str) -> HdrHistogram:
+    return HdrHistogram.decode(encoded.encode("ascii") if isinstance(encoded, str) else encoded)
+
+
 def _add(h: HdrHistogram, encoded: str) -> None:
-    h.add(HdrHistogram.decode(encoded.encode("ascii") if isinstance(encoded, str) else encoded))
+    h.add(_decode(encoded))
+
+
+def _merge(into: dict[str, HdrHistogram], name: str, interval: HdrHistogram) -> None:
+    h = into.get(name)
+    if h is None:
+        h = into[name] = new_histogram()
+    h.add(interval)
 
 
 def summarize(h: HdrHistogram) -> dict[str, float | int]:
@@ -155,17 +166,12 @@ def analyze(records: list[dict[str, Any]]) -> dict[str, Any]:
                     for k, v in sc["counts"].items():
                         steady_counts[k] += v * frac
             for k, enc in sc["hists"].items():
-                h = hists.get(k)
-                if h is None:
-                    h = hists[k] = new_histogram()
-                _add(h, enc)
+                interval = _decode(enc)
+                _merge(hists, k, interval)
                 # A histogram cannot be split: an interval straddling the ramp's end
                 # counts as steady when most of it is.
                 if frac >= 0.5:
-                    h = steady_hists.get(k)
-                    if h is None:
-                        h = steady_hists[k] = new_histogram()
-                    _add(h, enc)
+                    _merge(steady_hists, k, interval)
         cls = registry.get(name)
         checks = cls.checks(dict(counts), dict(errors)) if cls else {}
         if "storm" in hists and hists["storm"].get_max_value():
@@ -440,10 +446,7 @@ def _timeseries(
             b["counts"][name].update(sc["counts"])
             b["errors"].update({f"{name}/{k}": v for k, v in sc["errors"].items()})
             for k, enc in sc["hists"].items():
-                h = b["hists"][name].get(k)
-                if h is None:
-                    h = b["hists"][name][k] = new_histogram()
-                _add(h, enc)
+                _merge(b["hists"][name], k, _decode(enc))
     srv_by: dict[int, dict[str, Any]] = {}
     for r in server:
         k = math.floor(r["t"] - go)
