@@ -63,6 +63,8 @@ async def _run(conn: asyncpg.Connection, q: Query) -> Any:
     return None
 
 
+# Group-commit lanes: transactions in flight at once, conversations hashed over them.
+LANES = 4
 # Ops in one batch (a lane's transaction). It bounds the client-id locks a transaction
 # holds (one per op at most): PostgreSQL's shared lock table has room for about
 # max_locks_per_transaction x max_connections of them (6,400 by default; one server took
@@ -107,7 +109,7 @@ async def drive(conn: asyncpg.Connection, op: Op[T]) -> T:
 class PostgresStore(Store):
     """Store over PostgreSQL."""
 
-    def __init__(self, url: str, pool_size: int = 8, lanes: int = 4) -> None:
+    def __init__(self, url: str, pool_size: int = 8, lanes: int = LANES) -> None:
         self.url = url
         self._pool_size = max(pool_size, lanes + 2)  # each lane holds a connection per batch
         self._pool: asyncpg.Pool | None = None

@@ -18,9 +18,7 @@ from im_bridge.messages import ChatService, Sent
 from im_bridge.models import SendRequest
 from im_bridge.store import Store, group_ops, ops
 from im_bridge.store.groupcommit import lane_index
-from im_bridge.store.postgres import PostgresStore
-
-LANES = 4  # PostgresStore's default
+from im_bridge.store.postgres import LANES, PostgresStore
 
 
 def lane(conv: str) -> int:
