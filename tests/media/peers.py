@@ -87,7 +87,6 @@ class Peer:
         self.frames: dict[tuple[str, str], int] = defaultdict(int)
         self.first_frame_at: dict[tuple[str, str], float] = {}
         self.sizes: dict[str, tuple[int, int]] = {}
-        self.joined_at = 0.0
         self._inbox: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
         self._tasks: list[asyncio.Task[None]] = []
         self._video = MovingPicture() if publish else None
@@ -102,7 +101,6 @@ class Peer:
 
     async def join(self) -> dict[str, Any]:
         self._tasks.append(asyncio.ensure_future(self._run_inbox()))
-        self.joined_at = time.monotonic()
         return await self.relay.join(
             self.room,
             self.name,
