@@ -181,8 +181,9 @@ def analyze(records: list[dict[str, Any]]) -> dict[str, Any]:
                 counts.get("connected", 0) / (hists["storm"].get_max_value() / 1e6), 1
             )
         counter, lat = info["headline"]
-        head_hist = steady_hists.get(lat, hists.get(lat))
-        head_steady = summarize(head_hist) if head_hist is not None else {"count": 0}
+        latency = {k: summarize(h) for k, h in sorted(hists.items())}
+        steady_latency = {k: summarize(h) for k, h in sorted(steady_hists.items())}
+        none: dict[str, float | int] = {"count": 0}
         scen[name] = {
             "clients": info["clients"],
             "units": info["units"],
@@ -191,17 +192,17 @@ def analyze(records: list[dict[str, Any]]) -> dict[str, Any]:
             "errors": dict(sorted(errors.items())),
             "rates": {k: round(v / run_s, 1) for k, v in sorted(run_counts.items())},
             "steady_rates": {k: round(v / steady_s, 1) for k, v in sorted(steady_counts.items())},
-            "latency_ms": {k: summarize(h) for k, h in sorted(hists.items())},
-            "steady_latency_ms": {k: summarize(h) for k, h in sorted(steady_hists.items())},
+            "latency_ms": latency,
+            "steady_latency_ms": steady_latency,
             "headline": {
                 "counter": counter,
                 "per_s": round(run_counts.get(counter, 0) / run_s, 1),
                 "steady_per_s": round(steady_counts.get(counter, 0) / steady_s, 1),
                 "latency": lat,
-                "latency_ms": summarize(hists[lat]) if lat in hists else {"count": 0},
+                "latency_ms": latency.get(lat, none),
                 # At full load, as the steady rate: the ramp's lightly loaded seconds and
                 # the drain's last replies would otherwise pull the percentiles down.
-                "steady_latency_ms": head_steady,
+                "steady_latency_ms": steady_latency.get(lat, latency.get(lat, none)),
             },
             "checks": checks,
             "facts": _facts(records, name),
