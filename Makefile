@@ -5,11 +5,13 @@ PIP    := $(PY) -m pip
 HOST   ?= 127.0.0.1
 PORT   ?= 8080
 DATA   ?= ./data
+# The interpreter .venv is built with: see scripts/pick-python (`make clean` to rebuild).
+PYTHON ?= $(shell scripts/pick-python)
 
 .PHONY: run test lint typecheck pytest deps dev-deps bench clean
 
 $(VENV)/bin/python:
-	python3 -m venv $(VENV)
+	$(PYTHON) -m venv $(VENV)
 	$(PIP) install -q --upgrade pip
 
 $(VENV)/.deps: requirements.txt pyproject.toml | $(VENV)/bin/python
