@@ -1,8 +1,10 @@
-"""Lean client connections for the load generator: raw aiohttp WebSocket or socket.io.
+"""Lean client connections for the load generator: WebSocket (picows) or socket.io.
 
 Deliberately not built on signaling/client.py: a load generator must add as little per-frame
-work as possible, so a connection is a socket plus one reader task that hands each decoded
-frame to a plain callback (no queues, no futures per request).
+work as possible, so a connection hands each decoded frame to a plain callback (no queues,
+no futures per request). WebSocket connections use picows, whose frame parser, masking and
+transport are compiled: against aiohttp's client (reader task per connection, a wake-up per
+frame) the generator's CPU per chat message fell by about a third (loadtest/README.md).
 """
 
 from __future__ import annotations
@@ -16,9 +18,13 @@ from urllib.parse import urlsplit, urlunsplit
 
 import aiohttp
 import msgspec
+import picows
 
 Frame = dict[str, Any]
 Handler = Callable[[Frame], None]
+
+# The largest frame a connection accepts (group history pages, call offers: far below).
+MAX_FRAME_BYTES = 16 * 1024 * 1024
 
 _encode = msgspec.json.Encoder().encode
 _decode = msgspec.json.Decoder().decode
@@ -75,108 +81,145 @@ def _noop(_frame: Frame) -> None:
     return None
 
 
-class WsConn(Conn):
-    """A raw aiohttp WebSocket connection speaking talkbridge's frames."""
+class WsConn(Conn, picows.WSListener):
+    """One WebSocket connection speaking talkbridge's frames; picows calls it per frame.
 
-    def __init__(self, ws: aiohttp.ClientWebSocketResponse, user: str, device: str) -> None:
-        self.ws = ws
+    Frames that arrive before :meth:`start` (the scenario has not set ``handler`` yet) wait
+    and are handed over, in order, when it is called.
+    """
+
+    def __init__(self, user: str, device: str) -> None:
         self.user = user
         self.device = device
         self.handler: Handler = _noop
         self.closed = False
         self.close_code: int | None = None
         self.on_close: Callable[[WsConn], None] | None = None
-        self._reader: asyncio.Task[None] | None = None
+        self.transport: picows.WSTransport | None = None
+        self._started = False
+        self._early: list[Frame] = []
+        self._fragments: bytearray | None = None
+        self._first: asyncio.Future[Frame] = asyncio.get_running_loop().create_future()
 
     def start(self) -> None:
-        """Start the reader task (after ``handler`` is set)."""
-        self._reader = asyncio.get_running_loop().create_task(self._read())
+        """Hand frames to ``handler`` from now on (after it is set), the early ones first."""
+        self._started = True
+        early, self._early = self._early, []
+        for frame in early:
+            self.handler(frame)
 
-    async def _read(self) -> None:
-        ws = self.ws
-        try:
-            while True:
-                msg = await ws.receive()
-                if msg.type is aiohttp.WSMsgType.TEXT or msg.type is aiohttp.WSMsgType.BINARY:
-                    # Looked up per frame: scenarios swap handlers (set-up requests).
-                    self.handler(_decode(msg.data))
-                elif msg.type in (
-                    aiohttp.WSMsgType.CLOSE,
-                    aiohttp.WSMsgType.CLOSING,
-                    aiohttp.WSMsgType.CLOSED,
-                    aiohttp.WSMsgType.ERROR,
-                ):
-                    break
-        finally:
-            self.closed = True
-            self.close_code = ws.close_code
-            if self.on_close is not None:
-                self.on_close(self)
+    # picows's callbacks
+
+    def on_ws_connected(self, transport: picows.WSTransport) -> None:
+        self.transport = transport
+
+    def on_ws_frame(self, transport: picows.WSTransport, frame: picows.WSFrame) -> None:
+        kind = frame.msg_type
+        if kind is picows.WSMsgType.TEXT or kind is picows.WSMsgType.BINARY:
+            if not frame.fin:  # the first of a fragmented message
+                self._fragments = bytearray(frame.get_payload_as_memoryview())
+                return
+            self._deliver(_decode(frame.get_payload_as_memoryview()))
+        elif kind is picows.WSMsgType.CONTINUATION:
+            if self._fragments is None:
+                transport.send_close(picows.WSCloseCode.PROTOCOL_ERROR)
+                transport.disconnect()
+                return
+            self._fragments += frame.get_payload_as_memoryview()
+            if frame.fin:
+                payload, self._fragments = bytes(self._fragments), None
+                self._deliver(_decode(payload))
+        elif kind is picows.WSMsgType.CLOSE:
+            self.close_code = int(frame.get_close_code().value)
+            transport.send_close(frame.get_close_code())
+            transport.disconnect()
+
+    def on_ws_disconnected(self, transport: picows.WSTransport) -> None:
+        if not self._first.done():
+            self._first.set_exception(ConnectionError("closed before auth.ok"))
+        if self.closed:
+            return
+        self.closed = True
+        if self.on_close is not None:
+            self.on_close(self)
+
+    def _deliver(self, frame: Frame) -> None:
+        if self._started:
+            self.handler(frame)  # looked up per frame: scenarios swap handlers
+        elif not self._first.done():
+            self._first.set_result(frame)
+        else:
+            self._early.append(frame)
+
+    # sending
+
+    def send_bytes_now(self, payload: bytes) -> None:
+        """Send one encoded text frame now (picows writes synchronously)."""
+        if self.closed or self.transport is None:
+            raise ConnectionResetError("connection closed")
+        self.transport.send(picows.WSMsgType.TEXT, payload)
 
     async def send(self, frame: Frame) -> None:
         """Send one frame."""
-        await self.ws.send_str(_encode(frame).decode())
+        self.send_bytes_now(_encode(frame))
 
     async def send_text(self, text: str) -> None:
         """Send a pre-encoded frame."""
-        await self.ws.send_str(text)
+        self.send_bytes_now(text.encode())
 
     async def close(self) -> None:
-        """Close the socket and wait for the reader to finish."""
-        if not self.ws.closed:
+        """Close the connection (close handshake, at most 2 s) and mark it closed."""
+        transport = self.transport
+        if transport is not None and not transport.is_disconnected:
             with contextlib.suppress(Exception):
-                await self.ws.close()
-        if self._reader is not None:
-            with contextlib.suppress(asyncio.CancelledError, Exception):
+                transport.send_close(picows.WSCloseCode.OK)
+                transport.disconnect()
                 async with asyncio.timeout(2.0):
-                    await self._reader
+                    await transport.wait_disconnected()
         self.closed = True
 
 
 async def connect_ws(
-    session: aiohttp.ClientSession,
     target: Target,
     user: str,
     device: str,
     token: str,
     timeout: float = 15.0,
 ) -> WsConn:
-    """Open, authenticate and return a connection whose reader is not yet started."""
+    """Open, authenticate and return a connection; frames wait until ``start()``."""
     headers = {"Authorization": f"Bearer {token}"} if target.auth == "header" else {}
     try:
         # Bounded: a server that accepts TCP but never upgrades must not stall the run.
         async with asyncio.timeout(timeout):
-            ws = await session.ws_connect(
+            transport, conn = await picows.ws_connect(
+                lambda: WsConn(user, device),
                 target.url,
-                headers=headers,
-                heartbeat=None,
-                autoping=True,
-                max_msg_size=0,
-                timeout=aiohttp.ClientWSTimeout(ws_receive=None, ws_close=5.0),
+                extra_headers=headers,
+                websocket_handshake_timeout=timeout,
+                max_frame_size=MAX_FRAME_BYTES,
             )
     except TimeoutError as exc:
         raise ConnectError("handshake_timeout") from exc
-    except aiohttp.WSServerHandshakeError as exc:
-        raise ConnectError(f"http_{exc.status}", str(exc)) from exc
-    except (aiohttp.ClientError, OSError) as exc:
+    except picows.WSHandshakeError as exc:
+        status = exc.response.status if exc.response is not None else "handshake"
+        raise ConnectError(f"http_{status}", str(exc)) from exc
+    except (picows.WSError, OSError) as exc:
         raise ConnectError(type(exc).__name__, str(exc)) from exc
+    assert isinstance(conn, WsConn)
+    conn.transport = transport
     try:
         if target.auth == "frame":
-            await ws.send_str(encode({"type": "auth", "token": token, "device": device}))
+            conn.send_bytes_now(_encode({"type": "auth", "token": token, "device": device}))
         # The first frame must be auth.ok (or the unauthorized error).
         async with asyncio.timeout(timeout):
-            msg = await ws.receive()
-    except (TimeoutError, aiohttp.ClientError, OSError) as exc:
-        await ws.close()
+            first = await conn._first
+    except (TimeoutError, ConnectionError) as exc:
+        await conn.close()
         raise ConnectError("auth_timeout" if isinstance(exc, TimeoutError) else "closed") from exc
-    if msg.type is not aiohttp.WSMsgType.TEXT:
-        await ws.close()
-        raise ConnectError("closed", f"{msg.type!r} before auth.ok")
-    first = _decode(msg.data)
     if first.get("type") != "auth.ok":
-        await ws.close()
+        await conn.close()
         raise ConnectError(str(first.get("code") or first.get("type") or "auth_failed"))
-    return WsConn(ws, user, device)
+    return conn
 
 
 class SioConn(Conn):
@@ -264,4 +307,4 @@ async def connect(
     """Connect with the target's transport; the caller sets ``handler`` then calls ``start``."""
     if target.transport == "socketio":
         return await connect_sio(session, target, user, device, token, timeout)
-    return await connect_ws(session, target, user, device, token, timeout)
+    return await connect_ws(target, user, device, token, timeout)

@@ -75,7 +75,7 @@ class Pair:
         self.pending[k] = [t_ns, False, self.owed]
         self.s.rec.in_flight += 1
         if isinstance(self.sender, WsConn):
-            await self.sender.send_text(self.frame_text(k, t_ns))
+            self.sender.send_bytes_now(self.frame_text(k, t_ns).encode())
         else:
             await self.sender.send(self.s.frame_dict(self, k, t_ns))
         self.s.rec.counts["sent"] += 1
