@@ -53,6 +53,7 @@ class Pair:
         self.overdue: dict[int, int] = {}  # acked, timed out: deliveries still owed
         self.next_k = 0
         self.window: asyncio.Semaphore | None = None
+        self.refill_until: float | None = None  # see _refill
         pad = "x" * max(0, scenario.size - 20)
         # Pre-built frame text: the hot path only formats two numbers in.
         self.template = (
@@ -70,21 +71,45 @@ class Pair:
 
     async def send(self, t_ns: int) -> None:
         """Send the next message, stamped with ``t_ns`` (its intended send time)."""
+        if isinstance(self.sender, WsConn):
+            self.send_now(t_ns)
+            return
+        k = self._track(t_ns)
+        await self.sender.send(self.s.frame_dict(self, k, t_ns))
+        self.s.rec.counts["sent"] += 1
+
+    def send_now(self, t_ns: int) -> None:
+        """:meth:`send` on a WebSocket, which writes synchronously."""
+        assert isinstance(self.sender, WsConn)
+        k = self._track(t_ns)
+        self.sender.send_bytes_now(self.frame_text(k, t_ns).encode())
+        self.s.rec.counts["sent"] += 1
+
+    def _track(self, t_ns: int) -> int:
         k = self.next_k
         self.next_k = k + 1
         self.pending[k] = [t_ns, False, self.owed]
         self.s.rec.in_flight += 1
-        if isinstance(self.sender, WsConn):
-            self.sender.send_bytes_now(self.frame_text(k, t_ns).encode())
-        else:
-            await self.sender.send(self.s.frame_dict(self, k, t_ns))
-        self.s.rec.counts["sent"] += 1
+        return k
 
     def _complete(self, k: int) -> None:
         del self.pending[k]
         self.s.rec.in_flight -= 1
-        if self.window is not None:
+        if self.refill_until is not None:
+            self._refill()
+        elif self.window is not None:
             self.window.release()
+
+    def _refill(self) -> None:
+        """Closed loop on a WebSocket: a completed message's slot sends the next one at once
+        (no task wake-up per message), until the run's end."""
+        assert self.refill_until is not None
+        if time.monotonic() >= self.refill_until or self.sender.closed:
+            return
+        try:
+            self.send_now(time.monotonic_ns())
+        except ConnectionError as exc:  # counted as _drive counts it; the slot stays empty
+            self.s.rec.error(f"send:{type(exc).__name__}")
 
     def on_sender_frame(self, frame: Frame) -> None:
         """Replies to our msg.send."""
@@ -326,6 +351,15 @@ class Chat(Scenario):
 
     async def _closed_loop(self, pair: Pair, stop_at: float) -> None:
         loop = asyncio.get_running_loop()
+        if isinstance(pair.sender, WsConn):
+            # Fill the window; each completion refills its slot (Pair._refill).
+            pair.refill_until = stop_at
+            for _ in range(self.window):
+                if loop.time() >= stop_at or pair.sender.closed:
+                    return
+                pair.send_now(time.monotonic_ns())
+            await asyncio.sleep(max(0.0, stop_at - loop.time()))
+            return
         window = pair.window = asyncio.Semaphore(self.window)
         while True:
             await window.acquire()
