@@ -205,8 +205,7 @@ async def connect_ws(
         raise ConnectError(f"http_{status}", str(exc)) from exc
     except (picows.WSError, OSError) as exc:
         raise ConnectError(type(exc).__name__, str(exc)) from exc
-    assert isinstance(conn, WsConn)
-    conn.transport = transport
+    assert isinstance(conn, WsConn) and conn.transport is transport  # on_ws_connected set it
     try:
         if target.auth == "frame":
             conn.send_bytes_now(_encode({"type": "auth", "token": token, "device": device}))
