@@ -84,6 +84,7 @@ def chat_row(label: str, report: dict[str, Any]) -> dict[str, Any]:
         "generator_limited": gen["bottleneck"],
         "reasons": gen["reasons"],
         "disturbed": gen.get("disturbed", []),
+        "cpu_speed_ms": report["machine"].get("cpu_speed_ms"),
     }
 
 
@@ -104,6 +105,7 @@ def run_chat(args: argparse.Namespace, which: list[str]) -> list[dict[str, Any]]
         row = dict(ranked[(len(ranked) - 1) // 2])
         row["runs_msgs_per_s"] = [r["steady_msgs_per_s"] for r in series]
         row["runs_p99_ms"] = [r["p99_ms"] for r in series]  # the row's p99 is one of these
+        row["runs_cpu_speed_ms"] = [r["cpu_speed_ms"] for r in series]
         row["ok"] = all(r["ok"] for r in series)
         rows.append(row)
     return rows
@@ -165,7 +167,8 @@ def print_table(rows: list[dict[str, Any]], idle: dict[str, Any] | None) -> None
     """The figures and ratios, as the issue asks for them."""
     by = {r["server"]: r for r in rows}
     print("\nmsgs/s: delivered per second after the ramp; latency: send -> deliver; "
-          "noise: cores used by other processes; psi: share of time tasks waited for a CPU")
+          "noise: cores used by other processes; psi: share of time tasks waited for a CPU; "
+          "speed: ms for sum(range(100000)) before each round (the machine; lower is faster)")
     print(f"{'server':20} {'msgs/s':>9} {'p50 ms':>8} {'p99 ms':>8} {'max ms':>8} "
           f"{'lost':>5} {'dup':>4} {'err':>4} {'noise':>6} {'psi':>5}  notes")
     for r in rows:
@@ -173,6 +176,9 @@ def print_table(rows: list[dict[str, Any]], idle: dict[str, Any] | None) -> None
         notes = f"runs {'/'.join(f'{x:,.0f}' for x in runs)} " if len(runs) > 1 else ""
         if len(runs) > 1:
             notes += f"p99s {'/'.join(str(x) for x in r.get('runs_p99_ms', []))} "
+        speeds = [x for x in r.get("runs_cpu_speed_ms") or [r.get("cpu_speed_ms")] if x]
+        if speeds:
+            notes += "speed " + "/".join(f"{x['before']:.2f}" for x in speeds) + " ms "
         notes += " ".join(
             n for n, on in (("generator-limited", r["generator_limited"]),
                             ("disturbed", bool(r["disturbed"]))) if on
@@ -239,6 +245,23 @@ def print_targets(goals: list[dict[str, Any]]) -> None:
         print(f"  {g['what']:40} {g['value']!s:>9}  goal {g['goal']:>16}  {verdict}")
 
 
+def closed_loop_note(rows: list[dict[str, Any]], in_flight: int) -> str | None:
+    """Why the p99 follows the rate: in a closed loop, by Little's law, the mean time a
+    message spends in flight is the messages in flight over the rate, so the p99 cannot be
+    below it. (The generator sends a message's successor the moment it completes.)"""
+    by = {r["server"]: r for r in rows}
+    sq = by.get("talkbridge-sqlite")
+    if sq is None or not sq["steady_msgs_per_s"]:
+        return None
+    mean_ms = 1000 * in_flight / float(sq["steady_msgs_per_s"])
+    floor = in_flight / (GOAL_SQLITE_P99_MS / 1000)
+    return (
+        f"closed loop: {in_flight:,} messages in flight / {sq['steady_msgs_per_s']:,.0f} msgs/s "
+        f"= {mean_ms:.1f} ms a message in flight on average (Little's law); a p99 under "
+        f"{GOAL_SQLITE_P99_MS:g} ms needs more than {floor:,.0f} msgs/s, more with any spread"
+    )
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run the benchmark; exit 1 if any run lost, duplicated or failed messages."""
     p = argparse.ArgumentParser(
@@ -269,6 +292,9 @@ def main(argv: list[str] | None = None) -> int:
     print_table(rows, idle)
     goals = targets(rows, idle)
     print_targets(goals)
+    note = closed_loop_note(rows, args.pairs * args.window)
+    if note:
+        print("  " + note)
     result = {
         "conditions": {
             "cpus": os.cpu_count(), "pairs": args.pairs, "window": args.window,

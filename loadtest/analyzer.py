@@ -227,6 +227,7 @@ def analyze(records: list[dict[str, Any]]) -> dict[str, Any]:
                 (r.get("loadavg") for r in records if r["kind"] == "machine"), None
             ),
             "listen_overflows": _listen_overflows(records),
+            "cpu_speed_ms": _cpu_speed(records),
         },
         "phases_s": {
             "setup": round(setup_end - meta["t"], 3),
@@ -395,6 +396,12 @@ def _other_load(
     # The coordinator itself is small but not nothing; it counts as generator.
     srv = sum(srv_cpu) / len(srv_cpu) if srv_cpu else 0.0
     return round(max(0.0, float(busy) - gen - srv), 3)
+
+
+def _cpu_speed(records: list[dict[str, Any]]) -> dict[str, float] | None:
+    """``{before, after}``: the machine's speed (procstat.cpu_speed_ms) either side of the run."""
+    speeds = [r["ms"] for r in records if r["kind"] == "speed"]
+    return {"before": speeds[0], "after": speeds[-1]} if speeds else None
 
 
 def _listen_overflows(records: list[dict[str, Any]]) -> int | None:

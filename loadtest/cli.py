@@ -296,6 +296,12 @@ def summary_text(report: dict[str, Any]) -> str:
             f"{srv['peak_connections']} connections: "
             f"{srv['rss_per_connection_kb']} KB per connection"
         )
+    speed = report["machine"].get("cpu_speed_ms")
+    if speed:
+        lines.append(
+            f"machine speed: sum(range(100000)) in {speed['before']} ms before the run, "
+            f"{speed['after']} ms after (lower is faster)"
+        )
     overflows = report["machine"].get("listen_overflows")
     if overflows:
         lines.append(

@@ -9,6 +9,14 @@ from typing import Any
 PALETTE = ("#1f77b4", "#d62728", "#2ca02c", "#ff7f0e", "#9467bd", "#8c564b", "#17becf")
 
 
+def _speed(report: dict[str, Any]) -> str:
+    """The machine's speed either side of the run, as the report's heading says it."""
+    speed = report["machine"].get("cpu_speed_ms")
+    if not speed:
+        return ""
+    return f" (sum(range(100000)) in {speed['before']} ms before the run, {speed['after']} after)"
+
+
 def _esc(v: Any) -> str:
     return html.escape(str(v))
 
@@ -192,7 +200,7 @@ def render(report: dict[str, Any]) -> str:
         f"<h1>talkbridge-load: {_esc(report['label'])} ({_esc(report['started_at'])})</h1>",
         f"<p>target {_esc(report['target']['url'])} over {_esc(report['target']['transport'])}, "
         f"{report['config']['workers']} worker(s), {report['config']['duration_s']} s run, "
-        f"{report['machine']['cpus']} CPUs. Overall: "
+        f"{report['machine']['cpus']} CPUs{_speed(report)}. Overall: "
         + ("ok" if report["ok"] else "<span class='bad'>FAILED</span>")
         + "</p>",
         _table(

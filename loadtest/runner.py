@@ -120,6 +120,7 @@ class Run:
         self.records.append({"kind": "meta", **self.meta(), "t": time.time()})
         # Before any worker exists: the server's RSS with none of our connections.
         last_cpu = self._sample_server(time.time(), None, live)
+        self.records.append({"kind": "speed", "t": time.time(), "ms": procstat.cpu_speed_ms()})
         self.records.append(
             {"kind": "machine", "t": time.time(), "busy": procstat.machine_busy_seconds(),
              "psi_us": procstat.cpu_pressure_us(), "loadavg": os.getloadavg()[0],
@@ -215,6 +216,7 @@ class Run:
                     p.kill()
                     p.join()
             self._newline()
+        self.records.append({"kind": "speed", "t": time.time(), "ms": procstat.cpu_speed_ms()})
         for f in failures:
             self.records.append({"kind": "failure", "message": f})
         return self.records

@@ -65,3 +65,11 @@ def test_without_a_ramp_the_headline_covers_the_run_but_not_the_drain() -> None:
     head = report["scenarios"]["chat"]["headline"]
     assert head["steady_latency_ms"]["count"] == 1000
     assert head["steady_latency_ms"]["min"] == 40.0
+
+
+def test_machine_speed_before_and_after_the_run() -> None:
+    records = _records(ramp=0.0, ramp_ms=0.0, load_ms=40.0, drain_ms=1.0)
+    assert analyze(records)["machine"]["cpu_speed_ms"] is None  # a run that took none
+    records.insert(1, {"kind": "speed", "t": T0 + 0.5, "ms": 1.6})
+    records.append({"kind": "speed", "t": T0 + 12.5, "ms": 2.4})
+    assert analyze(records)["machine"]["cpu_speed_ms"] == {"before": 1.6, "after": 2.4}

@@ -76,3 +76,11 @@ def test_idle_connections_goal_needs_ten_thousand_held(bench: ModuleType) -> Non
 
 def test_servers_not_run_are_not_judged(bench: ModuleType) -> None:
     assert bench.targets([row("bare", 40_000, [30.0, 31.0, 32.0])], None) == []
+
+
+def test_closed_loop_note_sets_the_rate_against_the_p99_goal(bench: ModuleType) -> None:
+    rows = [row("talkbridge-sqlite", 16_000, [50.0, 52.0, 55.0]), row("bare", 32_000, [1.0] * 3)]
+    note = bench.closed_loop_note(rows, 800)
+    assert "800 messages in flight / 16,000 msgs/s = 50.0 ms" in note
+    assert "needs more than 16,000 msgs/s" in note
+    assert bench.closed_loop_note(rows[1:], 800) is None

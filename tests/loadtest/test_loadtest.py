@@ -121,7 +121,10 @@ def test_chat_against_bare_relay_accounts_for_every_message(tmp_path: Path) -> N
     saved = json.loads((tmp_path / "out" / "report.json").read_text())
     assert saved["schema"] == "talkbridge-load/1"
     assert saved["scenarios"]["chat"]["counts"] == s["counts"]
+    speed = saved["machine"]["cpu_speed_ms"]  # how fast the machine ran, either side
+    assert 0 < speed["before"] < 100 and 0 < speed["after"] < 100
     html = (tmp_path / "out" / "report.html").read_text()
+    assert f"in {speed['before']} ms before the run" in html
     # Self-contained: charts inline, nothing fetched from anywhere.
     assert html.count("<svg") >= 3
     assert "<script" not in html and "src=" not in html and "href=" not in html
