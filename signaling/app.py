@@ -21,7 +21,7 @@ from signaling.dispatch import load_handler_modules
 from signaling.http_api import add_routes
 from signaling.hub import Hub
 from signaling.keys import STATE
-from signaling.metrics import Metrics
+from signaling.metrics import Metrics, watch_loop_lag
 from signaling.session import CLOSE_SHUTDOWN
 from signaling.state import AppState
 
@@ -71,8 +71,11 @@ def create_app(config: Config) -> web.Application:
         )
         app[STATE] = state
         await _run_module_hook(modules, "setup", state)
+        lag = asyncio.get_running_loop().create_task(watch_loop_lag(state.metrics.loop_lag))
         log.info("talkbridge node %s ready (store %s)", config.node_id, store.url.split("@")[-1])
         yield
+        lag.cancel()
+        await asyncio.gather(lag, return_exceptions=True)
         await shutdown(state)
         await _run_module_hook(list(reversed(modules)), "teardown", state)
         await bus.close()

@@ -105,6 +105,7 @@ async def metrics(request: web.Request) -> web.Response:
     stats = state.store.stats()
     state.metrics.store_batches.set(stats.get("batches", 0))
     state.metrics.store_ops.set(stats.get("ops", 0))
+    state.metrics.store_pending.set(stats.get("pending", 0))
     body = generate_latest(state.metrics.registry)
     return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import bisect
 from collections.abc import Callable, Iterator
 
@@ -12,6 +13,18 @@ from prometheus_client.registry import Collector
 REQUEST_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5)
 _go_float: Callable[[float], str] = utils.floatToGoString  # "le" spelled as Prometheus does
 _LE = tuple(_go_float(b) for b in (*REQUEST_BUCKETS, float("inf")))
+# How often the event loop's lag is sampled (see watch_loop_lag).
+LAG_INTERVAL_S = 0.25
+
+
+def _cumulative(row: list[float]) -> list[tuple[str, float]]:
+    """A plain histogram row (observations per bucket, +Inf last, then the sum) as the
+    cumulative ``(le, count)`` pairs a Prometheus histogram exposes."""
+    total, buckets = 0.0, []
+    for le, seen in zip(_LE, row[:-1], strict=True):
+        total += seen
+        buckets.append((le, total))
+    return buckets
 
 
 class PerRequestStats(Collector):
@@ -45,12 +58,38 @@ class PerRequestStats(Collector):
             "talkbridge_request_seconds", "Time from request to reply", labels=["type"]
         )
         for ftype, row in list(self.requests.items()):
-            total, buckets = 0.0, []
-            for le, seen in zip(_LE, row[:-1], strict=True):
-                total += seen
-                buckets.append((le, total))
-            hist.add_metric([ftype], buckets, row[-1])
+            hist.add_metric([ftype], _cumulative(row), row[-1])
         yield from (frames, stored, hist)
+
+
+class LoopLag(Collector):
+    """How late the event loop ran a timer (sampled every LAG_INTERVAL_S): the wait every
+    frame, reply and timer on this node shares. When it grows, the node is saturated."""
+
+    def __init__(self) -> None:
+        self.row = [0.0] * (len(REQUEST_BUCKETS) + 2)  # per bucket, +Inf, then the sum
+
+    def observe(self, seconds: float) -> None:
+        self.row[bisect.bisect_left(REQUEST_BUCKETS, seconds)] += 1
+        self.row[-1] += seconds
+
+    def collect(self) -> Iterator[Metric]:
+        hist = HistogramMetricFamily(
+            "talkbridge_event_loop_lag_seconds",
+            f"How late the event loop ran a timer (sampled every {LAG_INTERVAL_S:g} s)",
+        )
+        row = list(self.row)
+        hist.add_metric([], _cumulative(row), row[-1])
+        yield hist
+
+
+async def watch_loop_lag(lag: LoopLag, interval: float = LAG_INTERVAL_S) -> None:
+    """Sample the running loop's lag into ``lag`` until cancelled."""
+    loop = asyncio.get_running_loop()
+    while True:
+        due = loop.time() + interval
+        await asyncio.sleep(interval)
+        lag.observe(max(0.0, loop.time() - due))
 
 
 class Metrics:
@@ -67,8 +106,14 @@ class Metrics:
         )
         self.store_batches = Gauge("talkbridge_store_batches", "Group-commit batches", registry=r)
         self.store_ops = Gauge("talkbridge_store_ops", "Ops committed in batches", registry=r)
+        self.store_pending = Gauge(
+            "talkbridge_store_pending_ops", "Write ops waiting for the next group commit",
+            registry=r,
+        )
         self.per_request = PerRequestStats()
         r.register(self.per_request)
+        self.loop_lag = LoopLag()
+        r.register(self.loop_lag)
 
     def message_stored(self, kind: str) -> None:
         """Count a stored message of ``kind``."""

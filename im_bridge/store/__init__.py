@@ -52,7 +52,7 @@ class Store(abc.ABC):
         """True when the database answers."""
 
     def stats(self) -> dict[str, Any]:
-        """Counters for /metrics (batches, ops)."""
+        """Counters for /metrics (batches, ops committed; pending: ops queued)."""
         return {}
 
 

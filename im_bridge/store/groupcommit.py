@@ -51,6 +51,10 @@ class GroupCommit:
         self.batches = 0
         self.ops = 0
 
+    def pending(self) -> int:
+        """Ops queued for a batch not yet begun."""
+        return sum(len(lane.pending) for lane in self._lanes)
+
     def start(self) -> None:
         loop = asyncio.get_running_loop()
         for i, lane in enumerate(self._lanes):
