@@ -75,9 +75,9 @@ def machine_busy_seconds() -> float:
 def cpu_speed_ms(repeat: int = 5, number: int = 20) -> float:
     """Milliseconds one core takes for ``sum(range(100_000))`` right now (best of ``repeat``).
 
-    The VMs these figures come from ran this in 1.5 ms in one minute and 2.4 ms in another:
-    a report carries it (before and after the run) so that its figures can be set against
-    another run's machine.
+    The VMs these figures come from ran it anywhere between 0.8 and 1.7 ms within one
+    benchmark: a report carries it (before and after the run) as a gauge of the machine's
+    speed then. It sees the interpreter, not system calls or scheduling.
     """
     timer = timeit.Timer("sum(range(100_000))")
     return round(min(timer.repeat(repeat, number)) / number * 1000, 3)

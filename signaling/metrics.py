@@ -17,6 +17,12 @@ _LE = tuple(_go_float(b) for b in (*REQUEST_BUCKETS, float("inf")))
 LAG_INTERVAL_S = 0.25
 
 
+def _observe(row: list[float], seconds: float) -> None:
+    """Count ``seconds`` into a plain histogram row over REQUEST_BUCKETS (see _cumulative)."""
+    row[bisect.bisect_left(REQUEST_BUCKETS, seconds)] += 1
+    row[-1] += seconds
+
+
 def _cumulative(row: list[float]) -> list[tuple[str, float]]:
     """A plain histogram row (observations per bucket, +Inf last, then the sum) as the
     cumulative ``(le, count)`` pairs a Prometheus histogram exposes."""
@@ -42,8 +48,7 @@ class PerRequestStats(Collector):
         row = self.requests.get(ftype)
         if row is None:
             row = self.requests[ftype] = [0.0] * (len(REQUEST_BUCKETS) + 2)
-        row[bisect.bisect_left(REQUEST_BUCKETS, seconds)] += 1
-        row[-1] += seconds
+        _observe(row, seconds)
 
     def collect(self) -> Iterator[Metric]:
         frames = CounterMetricFamily("talkbridge_frames_in", "Frames received", labels=["type"])
@@ -64,14 +69,13 @@ class PerRequestStats(Collector):
 
 class LoopLag(Collector):
     """How late the event loop ran a timer (sampled every LAG_INTERVAL_S): the wait every
-    frame, reply and timer on this node shares. When it grows, the node is saturated."""
+    frame, reply and timer on this node shares; it grows as the node nears saturation."""
 
     def __init__(self) -> None:
         self.row = [0.0] * (len(REQUEST_BUCKETS) + 2)  # per bucket, +Inf, then the sum
 
     def observe(self, seconds: float) -> None:
-        self.row[bisect.bisect_left(REQUEST_BUCKETS, seconds)] += 1
-        self.row[-1] += seconds
+        _observe(self.row, seconds)
 
     def collect(self) -> Iterator[Metric]:
         hist = HistogramMetricFamily(
