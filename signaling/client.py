@@ -9,8 +9,10 @@ timeouts, queues events, and — unless told not to — reconnects by itself (tr
 in turn with backoff) and syncs: after a reconnect it asks ``conv.list`` and pages
 ``msg.history after_seq`` for every conversation that moved, and hands the missed messages
 to the event queue as ``msg.new`` events with ``"synced": true``. A gap in a conversation's
-sequence seen live (seq 7 arrives after 5) is filled the same way. Messages are handed out
-once per (conv, seq) however they arrive. On its first connect the client syncs the
+sequence seen live (seq 7 arrives after 5) is filled the same way. Seqs that history skips
+are not the user's to read (a group's messages from before they joined) and count as seen;
+a sync hands out only what was sent before it began (later messages come live). Messages
+are handed out once per (conv, seq) however they arrive. On its first connect the client syncs the
 conversations whose ``watermark`` the app restored from local storage and takes the rest
 as seen (``backlog=True`` hands everything out as synced events instead).
 """
@@ -286,10 +288,18 @@ class Client:
     async def _sync_conv(self, conv: str, last: int) -> int:
         n = 0
         after = self.watermark.get(conv, 0)
+        prev = after  # every seq up to here is handed out or not readable by this user
         while after < last:
             page = await self.request("msg.history", conv=conv, after_seq=after, limit=100)
             msgs = page["messages"]
             for m in msgs:
+                if m["seq"] > last:
+                    # Sent after this sync began: it comes live on this connection (a
+                    # copy taken from history here would beat it, marked "synced").
+                    return n
+                if m["seq"] > prev + 1:
+                    self._not_readable(conv, prev, m["seq"])
+                prev = m["seq"]
                 if self._note_message(m):
                     n += 1
                     self._events.put_nowait({"type": "msg.new", "synced": True, **m})
@@ -297,6 +307,20 @@ class Client:
                 break
             after = msgs[-1]["seq"]
         return n
+
+    def _not_readable(self, conv: str, prev: int, seq: int) -> None:
+        """History went from ``prev`` straight to ``seq``: the seqs between are not this
+        user's to read (sent before they joined, or while they were out of the group), so
+        they count as handed out. Without this a late joiner's watermark would never pass
+        the seqs before its join, and every live message would start another fill."""
+        if self.watermark.get(conv, 0) < prev:
+            return  # an earlier seq is still missing: the watermark cannot move yet
+        mark = seq - 1
+        seen = self._seen.setdefault(conv, set())
+        while mark + 1 in seen:
+            mark += 1
+        self._seen[conv] = {s for s in seen if s > mark}
+        self.watermark[conv] = mark
 
     async def _first_sync(self) -> None:
         """On the first connect: sync conversations the caller restored a ``watermark`` for;

@@ -33,3 +33,39 @@ async def test_a_request_cancelled_in_the_turn_its_reply_arrives_stays_cancelled
     task = asyncio.create_task(app_loop())
     done, _ = await asyncio.wait([task], timeout=5)
     assert done and task.cancelled()
+
+
+async def test_joining_a_group_with_history_leaves_no_gap_to_fill(node: Node):
+    """A member who joins a group late cannot read what came before: the client counts
+    those seqs as done, so its watermark follows the live messages and it does not fetch
+    history again for each one (it used to, every message, from seq 0 on)."""
+    alice = await node.client("alice")
+    await alice.request("group.create", group="g1", name="g1", join_policy="open")
+    for i in range(3):
+        await alice.request("msg.send", to={"group": "g1"}, kind="text", body={"text": f"{i}"})
+    dave = await node.client("dave")
+    history_requests = 0
+    request = dave.request
+
+    async def counting(ftype: str, **fields: Any) -> dict[str, Any]:
+        nonlocal history_requests
+        history_requests += ftype == "msg.history"
+        return await request(ftype, **fields)
+
+    dave.request = counting  # type: ignore[method-assign,assignment]
+    joined = (await dave.request("group.join", group="g1"))["seq"]  # seq 5: 1 created, 2-4 text
+    first = await dave.next_event("msg.new", where=lambda e: e["seq"] == joined)
+    assert first["body"]["event"] == "member_joined"
+    for i in range(5):
+        sent = await alice.request(
+            "msg.send", to={"group": "g1"}, kind="text", body={"text": f"live {i}"}
+        )
+        seq: int = sent["seq"]
+
+        def this_one(e: dict[str, Any], seq: int = seq) -> bool:
+            return bool(e["seq"] == seq)
+
+        ev = await dave.next_event("msg.new", where=this_one)
+        assert "synced" not in ev  # handed out as it arrived, not by a history fill
+    assert dave.watermark["g:g1"] == seq
+    assert history_requests <= 1  # the one fill that learns where dave's history begins
