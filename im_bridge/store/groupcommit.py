@@ -51,9 +51,14 @@ class GroupCommit:
         self.batches = 0
         self.ops = 0
 
-    def pending(self) -> int:
-        """Ops queued for a batch not yet begun."""
-        return sum(len(lane.pending) for lane in self._lanes)
+    def stats(self) -> dict[str, int]:
+        """For /metrics: batches and ops committed so far, and ops queued for a batch not
+        yet begun."""
+        return {
+            "batches": self.batches,
+            "ops": self.ops,
+            "pending": sum(len(lane.pending) for lane in self._lanes),
+        }
 
     def start(self) -> None:
         loop = asyncio.get_running_loop()

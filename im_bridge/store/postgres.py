@@ -198,8 +198,4 @@ class PostgresStore(Store):
             return False
 
     def stats(self) -> dict[str, Any]:
-        return {
-            "batches": self._commit.batches,
-            "ops": self._commit.ops,
-            "pending": self._commit.pending(),
-        }
+        return self._commit.stats()
