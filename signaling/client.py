@@ -231,10 +231,7 @@ class Client:
         seen.add(seq)
         if seq > self.last_seq.get(conv, 0):
             self.last_seq[conv] = seq
-        while mark + 1 in seen:  # advance over the contiguous run
-            mark += 1
-            seen.discard(mark)
-        self.watermark[conv] = mark
+        self._advance(conv, mark)
         if seen and self.sync_enabled and conv not in self._filling and self._connected.is_set():
             self._filling.add(conv)
             asyncio.get_running_loop().create_task(self._fill(conv))
@@ -315,11 +312,17 @@ class Client:
         the seqs before its join, and every live message would start another fill."""
         if self.watermark.get(conv, 0) < prev:
             return  # an earlier seq is still missing: the watermark cannot move yet
-        mark = seq - 1
+        seen = self._seen.setdefault(conv, set())
+        seen.difference_update([s for s in seen if s < seq])  # now under the watermark
+        self._advance(conv, seq - 1)
+
+    def _advance(self, conv: str, mark: int) -> None:
+        """Set ``conv``'s watermark to ``mark``, then past the contiguous run seen above it
+        (those seqs leave ``_seen``, which holds only seqs above the watermark)."""
         seen = self._seen.setdefault(conv, set())
         while mark + 1 in seen:
             mark += 1
-        self._seen[conv] = {s for s in seen if s > mark}
+            seen.discard(mark)
         self.watermark[conv] = mark
 
     async def _first_sync(self) -> None:
