@@ -17,6 +17,7 @@ import re
 import time
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Collection
+from dataclasses import dataclass
 from typing import Any
 
 import redis.asyncio as aioredis
@@ -200,6 +201,16 @@ class _NodeGone(Exception):
     """Nobody listens on a node's channel: the node is gone."""
 
 
+@dataclass
+class _Sent:
+    """A request published to another node, and the future its answer sets."""
+
+    node: str
+    message: bytes
+    call_id: str | None
+    answer: asyncio.Future[dict[str, Any]]
+
+
 class _Moved(Exception):
     """Another node holds the call now (``node``); None: no node does, take it where you are."""
 
@@ -256,7 +267,9 @@ class CallRouter:
     its parties (:meth:`_take_over`).
 
     Requests from one device are forwarded in the order they came (one lock per device),
-    and each node serves forwarded requests in the order they arrive.
+    and each node serves forwarded requests in the order they arrive. A request that a node
+    took with it when it died runs on the asking node once that is noticed (see _answer):
+    a later request of the same device may have overtaken it meanwhile.
     """
 
     def __init__(self, url: str, prefix: str, node_id: str, calls: CallManager,
@@ -276,6 +289,10 @@ class CallRouter:
         # Set when the node stops: it takes no call over and hands over what it holds.
         self.stopping = False
         self._waiting: dict[str, asyncio.Future[dict[str, Any]]] = {}
+        # Ids of the requests this node served lately: one sent again (its node did not
+        # seem to listen any more, see _answer) is not served twice. Bounded.
+        self._served: OrderedDict[str, None] = OrderedDict()
+        self.max_served_ids = 10_000
         # (user, device) -> (lock, requests using it); dropped when unused
         self._device_locks: dict[tuple[str, str], tuple[asyncio.Lock, int]] = {}
         # call id -> the other node holding it: saves a Redis round trip per forwarded
@@ -355,7 +372,7 @@ class CallRouter:
     async def _route_once(self, op: str, user: str, device: str, req: dict[str, Any],
                           call_id: str, here: bool) -> dict[str, Any]:
         """Send the request to the call's node, or run it here (``here``: told to)."""
-        fut: asyncio.Future[dict[str, Any]] | None = None
+        sent: _Sent | None = None
         if here:
             if op == "invite":
                 await self.redis.set(self.p + "own:" + call_id, self.node, nx=True,
@@ -378,7 +395,7 @@ class CallRouter:
                         node = None
                     if node is not None and node != self.node:
                         try:
-                            fut = await self._send(node, {
+                            sent = await self._send(node, {
                                 "k": "req", "op": op, "user": user, "device": device,
                                 "req": req}, call_id)
                         except _NodeGone:
@@ -389,13 +406,16 @@ class CallRouter:
                     del self._device_locks[key]  # nobody else queued: do not keep it
                 else:
                     self._device_locks[key] = (lock, users - 1)
-        if fut is None:
+        if sent is None:
             return await self._run_here(op, user, device, req)
         try:
-            async with asyncio.timeout(self.rpc_timeout):
-                answer = await fut
+            answer = await self._answer(sent, self.rpc_timeout)
         except TimeoutError:
             raise Internal("the node holding this call did not answer") from None
+        except _NodeGone:
+            # It died with the request (Redis still counted it listening when it was sent).
+            await self._node_gone(sent.node, op, call_id, req, user)
+            return await self._run_here(op, user, device, req)
         if "moved" in answer:
             raise _Moved(str(answer["moved"]) or None)
         if answer.get("ok"):
@@ -435,8 +455,8 @@ class CallRouter:
         return node
 
     async def _send(self, node: str, body: dict[str, Any],
-                    call_id: str | None = None) -> asyncio.Future[dict[str, Any]]:
-        """Publish a request to ``node``; the future gets its answer."""
+                    call_id: str | None = None) -> _Sent:
+        """Publish a request to ``node``; its answer comes through :meth:`_answer`."""
         # The answer comes on our own channel: be subscribed before asking.
         try:
             async with asyncio.timeout(self.rpc_timeout):
@@ -447,16 +467,49 @@ class CallRouter:
         fut: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
         self._waiting[rid] = fut
         fut.add_done_callback(lambda _: self._waiting.pop(rid, None))
+        sent = _Sent(node, encode({**body, "id": rid, "reply": self.node}), call_id, fut)
         try:
-            delivered = await self._publish(node, encode({**body, "id": rid,
-                                                          "reply": self.node}), call_id)
+            delivered = await self._publish(node, sent.message, call_id)
         except BaseException:
             fut.cancel()
             raise
         if not delivered:
             fut.cancel()
             raise _NodeGone(node)
-        return fut
+        return sent
+
+    async def _answer(self, sent: _Sent, timeout: float) -> dict[str, Any]:
+        """The answer to a request sent to another node; TimeoutError after ``timeout``.
+
+        Redis drops a dead node's subscription some ms after the node died, and a request
+        published meanwhile is lost with it. So while an answer takes long, look now and
+        then whether the node still listens; when it does not, publish the request again
+        as :meth:`_send` does (a node serves each request id once): _NodeGone when nobody
+        listens, or _Moved when another node holds the call by now.
+        """
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        probe = 0.1
+        try:
+            while True:
+                await asyncio.wait([sent.answer], timeout=max(0.0, min(
+                    probe, deadline - loop.time())))
+                if sent.answer.done():
+                    return sent.answer.result()
+                if loop.time() >= deadline:
+                    raise TimeoutError
+                probe = min(probe * 2, 1.0)
+                try:
+                    listening = await self.redis.pubsub_numsub(self._channel(sent.node))
+                except RedisError:
+                    continue  # Redis is away: the node may be fine, wait on
+                if sent.answer.done() or listening[0][1] > 0:
+                    continue
+                if not await self._publish(sent.node, sent.message, sent.call_id):
+                    raise _NodeGone(sent.node)
+                deadline = loop.time() + timeout
+        finally:
+            sent.answer.cancel()  # nothing when answered; else nobody waits any more
 
     async def _node_gone(self, node: str, op: str, call_id: str,
                          req: dict[str, Any], user: str) -> None:
@@ -606,10 +659,9 @@ class CallRouter:
             if not waiting:
                 break
             try:
-                fut = await self._send(node, {"k": "adopt", "from": self.node,
-                                              "ids": sorted(waiting)})
-                async with asyncio.timeout(self.handover_timeout):
-                    answer = await fut
+                sent = await self._send(node, {"k": "adopt", "from": self.node,
+                                               "ids": sorted(waiting)})
+                answer = await self._answer(sent, self.handover_timeout)
             except (_NodeGone, TimeoutError, RedisError, Internal) as exc:
                 log.warning("node %s did not take calls over: %r", node, exc)
                 continue
@@ -677,6 +729,13 @@ class CallRouter:
                 if fut is not None and not fut.done():
                     fut.set_result(body)
             elif kind in ("req", "hook", "adopt"):
+                rid = body.get("id")
+                if isinstance(rid, str):  # hooks have none
+                    if rid in self._served:
+                        continue  # sent again: served already (see _answer)
+                    self._served[rid] = None
+                    if len(self._served) > self.max_served_ids:
+                        self._served.popitem(last=False)
                 # Tasks start in arrival order, and the call manager's lock is FIFO.
                 task = asyncio.get_running_loop().create_task(self._serve(body))
                 self._tasks.add(task)
