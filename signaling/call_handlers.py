@@ -14,6 +14,7 @@ import json
 import logging
 import random
 import re
+import secrets
 import time
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Collection
@@ -305,6 +306,9 @@ class CallRouter:
         self._take_lock = asyncio.Lock()  # one take-over at a time on this node
         self._take = self.redis.register_script(_TAKE)
         self._settle = self.redis.register_script(_SETTLE)
+        # Request ids: unique across restarts of a node too (the serving nodes remember the
+        # ids they served, see _listen).
+        self._rid_prefix = f"{node_id}:{secrets.token_hex(4)}:"
         self._ids = itertools.count(1)
         self._tasks: set[asyncio.Task[None]] = set()
         self._listener: asyncio.Task[None] | None = None
@@ -463,7 +467,7 @@ class CallRouter:
                 await self._subscribed.wait()
         except TimeoutError:
             raise Internal("call routing is not connected to Redis") from None
-        rid = f"{self.node}:{next(self._ids)}"
+        rid = f"{self._rid_prefix}{next(self._ids)}"
         fut: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
         self._waiting[rid] = fut
         fut.add_done_callback(lambda _: self._waiting.pop(rid, None))

@@ -213,6 +213,33 @@ async def test_when_the_node_holding_a_call_dies_its_users_can_be_called_again(t
                 await carol.request("call.cancel", call_id=cid)
 
 
+async def test_a_node_restarted_under_its_id_forwards_requests_again(tmp_path: Path):
+    # Node 1 remembers the ids of the requests it served; node 2's first forwarded request
+    # after a restart must not look like the one before it.
+    store = f"sqlite:///{tmp_path / 'shared.sqlite3'}"
+    with run_redis(tmp_path / "redis", free_port()) as url:
+        settings = {"redis": url, "store": store}
+        with run_talkbridge(tmp_path / "n1", node_id="n1", **settings) as n1:
+            async with connect(n1.ws_url, n1.token("alice"), "a1") as (alice, a_in):
+                for _ in range(2):
+                    with run_talkbridge(tmp_path / "n2", node_id="n2", **settings) as n2:
+                        await _bob_on_node_2_answers_a_call_node_1_holds(alice, a_in, n2)
+
+
+async def _bob_on_node_2_answers_a_call_node_1_holds(alice: Client, a_in: Inbox,
+                                                    n2: RunningServer) -> None:
+    async with connect(n2.ws_url, n2.token("bob"), "b1") as (bob, b_in):
+        cid = new_id()
+        await invite(alice, cid, "bob")  # node 1 holds the call
+        await b_in.wait("call.invite", lambda e: e["call_id"] == cid)
+        # node 2's first request to node 1 since it started
+        reply = await bob.request("call.accept", call_id=cid, sdp=ANSWER, timeout=15)
+        assert reply["state"] == "connected"
+        await a_in.wait("call.accepted", lambda e: e["call_id"] == cid)
+        await bob.request("call.hangup", call_id=cid, timeout=15)
+        await a_in.wait("call.ended", lambda e: e["call_id"] == cid)
+
+
 @dataclass
 class Parties:
     """Two nodes sharing Redis and a store; alice's client knows both and starts on node 1
