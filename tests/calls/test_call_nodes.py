@@ -317,6 +317,11 @@ async def test_a_call_whose_node_died_can_still_be_hung_up_and_is_logged(tmp_pat
         assert (log["body"]["call_id"], log["body"]["outcome"]) == (cid, "completed")
 
 
+def _redis(talkbridge_url: str) -> aioredis.Redis:
+    """A client of the Redis that a talkbridge ``redis`` URL names (without its options)."""
+    return aioredis.Redis.from_url(talkbridge_url.split("?")[0])
+
+
 @asynccontextmanager
 async def _requests_to(redis_url: str, node: str
                        ) -> AsyncIterator[Callable[[str], Awaitable[bytes]]]:
@@ -324,7 +329,7 @@ async def _requests_to(redis_url: str, node: str
     next request of that op published there and returns it as published. The listener is
     gone (Redis counts it no more) once the block ends."""
     channel = f"tb:calls:rpc:{node}"
-    r = aioredis.Redis.from_url(redis_url.split("?")[0])
+    r = _redis(redis_url)
     pubsub: Any = r.pubsub()
     await pubsub.subscribe(channel)
 
@@ -352,12 +357,14 @@ async def test_a_request_a_node_took_with_it_when_it_died_is_answered_all_the_sa
     # Redis drops a killed node's subscription some ms after the kill: a request published
     # meanwhile is counted delivered, and lost.
     async with _call_held_by_node_1(tmp_path) as (p, cid):
-        async with _requests_to(p.redis_url, "n1") as seen:
-            os.kill(p.n1.pid, signal.SIGSTOP)  # subscribed still, but it reads nothing
-            hangup = asyncio.create_task(p.bob.request("call.hangup", call_id=cid,
-                                                       timeout=15))
-            await seen("hangup")  # handed to node 1, which never reads it
-        os.kill(p.n1.pid, signal.SIGKILL)
+        try:
+            async with _requests_to(p.redis_url, "n1") as seen:
+                os.kill(p.n1.pid, signal.SIGSTOP)  # subscribed still, but it reads nothing
+                hangup = asyncio.create_task(p.bob.request("call.hangup", call_id=cid,
+                                                           timeout=15))
+                await seen("hangup")  # handed to node 1, which never reads it
+        finally:
+            os.kill(p.n1.pid, signal.SIGKILL)
         ended = await hangup  # node 2 took the call over and ran it
         assert (ended["state"], ended["reason"]) == ("ended", "hangup")
         await p.a_in.wait("client.reconnected", timeout=15)
@@ -378,7 +385,7 @@ async def test_a_node_slow_to_answer_keeps_its_call_and_serves_a_request_once(tm
                 request = await seen("ice")
                 # The same request reaches node 1 twice (as when node 2 sends it again
                 # because node 1 seemed gone).
-                async with aioredis.Redis.from_url(p.redis_url.split("?")[0]) as r:
+                async with _redis(p.redis_url) as r:
                     assert await r.publish("tb:calls:rpc:n1", request) == 2
                 await asyncio.sleep(1.0)  # node 2 looks several times whether node 1 listens
             finally:
@@ -387,7 +394,7 @@ async def test_a_node_slow_to_answer_keeps_its_call_and_serves_a_request_once(tm
         await p.bob.request("call.ice", call_id=cid, candidate=cand(8))
         await p.a_in.wait("call.ice", lambda e: e["candidate"] == cand(8), timeout=10)
         assert [e["candidate"] for e in p.a_in.of("call.ice")] == [cand(7), cand(8)]
-        async with aioredis.Redis.from_url(p.redis_url.split("?")[0]) as r:
+        async with _redis(p.redis_url) as r:
             assert await r.get(f"tb:calls:own:{cid}") == b"n1"  # not taken over
         log = await _bob_hangs_up_and_alice_is_told(p, cid)
         assert log["body"]["outcome"] == "completed"
