@@ -102,10 +102,7 @@ async def readyz(request: web.Request) -> web.Response:
 
 async def metrics(request: web.Request) -> web.Response:
     state: AppState = request.app[STATE]
-    stats = state.store.stats()
-    state.metrics.store_batches.set(stats.get("batches", 0))
-    state.metrics.store_ops.set(stats.get("ops", 0))
-    state.metrics.store_pending.set(stats.get("pending", 0))
+    state.metrics.store_stats(state.store.stats())
     body = generate_latest(state.metrics.registry)
     return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
 

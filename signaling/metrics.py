@@ -3,29 +3,24 @@
 from __future__ import annotations
 
 import asyncio
-import bisect
 from collections.abc import Callable, Iterator
+from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, utils
 from prometheus_client.core import CounterMetricFamily, HistogramMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-REQUEST_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5)
+from im_bridge.histogram import BUCKETS, new_row, observe
+
 _go_float: Callable[[float], str] = utils.floatToGoString  # "le" spelled as Prometheus does
-_LE = tuple(_go_float(b) for b in (*REQUEST_BUCKETS, float("inf")))
+_LE = tuple(_go_float(b) for b in (*BUCKETS, float("inf")))
 # How often the event loop's lag is sampled (see watch_loop_lag).
 LAG_INTERVAL_S = 0.25
 
 
-def _observe(row: list[float], seconds: float) -> None:
-    """Count ``seconds`` into a plain histogram row over REQUEST_BUCKETS (see _cumulative)."""
-    row[bisect.bisect_left(REQUEST_BUCKETS, seconds)] += 1
-    row[-1] += seconds
-
-
 def _cumulative(row: list[float]) -> list[tuple[str, float]]:
-    """A plain histogram row (observations per bucket, +Inf last, then the sum) as the
-    cumulative ``(le, count)`` pairs a Prometheus histogram exposes."""
+    """A plain histogram row (see im_bridge/histogram.py) as the cumulative
+    ``(le, count)`` pairs a Prometheus histogram exposes."""
     total, buckets = 0.0, []
     for le, seen in zip(_LE, row[:-1], strict=True):
         total += seen
@@ -47,8 +42,8 @@ class PerRequestStats(Collector):
     def observe(self, ftype: str, seconds: float) -> None:
         row = self.requests.get(ftype)
         if row is None:
-            row = self.requests[ftype] = [0.0] * (len(REQUEST_BUCKETS) + 2)
-        _observe(row, seconds)
+            row = self.requests[ftype] = new_row()
+        observe(row, seconds)
 
     def collect(self) -> Iterator[Metric]:
         frames = CounterMetricFamily("talkbridge_frames_in", "Frames received", labels=["type"])
@@ -67,27 +62,25 @@ class PerRequestStats(Collector):
         yield from (frames, stored, hist)
 
 
-class LoopLag(Collector):
-    """How late the event loop ran a timer (sampled every LAG_INTERVAL_S): the wait every
-    frame, reply and timer on this node shares; it grows as the node nears saturation."""
+class RowHistogram(Collector):
+    """One unlabelled histogram kept as a plain row (see im_bridge/histogram.py)."""
 
-    def __init__(self) -> None:
-        self.row = [0.0] * (len(REQUEST_BUCKETS) + 2)  # per bucket, +Inf, then the sum
+    def __init__(self, name: str, documentation: str) -> None:
+        self.name = name
+        self.documentation = documentation
+        self.row = new_row()
 
     def observe(self, seconds: float) -> None:
-        _observe(self.row, seconds)
+        observe(self.row, seconds)
 
     def collect(self) -> Iterator[Metric]:
-        hist = HistogramMetricFamily(
-            "talkbridge_event_loop_lag_seconds",
-            f"How late the event loop ran a timer (sampled every {LAG_INTERVAL_S:g} s)",
-        )
+        hist = HistogramMetricFamily(self.name, self.documentation)
         row = list(self.row)
         hist.add_metric([], _cumulative(row), row[-1])
         yield hist
 
 
-async def watch_loop_lag(lag: LoopLag, interval: float = LAG_INTERVAL_S) -> None:
+async def watch_loop_lag(lag: RowHistogram, interval: float = LAG_INTERVAL_S) -> None:
     """Sample the running loop's lag into ``lag`` until cancelled."""
     loop = asyncio.get_running_loop()
     while True:
@@ -116,8 +109,28 @@ class Metrics:
         )
         self.per_request = PerRequestStats()
         r.register(self.per_request)
-        self.loop_lag = LoopLag()
+        # How late the event loop ran a timer: the wait every frame, reply and timer on
+        # this node shares; it grows as the node nears saturation.
+        self.loop_lag = RowHistogram(
+            "talkbridge_event_loop_lag_seconds",
+            f"How late the event loop ran a timer (sampled every {LAG_INTERVAL_S:g} s)",
+        )
         r.register(self.loop_lag)
+        # Copied from the store's counters at each scrape (see store_stats).
+        self.store_batch_seconds = RowHistogram(
+            "talkbridge_store_batch_seconds",
+            "Time from a group-commit batch's start to its commit being durable",
+        )
+        r.register(self.store_batch_seconds)
+
+    def store_stats(self, stats: dict[str, Any]) -> None:
+        """Take the store's counters (Store.stats) into the series /metrics exposes."""
+        self.store_batches.set(stats.get("batches", 0))
+        self.store_ops.set(stats.get("ops", 0))
+        self.store_pending.set(stats.get("pending", 0))
+        row = stats.get("batch_seconds")
+        if row is not None:
+            self.store_batch_seconds.row = list(row)
 
     def message_stored(self, kind: str) -> None:
         """Count a stored message of ``kind``."""

@@ -16,10 +16,12 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 import zlib
 from collections.abc import Awaitable, Callable
 from typing import Any, TypeAlias
 
+from im_bridge.histogram import new_row, observe
 from im_bridge.store.ops import Op
 
 log = logging.getLogger(__name__)
@@ -50,14 +52,17 @@ class GroupCommit:
         self._closing = False
         self.batches = 0
         self.ops = 0
+        # How long batches took from their start to durable (a slow disk shows here first)
+        self.batch_seconds = new_row()
 
-    def stats(self) -> dict[str, int]:
-        """For /metrics: batches and ops committed so far, and ops queued for a batch not
-        yet begun."""
+    def stats(self) -> dict[str, Any]:
+        """For /metrics: batches and ops committed so far, ops queued for a batch not yet
+        begun, and the histogram of the batches' times (im_bridge/histogram.py)."""
         return {
             "batches": self.batches,
             "ops": self.ops,
             "pending": sum(len(lane.pending) for lane in self._lanes),
+            "batch_seconds": list(self.batch_seconds),
         }
 
     def start(self) -> None:
@@ -95,11 +100,13 @@ class GroupCommit:
                 batch = lane.pending[: self._max_batch]
                 del lane.pending[: self._max_batch]
                 batch.sort(key=lambda item: item[0])  # stable: FIFO within a key
+                t0 = time.perf_counter()
                 try:
                     results = await self._run_batch([op for _, op, _ in batch])
                 except Exception as exc:  # the runner failed as a whole: fail the batch
                     log.exception("group commit batch failed")
                     results = [exc] * len(batch)
+                observe(self.batch_seconds, time.perf_counter() - t0)
                 self.batches += 1
                 self.ops += len(batch)
                 _answer(batch, results)

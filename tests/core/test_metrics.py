@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import sqlite3
 import time
+from pathlib import Path
 
 import aiohttp
 from prometheus_client.parser import text_string_to_metric_families
@@ -37,3 +39,46 @@ async def test_event_loop_lag_shows_a_stalled_node(node: Node) -> None:
         samples_after, late_after = _lag(await scrape())
         assert samples_after > samples
         assert late_after >= late + 1
+
+
+def _batches(text: str) -> tuple[float, float, float]:
+    """From a scrape: (batches committed, batches timed, those slower than 0.25 s)."""
+    committed = timed = slow = -1.0
+    for fam in text_string_to_metric_families(text):
+        if fam.name == "talkbridge_store_batches":
+            committed = fam.samples[0].value
+        if fam.name == "talkbridge_store_batch_seconds":
+            le = {s.labels["le"]: s.value for s in fam.samples if s.name.endswith("_bucket")}
+            timed, slow = le["+Inf"], le["+Inf"] - le["0.25"]
+    return committed, timed, slow
+
+
+async def test_a_batch_held_up_on_its_way_to_disk_shows_in_the_batch_times(
+    node: Node, tmp_path: Path
+) -> None:
+    alice = await node.client("alice")
+    await alice.request("msg.send", to={"user": "bob"}, body={"text": "first"})
+    async with aiohttp.ClientSession() as s:
+
+        async def scrape() -> str:
+            r = await s.get(f"{node.url}/metrics")
+            return await r.text()
+
+        committed, timed, slow = _batches(await scrape())
+        assert committed >= 1 and timed == committed and slow == 0
+        # Another process holds the database's write lock for 0.4 s (a backup, say): the
+        # next batch waits for it.
+        other = sqlite3.connect(tmp_path / "store.sqlite3", isolation_level=None)
+        try:
+            other.execute("BEGIN IMMEDIATE")
+            sent = asyncio.ensure_future(
+                alice.request("msg.send", to={"user": "bob"}, body={"text": "second"})
+            )
+            await asyncio.sleep(0.4)
+            other.execute("COMMIT")
+        finally:
+            other.close()
+        await sent
+        committed_after, timed_after, slow_after = _batches(await scrape())
+    assert committed_after > committed and timed_after == committed_after
+    assert slow_after == 1
