@@ -65,9 +65,9 @@ async def test_a_batch_held_up_on_its_way_to_disk_shows_in_the_batch_times(
             return await r.text()
 
         committed, timed, slow = _batches(await scrape())
-        assert committed >= 1 and timed == committed and slow == 0
-        # Another process holds the database's write lock for 0.4 s (a backup, say): the
-        # next batch waits for it.
+        assert committed >= 1 and timed == committed
+        # Another connection (a backup tool's, say) holds the database's write lock for
+        # 0.4 s: the next batch waits for it.
         other = sqlite3.connect(tmp_path / "store.sqlite3", isolation_level=None)
         try:
             other.execute("BEGIN IMMEDIATE")
@@ -81,4 +81,4 @@ async def test_a_batch_held_up_on_its_way_to_disk_shows_in_the_batch_times(
         await sent
         committed_after, timed_after, slow_after = _batches(await scrape())
     assert committed_after > committed and timed_after == committed_after
-    assert slow_after == 1
+    assert slow_after == slow + 1
