@@ -130,7 +130,7 @@ class Metrics:
         self.store_pending.set(stats.get("pending", 0))
         row = stats.get("batch_seconds")
         if row is not None:
-            self.store_batch_seconds.row = list(row)
+            self.store_batch_seconds.row = row  # Store.stats hands out a copy
 
     def message_stored(self, kind: str) -> None:
         """Count a stored message of ``kind``."""
