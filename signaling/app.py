@@ -48,7 +48,14 @@ def _make_pusher(config: Config) -> Pusher:
 
 def create_app(config: Config) -> web.Application:
     """A talkbridge node for ``config``; services start with the app and stop with it."""
+    secret_generated = not config.jwt_secret and not config.jwt_public_key
     config.ensure_jwt_secret()
+    demo_accounts = config.demo_accounts(secret_generated)
+    if demo_accounts and not secret_generated:
+        log.warning(
+            "demo accounts are on (TALKBRIDGE_ALLOW_REGISTRATION) with tokens your app mints: "
+            "anyone may register a user id your app has not used yet and get tokens for it"
+        )
     app = web.Application(client_max_size=1 << 20)
     modules = load_handler_modules()
 
@@ -68,6 +75,7 @@ def create_app(config: Config) -> web.Application:
             pusher=_make_pusher(config),
             verifier=TokenVerifier(config),
             metrics=Metrics(),
+            demo_accounts=demo_accounts,
         )
         app[STATE] = state
         await _run_module_hook(modules, "setup", state)

@@ -43,7 +43,9 @@ class Config:
     jwt_secret: str = ""
     jwt_public_key: str = ""  # path to a PEM public key (RS256/ES256)
     token_ttl: int = 7 * 24 * 3600  # seconds, for tokens minted by /api/login
-    allow_registration: bool = True  # /api/register and /api/login (demo accounts)
+    # /api/register and /api/login (demo accounts): true, false, or auto: on only while
+    # tokens are signed with the generated development secret (see Config.demo_accounts)
+    allow_registration: str = "auto"
     auth_timeout: float = 10.0  # seconds for the first auth frame
     # Storage and scale-out
     store: str = ""  # sqlite:///path | postgresql://...; default: sqlite under data_dir
@@ -84,6 +86,16 @@ class Config:
             return self.store
         return f"sqlite:///{Path(self.data_dir).resolve() / 'talkbridge.sqlite3'}"
 
+    def demo_accounts(self, secret_generated: bool) -> bool:
+        """Whether /api/register and /api/login serve demo accounts. ``auto`` turns them on
+        only while tokens are signed with the generated development secret: an app that
+        mints its own tokens (a configured secret or public key) shares its user ids with
+        demo accounts, and anyone could register an id of the app's users and get tokens
+        for it, so they stay off there unless turned on."""
+        if self.allow_registration.strip().lower() == "auto":
+            return secret_generated
+        return _bool(self.allow_registration)
+
     def ensure_jwt_secret(self) -> None:
         """Generate and persist a development secret when none is configured (loudly)."""
         if self.jwt_secret:
@@ -104,6 +116,7 @@ class Config:
 
 
 _FIELDS = {f.name: f for f in fields(Config)}
+_REGISTRATION_VALUES = ("auto", "1", "0", "true", "false", "yes", "no", "on", "off")
 _DEFAULTS = Config()
 
 
@@ -147,6 +160,10 @@ def load_config(
             raise ValueError(f"unknown setting {key!r}")
         values[key] = _coerce(key, value)
     cfg = Config(**values)
+    if cfg.allow_registration.strip().lower() not in _REGISTRATION_VALUES:
+        raise ValueError(
+            f"allow_registration must be auto, true or false, not {cfg.allow_registration!r}"
+        )
     if not cfg.node_id:
         cfg.node_id = secrets.token_hex(4)
     return cfg

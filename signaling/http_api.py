@@ -53,7 +53,7 @@ async def _account(request: web.Request, action: str) -> web.Response:
     """``/api/register`` and ``/api/login``: a token for a demo account."""
     state: AppState = request.app[STATE]
     try:
-        if not state.config.allow_registration:
+        if not state.demo_accounts:
             raise NotFound("demo accounts are turned off on this server")
         body = await _body(request)
         if action == "register":

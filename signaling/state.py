@@ -38,6 +38,8 @@ class AppState:
     pusher: Pusher
     verifier: TokenVerifier
     metrics: Metrics
+    # /api/register and /api/login serve demo accounts (Config.demo_accounts)
+    demo_accounts: bool = False
     # Filled by feature modules' setup(state): the call manager, group service, rooms.
     calls: CallManager = field(init=False)
     groups: GroupService = field(init=False)

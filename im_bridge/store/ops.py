@@ -111,14 +111,20 @@ def member_from_row(r: tuple[Any, ...]) -> Member:
 
 
 def create_user(user: str, name: str, password_hash: str | None, now: int) -> Op[bool]:
-    """Create an account; False when the id is taken."""
+    """Create an account; False when the id is taken: by an account, or by a user who
+    already has conversations or blocks (one whose tokens an app minted: registering the
+    id would hand its messages to whoever registered it)."""
     n = yield count(
-        "INSERT INTO users (id, name, password_hash, created_at) VALUES (?, ?, ?, ?) "
+        "INSERT INTO users (id, name, password_hash, created_at) SELECT ?, ?, ?, ? "
+        "WHERE NOT EXISTS (SELECT 1 FROM conv_members WHERE user_id = ?) "
+        "AND NOT EXISTS (SELECT 1 FROM blocks WHERE user_id = ?) "
         "ON CONFLICT (id) DO NOTHING",
         user,
         name,
         password_hash,
         now,
+        user,
+        user,
     )
     return bool(n)
 

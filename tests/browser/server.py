@@ -106,6 +106,7 @@ def run_server(data_dir: Path, extra_env: dict[str, str] | None = None) -> Itera
     data_dir.mkdir(parents=True, exist_ok=True)
     env = {
         "TALKBRIDGE_JWT_SECRET": JWT_SECRET,
+        "TALKBRIDGE_ALLOW_REGISTRATION": "true",  # the demo page's accounts
         "TALKBRIDGE_RELAY_ADDRESSES": "127.0.0.1",
         "TALKBRIDGE_RATE_LIMIT": "0",
         "TALKBRIDGE_LOG_LEVEL": "INFO",

@@ -8,6 +8,7 @@ import hmac
 import json
 import time
 import warnings
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import aiohttp
@@ -16,8 +17,28 @@ import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
+from im_bridge.errors import Conflict
+from im_bridge.messages import ChatService
+from im_bridge.store import Store, ops
+from im_bridge.users import UserService
 from signaling.client import AuthFailed, Client
-from tests.support import SECRET, Node, start_node, token
+from tests.support import SECRET, Node, running_node, start_node, token
+
+
+@pytest.fixture
+async def demo_node(tmp_path: Path) -> AsyncIterator[Node]:
+    """A node whose tokens come from a configured secret, with demo accounts turned on."""
+    async with running_node(
+        f"sqlite:///{tmp_path / 's.db'}", tmp_path, allow_registration=True
+    ) as n:
+        yield n
+
+
+async def _register(url: str, user: str, password: str = "correct horse") -> aiohttp.ClientResponse:
+    async with aiohttp.ClientSession() as s:
+        r = await s.post(f"{url}/api/register", json={"user": user, "password": password})
+        await r.read()
+        return r
 
 
 def _hs512_token() -> str:
@@ -155,7 +176,8 @@ async def test_tokens_minted_by_an_app_backend_with_a_public_key(tmp_path: Path,
         await n.stop()
 
 
-async def test_register_then_login_returns_a_token_that_connects(node: Node):
+async def test_register_then_login_returns_a_token_that_connects(demo_node: Node):
+    node = demo_node
     async with aiohttp.ClientSession() as s:
         r = await s.post(
             f"{node.url}/api/register", json={"user": "dave", "password": "correct horse"}
@@ -184,7 +206,8 @@ async def test_register_then_login_returns_a_token_that_connects(node: Node):
     await c.close()
 
 
-async def test_password_is_stored_as_argon2_hash(node: Node):
+async def test_password_is_stored_as_argon2_hash(demo_node: Node):
+    node = demo_node
     async with aiohttp.ClientSession() as s:
         await s.post(
             f"{node.url}/api/register", json={"user": "erin", "password": "hunter2hunter2"}
@@ -204,6 +227,50 @@ async def test_registration_can_be_turned_off(tmp_path: Path):
             assert r.status == 404
     finally:
         await n.stop()
+
+
+async def test_demo_accounts_are_off_by_default_when_an_app_mints_the_tokens(node: Node):
+    # The node's tokens are signed with a configured secret: an app backend's users.
+    r = await _register(node.url, "bob")
+    assert r.status == 404
+
+
+async def test_demo_accounts_are_on_by_default_with_the_generated_development_secret(
+    tmp_path: Path,
+):
+    async with running_node(f"sqlite:///{tmp_path / 's.db'}", tmp_path, jwt_secret="") as n:
+        async with aiohttp.ClientSession() as s:
+            r = await s.post(
+                f"{n.url}/api/register", json={"user": "dave", "password": "correct horse"}
+            )
+            assert r.status == 200
+            body = await r.json()
+        c = Client(n.ws_url, body["token"])
+        assert (await c.connect())["user"] == "dave"
+        await c.close()
+
+
+async def test_a_user_who_already_chats_cannot_be_registered_by_someone_else(demo_node: Node):
+    alice = await demo_node.client("alice")
+    await alice.send_text("bob, the door code is 4711", user="bob")
+    carol = await demo_node.client("carol")  # has no conversation, only a block
+    await carol.request("block.add", user="mallory")
+    for taken in ("bob", "alice", "carol"):
+        r = await _register(demo_node.url, taken)
+        assert r.status == 409, taken
+    assert (await _register(demo_node.url, "dave")).status == 200
+
+
+async def test_registration_refuses_ids_in_use_on_each_store(store: Store):
+    users, chat = UserService(store), ChatService(store)
+    await chat.send("alice", "a1", {"user": "bob"}, None, "text", {"text": "hi"})
+    await store.write(ops.block_add("carol", "mallory", 1))
+    for taken in ("alice", "bob", "carol"):
+        with pytest.raises(Conflict):
+            await users.register(taken, "correct horse")
+    assert (await users.register("dave", "correct horse")).id == "dave"
+    with pytest.raises(Conflict):
+        await users.register("dave", "another horse")
 
 
 async def test_ice_servers_endpoint_needs_a_valid_token(node: Node):

@@ -58,8 +58,20 @@ def test_fixed_environment_names_reach_their_settings():
 
 
 def test_booleans_parse_from_text():
-    assert load_config(env={"TALKBRIDGE_ALLOW_REGISTRATION": "false"}).allow_registration is False
-    assert load_config(env={"TALKBRIDGE_ALLOW_REGISTRATION": "yes"}).allow_registration is True
+    assert load_config(env={"TALKBRIDGE_CALL_WAITING": "false"}).call_waiting is False
+    assert load_config(env={"TALKBRIDGE_CALL_WAITING": "yes"}).call_waiting is True
+
+
+def test_demo_accounts_follow_the_setting_and_by_default_the_secret():
+    auto = load_config(env={})
+    assert auto.demo_accounts(secret_generated=True) is True
+    assert auto.demo_accounts(secret_generated=False) is False
+    on = load_config(env={"TALKBRIDGE_ALLOW_REGISTRATION": "yes"})
+    assert on.demo_accounts(secret_generated=False) is True
+    off = load_config(env={"TALKBRIDGE_ALLOW_REGISTRATION": "false"})
+    assert off.demo_accounts(secret_generated=True) is False
+    with pytest.raises(ValueError, match="allow_registration"):
+        load_config(env={"TALKBRIDGE_ALLOW_REGISTRATION": "maybe"})
 
 
 def test_unknown_toml_key_is_an_error(tmp_path: Path):
