@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import os
 
 from argon2 import PasswordHasher
 from argon2.exceptions import InvalidHashError, VerificationError
@@ -22,6 +23,9 @@ class UserService:
 
     def __init__(self, store: Store) -> None:
         self.store = store
+        # Hashes at once: one per core; more would only queue in threads, each attempt
+        # holding its memory (argon2id's 64 MiB) meanwhile.
+        self._hashing = asyncio.Semaphore(os.cpu_count() or 1)
 
     async def register(self, user: object, password: object, name: object = None) -> User:
         uid = check_user_id(user)
@@ -30,7 +34,8 @@ class UserService:
         if name is not None and (not isinstance(name, str) or len(name) > 128):
             raise BadRequest("'name' must be a string of at most 128 characters", field="name")
         display = name or uid
-        pw_hash = await asyncio.to_thread(_hasher.hash, password)
+        async with self._hashing:
+            pw_hash = await asyncio.to_thread(_hasher.hash, password)
         now = now_ms()
         if not await self.store.write(ops.create_user(uid, display, pw_hash, now)):
             raise Conflict("that user id is taken")
@@ -43,7 +48,8 @@ class UserService:
         record = await self.store.read(ops.get_user(user))
         stored = record.password_hash if record and record.password_hash else _DUMMY_HASH
         try:
-            await asyncio.to_thread(_hasher.verify, stored, password)
+            async with self._hashing:
+                await asyncio.to_thread(_hasher.verify, stored, password)
         except (VerificationError, InvalidHashError):
             raise Unauthorized("wrong user or password") from None
         if record is None or not record.password_hash:

@@ -21,6 +21,7 @@ from signaling.dispatch import load_handler_modules
 from signaling.http_api import add_routes
 from signaling.hub import Hub
 from signaling.keys import STATE
+from signaling.login_limits import LoginLimits
 from signaling.metrics import Metrics, watch_loop_lag
 from signaling.session import CLOSE_SHUTDOWN
 from signaling.state import AppState
@@ -76,6 +77,7 @@ def create_app(config: Config) -> web.Application:
             verifier=TokenVerifier(config),
             metrics=Metrics(),
             demo_accounts=demo_accounts,
+            login_limits=LoginLimits(config.login_rate, config.login_burst),
         )
         app[STATE] = state
         await _run_module_hook(modules, "setup", state)

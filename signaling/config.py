@@ -47,6 +47,10 @@ class Config:
     # tokens are signed with the generated development secret (see Config.demo_accounts)
     allow_registration: str = "auto"
     auth_timeout: float = 10.0  # seconds for the first auth frame
+    # /api/register and /api/login attempts per second per client address, and burst;
+    # 0 = no limit (signaling/login_limits.py)
+    login_rate: float = 1.0
+    login_burst: int = 10
     # Storage and scale-out
     store: str = ""  # sqlite:///path | postgresql://...; default: sqlite under data_dir
     redis: str = ""  # redis://...; empty = in-process bus and presence

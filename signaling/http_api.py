@@ -9,13 +9,15 @@ from typing import Any
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from im_bridge.errors import BadRequest, NotFound, TalkbridgeError, Unauthorized
+from im_bridge.errors import BadRequest, NotFound, RateLimited, TalkbridgeError, Unauthorized
 from signaling.codec import encode
 from signaling.ice import ice_ttl
 from signaling.keys import STATE
 from signaling.state import AppState
 
 WEB_DEMO = Path(__file__).resolve().parent.parent / "web_demo"
+# Retry-After on a 429: a login bucket refills a token within seconds
+RETRY_AFTER_S = 6
 _STATUS = {
     "bad_request": 400,
     "unauthorized": 401,
@@ -34,7 +36,10 @@ def _json(data: Any, status: int = 200) -> web.Response:
 
 
 def _error(err: TalkbridgeError) -> web.Response:
-    return _json({"error": err.to_wire()}, _STATUS.get(err.code, 500))
+    response = _json({"error": err.to_wire()}, _STATUS.get(err.code, 500))
+    if isinstance(err, RateLimited):
+        response.headers["Retry-After"] = str(RETRY_AFTER_S)
+    return response
 
 
 async def _body(request: web.Request) -> dict[str, Any]:
@@ -55,13 +60,24 @@ async def _account(request: web.Request, action: str) -> web.Response:
     try:
         if not state.demo_accounts:
             raise NotFound("demo accounts are turned off on this server")
+        limits = state.login_limits
+        if not limits.attempt(request.remote or ""):
+            raise RateLimited("too many attempts from this address; try again later")
         body = await _body(request)
         if action == "register":
             user = await state.users.register(
                 body.get("user"), body.get("password"), body.get("name")
             )
         else:
-            user = await state.users.authenticate(body.get("user"), body.get("password"))
+            uid = body.get("user")
+            if isinstance(uid, str) and not limits.may_log_in(uid):
+                raise RateLimited("too many failed logins for this user; try again later")
+            try:
+                user = await state.users.authenticate(uid, body.get("password"))
+            except Unauthorized:
+                if isinstance(uid, str):
+                    limits.failed(uid)
+                raise
         token, exp = state.verifier.mint(user.id, name=user.name)
         return _json({"user": user.id, "name": user.name, "token": token, "expires_at": exp})
     except TalkbridgeError as err:

@@ -1,4 +1,4 @@
-"""Per-connection token bucket."""
+"""Token buckets: per connection (frames), per client address and user (logins)."""
 
 from __future__ import annotations
 
@@ -27,3 +27,9 @@ class TokenBucket:
             self.tokens -= 1
             return True
         return False
+
+    def peek(self) -> bool:
+        """Whether :meth:`take` would succeed now (spends nothing)."""
+        if self.rate <= 0:
+            return True
+        return self.tokens + (time.monotonic() - self.updated) * self.rate >= 1

@@ -17,6 +17,7 @@ from signaling.bus import Bus
 from signaling.config import Config
 from signaling.hub import Hub
 from signaling.ice import ice_servers_for
+from signaling.login_limits import LoginLimits
 from signaling.metrics import Metrics
 
 if TYPE_CHECKING:
@@ -38,8 +39,9 @@ class AppState:
     pusher: Pusher
     verifier: TokenVerifier
     metrics: Metrics
-    # /api/register and /api/login serve demo accounts (Config.demo_accounts)
+    # /api/register and /api/login serve demo accounts (Config.demo_accounts), limited so
     demo_accounts: bool = False
+    login_limits: LoginLimits = field(default_factory=lambda: LoginLimits(0, 1))
     # Filled by feature modules' setup(state): the call manager, group service, rooms.
     calls: CallManager = field(init=False)
     groups: GroupService = field(init=False)

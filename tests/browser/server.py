@@ -109,6 +109,7 @@ def run_server(data_dir: Path, extra_env: dict[str, str] | None = None) -> Itera
         "TALKBRIDGE_ALLOW_REGISTRATION": "true",  # the demo page's accounts
         "TALKBRIDGE_RELAY_ADDRESSES": "127.0.0.1",
         "TALKBRIDGE_RATE_LIMIT": "0",
+        "TALKBRIDGE_LOGIN_RATE": "0",  # tests register many accounts from one address
         "TALKBRIDGE_LOG_LEVEL": "INFO",
         **(extra_env or {}),
     }

@@ -273,6 +273,39 @@ async def test_registration_refuses_ids_in_use_on_each_store(store: Store):
         await users.register("dave", "another horse")
 
 
+async def _login(url: str, user: str, password: str) -> aiohttp.ClientResponse:
+    async with aiohttp.ClientSession() as s:
+        r = await s.post(f"{url}/api/login", json={"user": user, "password": password})
+        await r.read()
+        return r
+
+
+async def test_an_address_trying_too_fast_is_told_to_wait(tmp_path: Path):
+    async with running_node(
+        f"sqlite:///{tmp_path / 's.db'}", tmp_path, allow_registration=True,
+        login_rate=0.5, login_burst=3,
+    ) as n:
+        answers = [(await _login(n.url, "dave", "not the one")).status for _ in range(4)]
+        assert answers == [401, 401, 401, 429]
+        r = await _register(n.url, "dave")
+        assert r.status == 429 and int(r.headers["Retry-After"]) > 0
+
+
+async def test_a_user_with_too_many_failed_logins_waits_even_with_the_right_password(
+    tmp_path: Path,
+):
+    async with running_node(
+        f"sqlite:///{tmp_path / 's.db'}", tmp_path, allow_registration=True,
+        login_rate=1000, login_burst=1000,
+    ) as n:
+        for user in ("dave", "erin"):
+            assert (await _register(n.url, user)).status == 200
+        for _ in range(10):
+            assert (await _login(n.url, "dave", "a wrong guess")).status == 401
+        assert (await _login(n.url, "dave", "correct horse")).status == 429
+        assert (await _login(n.url, "erin", "correct horse")).status == 200
+
+
 async def test_ice_servers_endpoint_needs_a_valid_token(node: Node):
     async with aiohttp.ClientSession() as s:
         r = await s.get(f"{node.url}/api/ice-servers")
