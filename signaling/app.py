@@ -21,7 +21,7 @@ from signaling.dispatch import load_handler_modules
 from signaling.http_api import add_routes
 from signaling.hub import Hub
 from signaling.keys import STATE
-from signaling.login_limits import LoginLimits
+from signaling.login_limits import LoginLimits, parse_networks
 from signaling.metrics import Metrics, watch_loop_lag
 from signaling.session import CLOSE_SHUTDOWN
 from signaling.state import AppState
@@ -77,7 +77,9 @@ def create_app(config: Config) -> web.Application:
             verifier=TokenVerifier(config),
             metrics=Metrics(),
             demo_accounts=demo_accounts,
-            login_limits=LoginLimits(config.login_rate, config.login_burst),
+            login_limits=LoginLimits(
+                config.login_rate, config.login_burst, parse_networks(config.trusted_proxies)
+            ),
         )
         app[STATE] = state
         await _run_module_hook(modules, "setup", state)

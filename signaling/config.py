@@ -51,6 +51,8 @@ class Config:
     # 0 = no limit (signaling/login_limits.py)
     login_rate: float = 1.0
     login_burst: int = 10
+    # load balancers whose X-Forwarded-For names the client (addresses or networks)
+    trusted_proxies: list[str] = field(default_factory=list)
     # Storage and scale-out
     store: str = ""  # sqlite:///path | postgresql://...; default: sqlite under data_dir
     redis: str = ""  # redis://...; empty = in-process bus and presence

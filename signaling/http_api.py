@@ -13,6 +13,7 @@ from im_bridge.errors import BadRequest, NotFound, RateLimited, TalkbridgeError,
 from signaling.codec import encode
 from signaling.ice import ice_ttl
 from signaling.keys import STATE
+from signaling.login_limits import client_address
 from signaling.state import AppState
 
 WEB_DEMO = Path(__file__).resolve().parent.parent / "web_demo"
@@ -61,7 +62,10 @@ async def _account(request: web.Request, action: str) -> web.Response:
         if not state.demo_accounts:
             raise NotFound("demo accounts are turned off on this server")
         limits = state.login_limits
-        if not limits.attempt(request.remote or ""):
+        address = client_address(
+            request.remote or "", request.headers.get("X-Forwarded-For"), limits.proxies
+        )
+        if not limits.attempt(address):
             raise RateLimited("too many attempts from this address; try again later")
         body = await _body(request)
         if action == "register":

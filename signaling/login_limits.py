@@ -4,11 +4,14 @@ Each attempt costs an argon2id hash (tens of ms of a core, in a thread). Unlimit
 client could try a demo account's passwords as fast as the machine hashes, and keep every
 core busy doing it. So attempts are limited per client address (a token bucket), and
 failed logins per user id (a guesser spread over many addresses); the hashing itself runs
-at most as many at once as the machine has cores (im_bridge/users.py).
+at most as many at once as the machine has cores (im_bridge/users.py). Behind a load
+balancer every client would share its address: the ones listed as trusted proxies are
+looked through (X-Forwarded-For).
 """
 
 from __future__ import annotations
 
+import ipaddress
 from collections import OrderedDict
 
 from signaling.ratelimit import TokenBucket
@@ -38,12 +41,40 @@ class _Buckets:
         return bucket
 
 
+Network = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+
+def parse_networks(entries: list[str]) -> list[Network]:
+    """``TALKBRIDGE_TRUSTED_PROXIES``: addresses or networks (``10.0.0.0/8``)."""
+    return [ipaddress.ip_network(e.strip(), strict=False) for e in entries if e.strip()]
+
+
+def client_address(remote: str, forwarded_for: str | None, proxies: list[Network]) -> str:
+    """The client's address: the peer's, or when the peer is a trusted proxy, the last
+    address in ``X-Forwarded-For`` that is not one (what the proxies before it appended;
+    anything further left the client may have written itself)."""
+    hops = [h.strip() for h in (forwarded_for or "").split(",") if h.strip()]
+    address = remote
+    while _trusted(address, proxies) and hops:
+        address = hops.pop()
+    return address
+
+
+def _trusted(address: str, proxies: list[Network]) -> bool:
+    try:
+        ip = ipaddress.ip_address(address)
+    except ValueError:
+        return False
+    return any(ip in net for net in proxies)
+
+
 class LoginLimits:
     """``rate`` attempts per second per client address (``burst`` at once); rate 0 turns
     both limits off."""
 
-    def __init__(self, rate: float, burst: int) -> None:
+    def __init__(self, rate: float, burst: int, proxies: list[Network] | None = None) -> None:
         self.on = rate > 0
+        self.proxies = proxies or []
         self._addresses = _Buckets(rate, burst)
         self._failures = _Buckets(1 / USER_FAILURE_EVERY_S, USER_FAILURES_BURST)
 

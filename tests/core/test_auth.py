@@ -22,6 +22,7 @@ from im_bridge.messages import ChatService
 from im_bridge.store import Store, ops
 from im_bridge.users import UserService
 from signaling.client import AuthFailed, Client
+from signaling.login_limits import client_address, parse_networks
 from tests.support import SECRET, Node, running_node, start_node, token
 
 
@@ -273,9 +274,14 @@ async def test_registration_refuses_ids_in_use_on_each_store(store: Store):
         await users.register("dave", "another horse")
 
 
-async def _login(url: str, user: str, password: str) -> aiohttp.ClientResponse:
+async def _login(
+    url: str, user: str, password: str, forwarded_for: str | None = None
+) -> aiohttp.ClientResponse:
+    headers = {"X-Forwarded-For": forwarded_for} if forwarded_for else {}
     async with aiohttp.ClientSession() as s:
-        r = await s.post(f"{url}/api/login", json={"user": user, "password": password})
+        r = await s.post(
+            f"{url}/api/login", json={"user": user, "password": password}, headers=headers
+        )
         await r.read()
         return r
 
@@ -304,6 +310,33 @@ async def test_a_user_with_too_many_failed_logins_waits_even_with_the_right_pass
             assert (await _login(n.url, "dave", "a wrong guess")).status == 401
         assert (await _login(n.url, "dave", "correct horse")).status == 429
         assert (await _login(n.url, "erin", "correct horse")).status == 200
+
+
+@pytest.mark.parametrize("trusted", [True, False])
+async def test_behind_a_trusted_proxy_each_client_address_has_its_own_limit(
+    tmp_path: Path, trusted: bool
+):
+    async with running_node(
+        f"sqlite:///{tmp_path / 's.db'}", tmp_path, allow_registration=True,
+        login_rate=0.5, login_burst=2, trusted_proxies="127.0.0.1" if trusted else "",
+    ) as n:
+        first = [(await _login(n.url, "dave", "nope", f"10.0.0.1, {ip}")).status
+                 for ip in ("192.0.2.1", "192.0.2.1", "192.0.2.1")]
+        other = (await _login(n.url, "dave", "nope", "192.0.2.2")).status
+    # Trusted: the proxy's X-Forwarded-For names the client (its last entry; what the
+    # client wrote itself, further left, is not believed). Untrusted: the header is
+    # anybody's to forge, and every attempt counts against the peer's address.
+    assert first == [401, 401, 429]
+    assert other == (401 if trusted else 429)
+
+
+def test_the_client_address_is_the_last_one_no_trusted_proxy_added():
+    proxies = parse_networks(["10.0.0.0/8", "127.0.0.1"])
+    assert client_address("127.0.0.1", "203.0.113.9, 10.1.2.3", proxies) == "203.0.113.9"
+    assert client_address("127.0.0.1", "1.1.1.1, 203.0.113.9", proxies) == "203.0.113.9"
+    assert client_address("198.51.100.7", "203.0.113.9", proxies) == "198.51.100.7"
+    assert client_address("127.0.0.1", None, proxies) == "127.0.0.1"
+    assert client_address("127.0.0.1", "garbage", proxies) == "garbage"
 
 
 async def test_ice_servers_endpoint_needs_a_valid_token(node: Node):
