@@ -16,7 +16,15 @@ from collections.abc import Callable
 from typing import Any
 
 from im_bridge.errors import BadRequest, NotFound
-from im_bridge.ids import check_group_id, check_user_id, group_conv, new_id, now_ms, parse_conv
+from im_bridge.ids import (
+    check_group_id,
+    check_user_id,
+    group_conv,
+    new_id,
+    no_nul,
+    now_ms,
+    parse_conv,
+)
 from im_bridge.store import Store
 from im_bridge.store import group_ops as gops
 from im_bridge.store.group_ops import (
@@ -45,7 +53,7 @@ def _text(value: Any, field: str, max_len: int, *, required: bool) -> str:
         raise BadRequest(f"'{field}' must not be empty", field=field)
     if len(text) > max_len:
         raise BadRequest(f"'{field}' is longer than {max_len} characters", field=field)
-    return text
+    return no_nul(text, field)  # stored in a column (see ids.no_nul)
 
 
 def _policy(value: Any) -> str:

@@ -34,6 +34,19 @@ def check_group_id(group: object, field: str = "group") -> str:
     return group
 
 
+def no_nul(value: str, field: str) -> str:
+    """``value``, or BadRequest naming the field when it holds a NUL character.
+
+    For free text stored in a column of its own (client_msg_id, group names, ...):
+    PostgreSQL's TEXT cannot hold a NUL (SQLite can), and the refused write would roll
+    back the whole group-commit batch, other users' writes with it. Message bodies and
+    mentions are stored as JSON text, where a NUL is the escape ``\\u0000``: no check.
+    """
+    if "\x00" in value:
+        raise BadRequest(f"'{field}' must not contain NUL characters", field=field)
+    return value
+
+
 def dm_conv(a: str, b: str) -> str:
     """The direct conversation id of two users: ``dm:<a>:<b>`` with the ids sorted."""
     x, y = sorted((a, b))

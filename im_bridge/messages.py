@@ -11,7 +11,15 @@ from dataclasses import dataclass
 from typing import Any
 
 from im_bridge.errors import BadRequest, Forbidden, NotFound
-from im_bridge.ids import check_group_id, check_user_id, dm_conv, group_conv, now_ms, parse_conv
+from im_bridge.ids import (
+    check_group_id,
+    check_user_id,
+    dm_conv,
+    group_conv,
+    no_nul,
+    now_ms,
+    parse_conv,
+)
 from im_bridge.models import ConvSummary, Member, Message, SendRequest
 from im_bridge.store import Store, ops
 
@@ -146,6 +154,8 @@ class ChatService:
         if not isinstance(to, dict) or len(to) != 1 or not ({"user", "group"} & to.keys()):
             raise BadRequest('\'to\' must be {"user": id} or {"group": id}', field="to")
         body = validate_body(kind, body)
+        if client_msg_id is not None:  # stored in a column: no NUL (see ids.no_nul)
+            no_nul(client_msg_id, "client_msg_id")
         if mentions:
             for m in mentions:
                 if m != "@all":

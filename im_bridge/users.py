@@ -9,7 +9,7 @@ from argon2 import PasswordHasher
 from argon2.exceptions import InvalidHashError, VerificationError
 
 from im_bridge.errors import BadRequest, Conflict, Unauthorized
-from im_bridge.ids import check_user_id, now_ms
+from im_bridge.ids import check_user_id, no_nul, now_ms
 from im_bridge.models import User
 from im_bridge.store import Store, ops
 
@@ -33,6 +33,8 @@ class UserService:
             raise BadRequest("'password' must be 8 to 1024 characters", field="password")
         if name is not None and (not isinstance(name, str) or len(name) > 128):
             raise BadRequest("'name' must be a string of at most 128 characters", field="name")
+        if name is not None:
+            no_nul(name, "name")  # stored in a column (see ids.no_nul)
         display = name or uid
         async with self._hashing:
             pw_hash = await asyncio.to_thread(_hasher.hash, password)

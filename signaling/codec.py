@@ -11,6 +11,7 @@ from typing import Any
 import msgspec
 
 from im_bridge.errors import BadRequest
+from im_bridge.ids import no_nul
 
 _encoder = msgspec.json.Encoder()
 _decoder = msgspec.json.Decoder()
@@ -35,13 +36,13 @@ def decode_frame(data: str | bytes) -> dict[str, Any]:
 
 
 def req_str(req: dict[str, Any], name: str, *, max_len: int = 256) -> str:
-    """A required non-empty string field."""
+    """A required non-empty string field, without NUL characters (see ids.no_nul)."""
     value = req.get(name)
     if not isinstance(value, str) or not value:
         raise BadRequest(f"'{name}' must be a non-empty string", field=name)
     if len(value) > max_len:
         raise BadRequest(f"'{name}' is longer than {max_len} characters", field=name)
-    return value
+    return no_nul(value, name)
 
 
 def opt_str(req: dict[str, Any], name: str, *, max_len: int = 256) -> str | None:

@@ -66,6 +66,10 @@ async def _refuse(ws: web.WebSocketResponse, state: AppState, err: TalkbridgeErr
 def _pick_device(claims: Claims, asked: object) -> str:
     if asked is not None and (not isinstance(asked, str) or not DEVICE_RE.fullmatch(asked)):
         raise Unauthorized("'device' must match [A-Za-z0-9_.:-]{1,64}")
+    if claims.device is not None and not DEVICE_RE.fullmatch(claims.device):
+        # Device ids are stored with every message: one PostgreSQL cannot hold (a NUL)
+        # would fail every batch its sends share (see ids.no_nul).
+        raise Unauthorized("token 'dev' must match [A-Za-z0-9_.:-]{1,64}")
     if claims.device and asked and asked != claims.device:
         raise Unauthorized("the token is bound to another device")
     return (

@@ -99,6 +99,7 @@ async def test_first_auth_frame_authenticates(node: Node):
         (_unsigned({"sub": "alice", "exp": int(time.time()) + 60}), "algorithm"),
         (jwt.encode({"sub": "alice"}, SECRET, algorithm="HS256"), "exp"),
         (token("al ice"), "sub"),
+        (token("alice", dev="a\x00b"), "dev"),  # device ids are stored with messages
         (
             _hs512_token(),
             "algorithm",
@@ -202,6 +203,11 @@ async def test_register_then_login_returns_a_token_that_connects(demo_node: Node
         assert body["expires_at"] > time.time()
         r = await s.post(f"{node.url}/api/register", json={"user": "x", "password": "short"})
         assert r.status == 400
+        r = await s.post(  # a name PostgreSQL could not store
+            f"{node.url}/api/register",
+            json={"user": "nul", "password": "correct horse", "name": "a\x00b"},
+        )
+        assert r.status == 400 and (await r.json())["error"]["code"] == "bad_request"
     c = Client(node.ws_url, body["token"])
     assert (await c.connect())["user"] == "dave"
     await c.close()

@@ -59,6 +59,10 @@ async def test_unparseable_or_id_less_frames_get_error_frame_and_connection_stay
             {"to": {"user": "bob"}, "kind": "text", "body": {"text": "x"}, "client_msg_id": 7},
             "client_msg_id",
         ),
+        (  # PostgreSQL cannot store a NUL character (SQLite can): refused on both
+            {"to": {"user": "bob"}, "kind": "text", "body": {"text": "x"}, "client_msg_id": "\x00"},
+            "client_msg_id",
+        ),
         (
             {"to": {"user": "bob"}, "kind": "text", "body": {"text": "x"}, "mentions": "bob"},
             "mentions",
@@ -75,6 +79,16 @@ async def test_wrongly_typed_send_fields_are_named_and_nothing_is_stored(
         await alice.request("msg.send", **fields)
     assert e.value.code == "bad_request" and e.value.data.get("field") == field_name
     assert [m["body"] for m in await _stored(alice)] == [{"text": "before"}]
+
+
+async def test_a_nul_in_a_client_msg_id_is_bad_request_on_every_store(any_node: Node):
+    """Not `internal` from PostgreSQL, which cannot store it; a NUL in the body is text."""
+    alice = await any_node.client("alice")
+    with pytest.raises(ClientError) as e:
+        await alice.send_text("x", user="bob", client_msg_id="a\x00b")
+    assert e.value.code == "bad_request" and e.value.data.get("field") == "client_msg_id"
+    await alice.send_text("nul \x00 inside", user="bob", client_msg_id="a-b")
+    assert [m["body"] for m in await _stored(alice)] == [{"text": "nul \x00 inside"}]
 
 
 @pytest.mark.parametrize(

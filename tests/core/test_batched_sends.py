@@ -8,12 +8,13 @@ stored rows. Run on SQLite and PostgreSQL.
 from __future__ import annotations
 
 import asyncio
+import functools
 import random
 from typing import Any
 
 import pytest
 
-from im_bridge.errors import Forbidden
+from im_bridge.errors import BadRequest, Forbidden, TalkbridgeError
 from im_bridge.messages import ChatService, Sent
 from im_bridge.models import SendRequest
 from im_bridge.store import Store, ops
@@ -177,3 +178,38 @@ def test_a_run_locks_each_conversations_rows_before_the_next_conversations():
     except StopIteration as stop:
         assert [r[0].seq for r in stop.value] == [6, 7, 6, 7, 6, 7]
     assert locked == sorted(locked) and set(locked) == set(convs)
+
+
+async def test_a_nul_in_one_client_id_costs_no_other_send_of_its_batch(store: Store):
+    """PostgreSQL's TEXT cannot hold a NUL character: a client_msg_id with one used to
+    reach the batch and roll it back, so every other user's send in it failed too (and
+    again at each retry). It is refused when checked, as msg.send's handler checks."""
+    chat = ChatService(store)
+    await chat.send("bob", "b1", {"user": "alice"}, None, "text", {"text": "warm"})
+    sends: list[Send] = [("bob", "alice", "ok-1"), ("alice", "bob", "bad\x00id"),
+                         ("carol", "bob", "ok-2"), ("bob", "alice", "ok-3")]
+    results: list[Any] = [None] * len(sends)
+    left = len(sends)
+    done = asyncio.Event()
+
+    def settle(i: int, result: Any) -> None:
+        nonlocal left
+        results[i] = result
+        left -= 1
+        if not left:
+            done.set()
+
+    for i, (sender, to, cid) in enumerate(sends):  # one turn of the loop: one batch
+        try:
+            req = chat.prepare_send(sender, "d1", {"user": to}, cid, "text", {"text": f"m{i}"})
+        except TalkbridgeError as exc:  # the request's reply
+            settle(i, exc)
+            continue
+        chat.send_nowait(req, functools.partial(settle, i))
+    async with asyncio.timeout(10):
+        await done.wait()
+    refused = results[1]
+    assert isinstance(refused, BadRequest) and refused.details["field"] == "client_msg_id"
+    assert [r[0].seq for r in results if not isinstance(r, BaseException)] == [2, 1, 3]
+    msgs, _ = await chat.history("bob", "dm:alice:bob", None, None, 10)
+    assert [m.client_msg_id for m in msgs] == [None, "ok-1", "ok-3"]
