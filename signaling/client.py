@@ -15,6 +15,15 @@ a sync hands out only what was sent before it began (later messages come live). 
 are handed out once per (conv, seq) however they arrive. On its first connect the client syncs the
 conversations whose ``watermark`` the app restored from local storage and takes the rest
 as seen (``backlog=True`` hands everything out as synced events instead).
+
+Besides the server's events, the client queues its own:
+
+- ``client.disconnected {code}``: the connection closed (``code``: the close code).
+- ``client.reconnected {node}``: it is connected again (and syncing).
+- ``client.replaced {code: 4409}``: another connection of the same user and device took
+  over (the server sent ``session.replaced`` first). The client does not reconnect: it
+  would take the device back, and the two would replace each other in a loop. Neither
+  does it after close code 4401 (the token was refused).
 """
 
 from __future__ import annotations
@@ -36,6 +45,9 @@ _enc = msgspec.json.Encoder()
 _dec = msgspec.json.Decoder()
 
 TokenSource = str | Callable[[], Awaitable[str]]
+
+# Close code of a session replaced by a newer connection of the same user and device.
+CLOSE_REPLACED = 4409
 
 
 class ClientError(Exception):
@@ -199,6 +211,12 @@ class Client:
             code = ws.close_code
             self._fail_pending(f"connection closed ({code})")
             self._events.put_nowait({"type": "client.disconnected", "code": code})
+            if code == CLOSE_REPLACED:
+                # A newer connection of this user and device took over: reconnecting would
+                # replace it in turn, and two clients of one device would take it from
+                # each other for ever. The app decides (e.g. asks the user).
+                self._events.put_nowait({"type": "client.replaced", "code": code})
+                return
             if self._closed or not self.reconnect_enabled or code == 4401:
                 return
             await self._reconnect()

@@ -69,3 +69,20 @@ async def test_joining_a_group_with_history_leaves_no_gap_to_fill(node: Node):
         assert "synced" not in ev  # handed out as it arrived, not by a history fill
     assert dave.watermark["g:g1"] == seq
     assert history_requests <= 1  # the one fill that learns where dave's history begins
+
+
+async def test_a_replaced_device_stops_and_says_so_instead_of_taking_the_device_back(
+    node: Node,
+):
+    """Close code 4409: a newer connection of the same device took over. A client that
+    reconnected on it replaced the newer one, which reconnected in turn: two clients of one
+    device replaced each other over a thousand times in three seconds."""
+    old = await node.client("alice", "phone")
+    new = await node.client("alice", "phone")
+    assert (await old.next_event("session.replaced"))["session"]
+    assert (await old.next_event("client.disconnected"))["code"] == 4409
+    assert await old.next_event("client.replaced") == {"type": "client.replaced", "code": 4409}
+    await asyncio.sleep(0.5)
+    assert (old.connected, old.reconnects) == (False, 0)
+    assert (new.connected, new.reconnects) == (True, 0)
+    assert not [e for e in new.pending_events() if e["type"].startswith(("client.", "session."))]
