@@ -28,6 +28,16 @@ MAX_TEXT = 16_000
 
 
 @dataclass(slots=True)
+class Marked:
+    """Result of a receipt: the user's position after it, whether it moved, and (when it
+    did) the members to tell."""
+
+    seq: int
+    changed: bool
+    members: list[str]
+
+
+@dataclass(slots=True)
 class Sent:
     """Result of a send: the message, whether it is new, and the conversation's members."""
 
@@ -216,13 +226,11 @@ class ChatService:
 
     # ------------------------------------------------------------ state changes
 
-    async def mark(self, user: str, conv: str, kind: str, seq: int) -> tuple[int | None, list[str]]:
-        """Advance delivered/read to ``seq``; returns the new position (None if unchanged)."""
+    async def mark(self, user: str, conv: str, kind: str, seq: int) -> Marked:
+        """Advance delivered/read to ``seq`` (see :func:`ops.mark`)."""
         await self.require_reader(conv, user)
-        new = await self.store.write(ops.mark(conv, user, kind, seq), key=conv)
-        if new is None:
-            return None, []
-        return new, await self.members(conv)
+        pos, changed = await self.store.write(ops.mark(conv, user, kind, seq), key=conv)
+        return Marked(pos, changed, await self.members(conv) if changed else [])
 
     async def recall(self, user: str, conv: str, seq: int) -> tuple[Message, list[str]]:
         await self.require_current(conv, user)

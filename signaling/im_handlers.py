@@ -221,8 +221,9 @@ async def msg_recall(ctx: RequestContext, req: dict[str, Any]) -> dict[str, Any]
 async def _receipt(ctx: RequestContext, req: dict[str, Any], kind: str) -> dict[str, Any]:
     conv, seq = _conv(req), req_int(req, "seq", minimum=0)
     user = ctx.session.user
-    new, members = await ctx.state.chat.mark(user, conv, kind, seq)
-    if new is not None and conv.startswith("g:"):
+    marked = await ctx.state.chat.mark(user, conv, kind, seq)
+    new = marked.seq
+    if marked.changed and conv.startswith("g:"):
         # The user's other devices learn it at once (unread counts); senders get it coalesced.
         await publish(
             ctx.state,
@@ -232,15 +233,15 @@ async def _receipt(ctx: RequestContext, req: dict[str, Any], kind: str) -> dict[
         )
         coalescer: ReceiptCoalescer = ctx.state.extras["receipts"]
         coalescer.add(conv, user, kind, new)
-    elif new is not None:
+    elif marked.changed:
         # The other member learns the position; the user's other devices too (unread sync).
         await publish(
             ctx.state,
-            members,
+            marked.members,
             {"type": "receipt", "conv": conv, "user": user, "kind": kind, "seq": new},
             exclude_session=ctx.session.session_id,
         )
-    return {"conv": conv, "seq": new if new is not None else seq, "changed": new is not None}
+    return {"conv": conv, "seq": new, "changed": marked.changed}
 
 
 @handler("receipt.delivered")

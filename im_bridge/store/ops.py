@@ -577,13 +577,15 @@ def conv_list(user: str) -> Op[list[ConvSummary]]:
     return out
 
 
-def mark(conv: str, user: str, kind: str, seq: int) -> Op[int | None]:
+def mark(conv: str, user: str, kind: str, seq: int) -> Op[tuple[int, bool]]:
     """Advance the user's delivered/read position to ``seq`` (clamped to what they can see).
 
-    Returns the new position, or None when it did not move forward.
+    Returns the user's position after it and whether it moved: when it did not, the stored
+    position (never the seq asked for, which may lie beyond every message, or behind).
     """
+    col = "read_seq" if kind == "read" else "delivered_seq"
     m = yield one(
-        "SELECT m.left_seq, c.last_seq FROM conv_members m JOIN conversations c "
+        f"SELECT m.left_seq, c.last_seq, m.{col} FROM conv_members m JOIN conversations c "
         "ON c.conv = m.conv WHERE m.conv = ? AND m.user_id = ?",
         conv,
         user,
@@ -592,6 +594,8 @@ def mark(conv: str, user: str, kind: str, seq: int) -> Op[int | None]:
         raise NotFound("no such conversation")
     top = int(m[1]) if m[0] is None else min(int(m[0]), int(m[1]))
     seq = min(seq, top)
+    if seq <= int(m[2]):
+        return int(m[2]), False
     if kind == "read":
         n = yield count(
             "UPDATE conv_members SET read_seq = ?, delivered_seq = "
@@ -613,7 +617,11 @@ def mark(conv: str, user: str, kind: str, seq: int) -> Op[int | None]:
             user,
             seq,
         )
-    return seq if n else None
+    if n:
+        return seq, True
+    # Moved past it since the read above (another node's receipt committed in between).
+    r = yield one(f"SELECT {col} FROM conv_members WHERE conv = ? AND user_id = ?", conv, user)
+    return int(r[0]), False
 
 
 def recall(conv: str, seq: int, by: str, now: int, window_ms: int) -> Op[Message]:

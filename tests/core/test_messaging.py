@@ -126,6 +126,27 @@ async def test_receipts_reach_the_other_member_and_never_go_backwards(any_node: 
     assert beyond["seq"] == 3  # clamped to the last message
 
 
+async def test_a_receipt_that_changes_nothing_replies_with_the_position_reached(
+    any_node: Node,
+):
+    """Not the seq asked for: after reading up to 3, `read seq=99` used to answer
+    `{seq: 99, changed: false}`, a position no message has."""
+    alice = await any_node.client("alice")
+    bob = await any_node.client("bob")
+    for i in range(3):
+        await alice.send_text(f"m{i}", user="bob")
+    read = await bob.request("receipt.read", conv="dm:alice:bob", seq=99)
+    assert read == {"conv": "dm:alice:bob", "seq": 3, "changed": True}
+    for kind, seq in (("read", 99), ("read", 1), ("delivered", 2), ("delivered", 99)):
+        again = await bob.request(f"receipt.{kind}", conv="dm:alice:bob", seq=seq)
+        assert again == {"conv": "dm:alice:bob", "seq": 3, "changed": False}, (kind, seq)
+    await alice.send_text("m3", user="bob")
+    delivered = await bob.request("receipt.delivered", conv="dm:alice:bob", seq=99)
+    assert delivered == {"conv": "dm:alice:bob", "seq": 4, "changed": True}
+    read = await bob.request("receipt.read", conv="dm:alice:bob", seq=0)
+    assert read == {"conv": "dm:alice:bob", "seq": 3, "changed": False}
+
+
 async def test_typing_reaches_the_other_member_only(any_node: Node):
     alice = await any_node.client("alice")
     alice2 = await any_node.client("alice", "a2")
