@@ -227,10 +227,28 @@ class ChatService:
     # ------------------------------------------------------------ state changes
 
     async def mark(self, user: str, conv: str, kind: str, seq: int) -> Marked:
-        """Advance delivered/read to ``seq`` (see :func:`ops.mark`)."""
-        await self.require_reader(conv, user)
-        pos, changed = await self.store.write(ops.mark(conv, user, kind, seq), key=conv)
-        return Marked(pos, changed, await self.members(conv) if changed else [])
+        """Advance delivered/read to ``seq`` (see :func:`ops.mark`).
+
+        In a dm whose peer has blocked the user, the position still moves (the user's own
+        devices sync their unread counts from it) but the peer is not told: what a blocked
+        user reads is no more the blocker's concern than their messages.
+        """
+        kind_, parts = parse_conv(conv)
+        peer = None
+        if kind_ == "dm":
+            # A dm's members are its two users, always current: no membership read (the
+            # op finds no row, NotFound, before the first message); it asks for the block.
+            if user not in parts:
+                raise Forbidden("you are not a member of this conversation")
+            peer = parts[1] if parts[0] == user else parts[0]
+        else:
+            await self.require_reader(conv, user)
+        pos, changed, blocked = await self.store.write(
+            ops.mark(conv, user, kind, seq, peer), key=conv
+        )
+        if not changed:
+            return Marked(pos, False, [])
+        return Marked(pos, True, [user] if blocked else await self.members(conv))
 
     async def recall(self, user: str, conv: str, seq: int) -> tuple[Message, list[str]]:
         await self.require_current(conv, user)
@@ -240,9 +258,20 @@ class ChatService:
         return msg, await self.members(conv)
 
     async def typing(self, user: str, conv: str) -> list[str]:
-        """Who should see that ``user`` is typing in ``conv``."""
-        await self.require_current(conv, user)
-        return await self.members(conv)
+        """Who should see that ``user`` is typing in ``conv``; Forbidden in a dm whose peer
+        has blocked the user, as their msg.send is (so it tells them nothing more)."""
+        kind, parts = parse_conv(conv)
+        if kind != "dm":
+            await self.require_current(conv, user)
+            return await self.members(conv)
+        if user not in parts:
+            raise Forbidden("you are not a member of this conversation")
+        # One read, as before: a dm's members are always current, so the block look-up
+        # takes the place of the membership read.
+        peer = parts[1] if parts[0] == user else parts[0]
+        if peer != user and await self.is_blocked(user, by=peer):
+            raise Forbidden("this user does not accept your messages")
+        return sorted(set(parts))
 
     async def set_muted(self, user: str, conv: str, on: bool) -> None:
         await self.require_reader(conv, user)

@@ -577,25 +577,33 @@ def conv_list(user: str) -> Op[list[ConvSummary]]:
     return out
 
 
-def mark(conv: str, user: str, kind: str, seq: int) -> Op[tuple[int, bool]]:
+def mark(
+    conv: str, user: str, kind: str, seq: int, peer: str | None = None
+) -> Op[tuple[int, bool, bool]]:
     """Advance the user's delivered/read position to ``seq`` (clamped to what they can see).
 
-    Returns the user's position after it and whether it moved: when it did not, the stored
-    position (never the seq asked for, which may lie beyond every message, or behind).
+    Returns the user's position after it, whether it moved (when it did not, the stored
+    position: never the seq asked for, which may lie beyond every message, or behind), and
+    whether ``peer`` (a dm's other member) has blocked the user, asked in the same read.
     """
     col = "read_seq" if kind == "read" else "delivered_seq"
     m = yield one(
-        f"SELECT m.left_seq, c.last_seq, m.{col} FROM conv_members m JOIN conversations c "
+        f"SELECT m.left_seq, c.last_seq, m.{col}, "
+        "(SELECT 1 FROM blocks b WHERE b.user_id = ? AND b.blocked = ?) "
+        "FROM conv_members m JOIN conversations c "
         "ON c.conv = m.conv WHERE m.conv = ? AND m.user_id = ?",
+        peer,
+        user,
         conv,
         user,
     )
     if m is None:
         raise NotFound("no such conversation")
+    blocked = m[3] is not None
     top = int(m[1]) if m[0] is None else min(int(m[0]), int(m[1]))
     seq = min(seq, top)
     if seq <= int(m[2]):
-        return int(m[2]), False
+        return int(m[2]), False, blocked
     if kind == "read":
         n = yield count(
             "UPDATE conv_members SET read_seq = ?, delivered_seq = "
@@ -618,10 +626,10 @@ def mark(conv: str, user: str, kind: str, seq: int) -> Op[tuple[int, bool]]:
             seq,
         )
     if n:
-        return seq, True
+        return seq, True, blocked
     # Moved past it since the read above (another node's receipt committed in between).
     r = yield one(f"SELECT {col} FROM conv_members WHERE conv = ? AND user_id = ?", conv, user)
-    return int(r[0]), False
+    return int(r[0]), False, blocked
 
 
 def recall(conv: str, seq: int, by: str, now: int, window_ms: int) -> Op[Message]:

@@ -208,6 +208,30 @@ async def test_blocked_user_cannot_message_the_blocker_until_unblocked(any_node:
     assert [m["body"]["text"] for m in hist["messages"]] == ["I can still write", "hello again"]
 
 
+async def test_a_blocked_users_typing_and_receipts_do_not_reach_the_blocker(any_node: Node):
+    """Typing is refused as a message is; a receipt still moves the blocked user's own
+    position (their other devices sync unread counts) but the blocker is not told."""
+    alice = await any_node.client("alice")
+    bob = await any_node.client("bob")
+    bob2 = await any_node.client("bob", "b2")
+    await alice.send_text("hi", user="bob")
+    await alice.request("block.add", user="bob")
+    await alice.send_text("I can still write", user="bob")
+    with pytest.raises(ClientError) as e:
+        await bob.request("typing", conv="dm:alice:bob")
+    assert e.value.code == "forbidden"
+    read = await bob.request("receipt.read", conv="dm:alice:bob", seq=2)
+    assert read == {"conv": "dm:alice:bob", "seq": 2, "changed": True}
+    assert (await bob2.next_event("receipt"))["seq"] == 2
+    await alice.request("typing", conv="dm:alice:bob")  # the blocker is not blocked
+    assert (await bob.next_event("typing"))["user"] == "alice"
+    await asyncio.sleep(0.2)
+    assert not [e for e in alice.pending_events() if e["type"] in ("typing", "receipt")]
+    await alice.request("block.remove", user="bob")
+    await bob.request("typing", conv="dm:alice:bob")
+    assert (await alice.next_event("typing"))["user"] == "bob"
+
+
 async def test_custom_and_file_kinds_are_stored_and_server_kinds_refused(any_node: Node):
     alice = await any_node.client("alice")
     await alice.request("msg.send", to={"user": "bob"}, kind="custom", body={"card": {"x": 1}})
