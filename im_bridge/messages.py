@@ -25,6 +25,9 @@ from im_bridge.store import Store, ops
 
 CLIENT_KINDS = ("text", "custom", "file")
 MAX_TEXT = 16_000
+# A dm has no owner or admin: "@all" is refused there as a group member without the right
+# is refused (store/ops.py); it would also have pushed through the peer's conv.mute.
+_AT_ALL_REFUSED = "only a group's owner or admins may mention @all"
 
 
 @dataclass(slots=True)
@@ -173,6 +176,8 @@ class ChatService:
         peer: str | None = None
         if "user" in to:
             peer = check_user_id(to["user"], "to.user")
+            if mentions and "@all" in mentions:
+                raise Forbidden(_AT_ALL_REFUSED)
             conv, check = dm_conv(sender, peer), "dm"
         else:
             conv, check = group_conv(check_group_id(to["group"], "to.group")), "group"

@@ -63,11 +63,13 @@ async def _push_offline(state: AppState, msg: Message, elsewhere: list[str]) -> 
     offline = [u for u in elsewhere if u not in online]
     if not offline:
         return
-    # A member who muted the conversation (conv.mute) is still pushed when mentioned.
-    mentioned_all = bool(msg.mentions and "@all" in msg.mentions)
+    # A member who muted a group (conv.mute) is still pushed when mentioned. Not in a dm:
+    # there a mention of the peer means nothing, and would make any mute moot.
+    mentions = msg.mentions if msg.conv.startswith("g:") else None
+    mentioned_all = bool(mentions and "@all" in mentions)
     muted = await state.store.read(group_ops.conv_muted_users(msg.conv, offline))
     for user in offline:
-        mentioned = mentioned_all or bool(msg.mentions and user in msg.mentions)
+        mentioned = mentioned_all or bool(mentions and user in mentions)
         if user in muted and not mentioned:
             continue
         await state.pusher.push(

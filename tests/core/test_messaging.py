@@ -232,6 +232,19 @@ async def test_a_blocked_users_typing_and_receipts_do_not_reach_the_blocker(any_
     assert (await alice.next_event("typing"))["user"] == "bob"
 
 
+async def test_at_all_in_a_direct_message_is_forbidden_and_nothing_is_stored(any_node: Node):
+    """`@all` is a group owner's or admin's; in a dm anyone could send it."""
+    alice = await any_node.client("alice")
+    await alice.send_text("hi", user="bob", mentions=["bob"])  # a user id is fine
+    with pytest.raises(ClientError) as e:
+        await alice.send_text("everyone!", user="bob", mentions=["@all"])
+    assert e.value.code == "forbidden"
+    hist = await alice.request("msg.history", conv="dm:alice:bob")
+    assert [m["body"]["text"] for m in hist["messages"]] == ["hi"]
+    bob = await any_node.client("bob")
+    assert (await bob.request("conv.list"))["conversations"][0]["mentioned"] is False
+
+
 async def test_custom_and_file_kinds_are_stored_and_server_kinds_refused(any_node: Node):
     alice = await any_node.client("alice")
     await alice.request("msg.send", to={"user": "bob"}, kind="custom", body={"card": {"x": 1}})

@@ -7,6 +7,9 @@ import asyncio
 from collections.abc import Generator
 from typing import Any
 
+import pytest
+
+from signaling.client import ClientError
 from tests.groups.world import World
 from tests.support import Node
 
@@ -138,4 +141,26 @@ async def test_a_muted_direct_conversation_is_not_pushed(node: Node):
     sent = node.state.pusher.sent  # type: ignore[attr-defined]
     sent.clear()
     await alice.send_text("while muted", user="bob")
+    await node.settled()  # pushes follow the sender's reply
+    assert sent == []
+
+
+async def test_a_mention_does_not_push_through_a_muted_direct_conversation(node: Node):
+    """A mention pushes through a muted group; a dm's mention of its own peer means
+    nothing, so it does not (it did, as `@all` did, which a dm now refuses)."""
+    alice = await node.client("alice")
+    bob = await node.client("bob")
+    await alice.send_text("first", user="bob")
+    await bob.request("conv.mute", conv="dm:alice:bob", on=True)
+    await bob.close()
+    sent = node.state.pusher.sent  # type: ignore[attr-defined]
+    await node.settled()
+    sent.clear()
+    await alice.send_text("@bob buy now", user="bob", mentions=["bob"])
+    await node.settled()
+    assert sent == []
+    with pytest.raises(ClientError) as e:
+        await alice.send_text("@all buy now", user="bob", mentions=["@all"])
+    assert e.value.code == "forbidden"
+    await node.settled()
     assert sent == []
