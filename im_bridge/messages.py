@@ -226,6 +226,14 @@ class ChatService:
             ops.history(conv, m.joined_seq, m.left_seq, before, after, limit)
         )
 
+    async def changes(
+        self, user: str, conv: str, after: int, limit: int
+    ) -> tuple[list[Message], bool]:
+        """A page of the conversation's changed messages (recalls) after change number
+        ``after``, for its readers: the same range rule as :meth:`history`."""
+        m = await self.require_reader(conv, user)
+        return await self.store.read(ops.changes(conv, m.joined_seq, m.left_seq, after, limit))
+
     async def conversations(self, user: str) -> list[ConvSummary]:
         return await self.store.read(ops.conv_list(user))
 

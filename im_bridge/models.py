@@ -22,6 +22,9 @@ class Message(msgspec.Struct, kw_only=True):
     mentions: list[str] | None = None
     recalled_by: str | None = None
     recalled_at: int | None = None
+    # The conversation's change counter at this message's last change (a recall); set
+    # only where it is asked for (msg.changes, a recall's result), None elsewhere.
+    change_seq: int | None = None
 
     def to_wire(self) -> dict[str, Any]:
         """The message as clients see it (``msg.new`` and ``msg.history`` entries)."""
@@ -40,6 +43,8 @@ class Message(msgspec.Struct, kw_only=True):
             out["mentions"] = self.mentions
         if self.recalled_by is not None:
             out["recalled"] = {"by": self.recalled_by, "ts": self.recalled_at}
+        if self.change_seq is not None:
+            out["change_seq"] = self.change_seq
         return out
 
 
@@ -74,6 +79,7 @@ class ConvSummary(msgspec.Struct, kw_only=True):
     muted: bool
     left: bool
     last_message: Message | None
+    change_seq: int = 0  # the conversation's change counter (see msg.changes)
 
     def to_wire(self) -> dict[str, Any]:
         return {
@@ -86,6 +92,7 @@ class ConvSummary(msgspec.Struct, kw_only=True):
             "muted": self.muted,
             "left": self.left,
             "last_message": self.last_message.to_wire() if self.last_message else None,
+            "change_seq": self.change_seq,
         }
 
 

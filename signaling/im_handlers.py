@@ -192,6 +192,17 @@ async def msg_history(ctx: RequestContext, req: dict[str, Any]) -> dict[str, Any
     return {"messages": [m.to_wire() for m in msgs], "has_more": has_more}
 
 
+@handler("msg.changes")
+async def msg_changes(ctx: RequestContext, req: dict[str, Any]) -> dict[str, Any]:
+    """The conversation's messages changed (recalled) after ``after_change``, in change
+    order: how a device that was offline learns of changes to messages it already has."""
+    conv = _conv(req)
+    after = req_int(req, "after_change", minimum=0)
+    limit = opt_int(req, "limit", minimum=1, maximum=100) or 50
+    msgs, has_more = await ctx.state.chat.changes(ctx.session.user, conv, after, limit)
+    return {"messages": [m.to_wire() for m in msgs], "has_more": has_more}
+
+
 @handler("conv.list")
 async def conv_list(ctx: RequestContext, req: dict[str, Any]) -> dict[str, Any]:
     convs = await ctx.state.chat.conversations(ctx.session.user)
@@ -209,11 +220,17 @@ async def conv_mute(ctx: RequestContext, req: dict[str, Any]) -> dict[str, Any]:
 @handler("msg.recall")
 async def msg_recall(ctx: RequestContext, req: dict[str, Any]) -> dict[str, Any]:
     conv, seq = _conv(req), req_int(req, "seq", minimum=1)
-    _, members = await ctx.state.chat.recall(ctx.session.user, conv, seq)
+    msg, members = await ctx.state.chat.recall(ctx.session.user, conv, seq)
     await publish(
         ctx.state,
         members,
-        {"type": "msg.recalled", "conv": conv, "seq": seq, "by": ctx.session.user},
+        {
+            "type": "msg.recalled",
+            "conv": conv,
+            "seq": seq,
+            "by": ctx.session.user,
+            "change_seq": msg.change_seq,
+        },
     )
     return {"conv": conv, "seq": seq}
 

@@ -78,4 +78,14 @@ MIGRATIONS: list[list[str]] = [
         "ALTER TABLE group_requests ADD COLUMN invited_by TEXT",
         "CREATE INDEX group_requests_time ON group_requests (group_id, created_at)",
     ],
+    # 3: a per-conversation change counter, so that a device that was offline learns of
+    # changes to messages it already has (recalls): each change takes the conversation's
+    # next change_seq and stores it on the message; msg.changes reads them in that order.
+    # Messages never changed (nearly all) stay out of the partial index.
+    [
+        "ALTER TABLE conversations ADD COLUMN change_seq BIGINT NOT NULL DEFAULT 0",
+        "ALTER TABLE messages ADD COLUMN change_seq BIGINT",
+        "CREATE INDEX messages_changes ON messages (conv, change_seq) "
+        "WHERE change_seq IS NOT NULL",
+    ],
 ]

@@ -547,7 +547,7 @@ def conv_list(user: str) -> Op[list[ConvSummary]]:
     """The user's conversations with read state and last visible message, newest first."""
     rs = yield rows(
         "SELECT m.conv, c.last_seq, m.read_seq, m.delivered_seq, m.mention_seq, m.left_seq, "
-        "m.conv_muted, "
+        "m.conv_muted, c.change_seq, "
         + ", ".join("msg." + c.strip() for c in MSG_COLS.split(","))
         + " FROM conv_members m JOIN conversations c ON c.conv = m.conv "
         "LEFT JOIN messages msg ON msg.conv = m.conv AND msg.seq = "
@@ -559,7 +559,7 @@ def conv_list(user: str) -> Op[list[ConvSummary]]:
     for r in rs:
         last = int(r[1]) if r[5] is None else min(int(r[1]), int(r[5]))
         read = int(r[2])
-        msg = msg_from_row(r[7:]) if r[7] is not None else None
+        msg = msg_from_row(r[8:]) if r[8] is not None else None
         out.append(
             ConvSummary(
                 conv=r[0],
@@ -571,6 +571,7 @@ def conv_list(user: str) -> Op[list[ConvSummary]]:
                 muted=bool(r[6]),
                 left=r[5] is not None,
                 last_message=msg,
+                change_seq=int(r[7]),
             )
         )
     out.sort(key=lambda s: s.last_message.ts if s.last_message else 0, reverse=True)
@@ -653,16 +654,60 @@ def recall(conv: str, seq: int, by: str, now: int, window_ms: int) -> Op[Message
         if msg.sender == by:
             raise Forbidden("the recall window has passed")
         raise Forbidden("you may not recall this message")
-    yield execute(
-        "UPDATE messages SET recalled_by = ?, recalled_at = ?, body = ? WHERE conv = ? AND seq = ?",
+    # The conversation's next change number. On PostgreSQL this UPDATE takes the
+    # conversation row's lock until commit, so recalls on several nodes get distinct,
+    # gap-free numbers, in the order they commit; and it is taken before the message's row,
+    # the order a send in the same batch takes them in (no deadlock).
+    r = yield one(
+        "UPDATE conversations SET change_seq = change_seq + 1 WHERE conv = ? "
+        "RETURNING change_seq",
+        conv,
+    )
+    change_seq = int(r[0])
+    n = yield count(
+        "UPDATE messages SET recalled_by = ?, recalled_at = ?, body = ?, change_seq = ? "
+        "WHERE conv = ? AND seq = ? AND recalled_by IS NULL",
         by,
         now,
         "{}",
+        change_seq,
         conv,
         seq,
     )
+    if not n:
+        # Another node recalled it after our check, and committed while we waited for the
+        # conversation's lock (only possible with PostgreSQL). Give the number back (the
+        # row is still ours) so that the refusal changes nothing, as every refusal must.
+        yield execute(
+            "UPDATE conversations SET change_seq = change_seq - 1 WHERE conv = ?", conv
+        )
+        raise Conflict("message already recalled")
     msg.recalled_by, msg.recalled_at, msg.body = by, now, {}
+    msg.change_seq = change_seq
     return msg
+
+
+def changes(
+    conv: str, lo: int, hi: int | None, after: int, limit: int
+) -> Op[tuple[list[Message], bool]]:
+    """Messages of ``conv`` within the visible range [lo, hi] whose change number is above
+    ``after``, ascending by it (each with ``change_seq`` set); and whether more follow."""
+    upper = hi if hi is not None else 2**62
+    rs = yield rows(
+        f"SELECT {MSG_COLS}, change_seq FROM messages WHERE conv = ? AND change_seq > ? "
+        "AND seq >= ? AND seq <= ? ORDER BY change_seq ASC LIMIT ?",
+        conv,
+        after,
+        lo,
+        upper,
+        limit + 1,
+    )
+    msgs = []
+    for r in rs[:limit]:
+        msg = msg_from_row(r)
+        msg.change_seq = int(r[12])
+        msgs.append(msg)
+    return msgs, len(rs) > limit
 
 
 def set_conv_muted(conv: str, user: str, on: bool) -> Op[None]:

@@ -169,7 +169,9 @@ async def test_sender_recalls_within_window_and_members_are_told(any_node: Node)
     assert e.value.code == "forbidden"
     await alice.request("msg.recall", conv=sent["conv"], seq=sent["seq"])
     ev = await bob.next_event("msg.recalled")
-    assert ev == {"type": "msg.recalled", "conv": "dm:alice:bob", "seq": 1, "by": "alice"}
+    assert ev == {
+        "type": "msg.recalled", "conv": "dm:alice:bob", "seq": 1, "by": "alice", "change_seq": 1
+    }
     hist = await bob.request("msg.history", conv="dm:alice:bob")
     assert hist["messages"][0]["recalled"]["by"] == "alice"
     assert hist["messages"][0]["body"] == {}
