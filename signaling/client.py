@@ -16,6 +16,13 @@ are handed out once per (conv, seq) however they arrive. On its first connect th
 conversations whose ``watermark`` the app restored from local storage and takes the rest
 as seen (``backlog=True`` hands everything out as synced events instead).
 
+Changes to messages already handed out (recalls) are tracked per conversation by
+``change_watermark``, the conversation's ``change_seq`` up to which they are known here
+(apps persist and restore it with ``watermark``). A sync fetches ``msg.changes`` for every
+conversation whose ``change_seq`` moved and hands out a ``msg.recalled`` event (with
+``"synced": true``) for each message handed out before the sync that was recalled
+meanwhile; the same recall may come both live and by sync, so apps apply it idempotently.
+
 Besides the server's events, the client queues its own:
 
 - ``client.disconnected {code}``: the connection closed (``code``: the close code).
@@ -113,6 +120,8 @@ class Client:
         self.watermark: dict[str, int] = {}
         self._seen: dict[str, set[int]] = {}
         self._filling: set[str] = set()
+        # Per conversation: every change (recall) up to this change_seq is known here.
+        self.change_watermark: dict[str, int] = {}
 
     # ------------------------------------------------------------ lifecycle
 
@@ -235,7 +244,18 @@ class Client:
                 return
         if ftype == "msg.new" and not self._note_message(frame):
             return  # already handed out (e.g. both live and by sync)
+        if ftype == "msg.recalled":
+            self._note_change(frame)
         self._events.put_nowait(frame)
+
+    def _note_change(self, ev: dict[str, Any]) -> None:
+        """A live change moves the change watermark only when it is the very next one:
+        one skipped (made while offline, or not yet synced) is left for the next sync."""
+        conv, change = ev.get("conv"), ev.get("change_seq")
+        if not isinstance(conv, str) or not isinstance(change, int):
+            return
+        if change == self.change_watermark.get(conv, 0) + 1:
+            self.change_watermark[conv] = change
 
     def _note_message(self, m: dict[str, Any]) -> bool:
         """Record a message; False if already handed out. Starts a gap fill when one shows."""
@@ -293,12 +313,63 @@ class Client:
             log.warning("sync after reconnect failed: %s", exc)
 
     async def sync(self) -> int:
-        """Fetch every message missed since the last contiguous one seen; returns how many."""
+        """Fetch every message missed since the last contiguous one seen, and the recalls of
+        messages handed out before; returns how many messages."""
         data = await self.request("conv.list")
         n = 0
         for conv in data["conversations"]:
-            n += await self._sync_conv(conv["conv"], conv["last_seq"])
+            n += await self._catch_up(conv)
         return n
+
+    async def _catch_up(self, item: dict[str, Any]) -> int:
+        """Sync one ``conv.list`` item: its history, then its changes; returns how many
+        messages history handed out."""
+        conv = item["conv"]
+        # What was handed out before this sync: recalls of these are news to the app. The
+        # messages the history pages hand out now show their recall already.
+        mark, had = self.watermark.get(conv, 0), set(self._seen.get(conv, ()))
+        n = await self._sync_conv(conv, item["last_seq"])
+        await self._sync_changes(conv, int(item.get("change_seq", 0)), mark, had)
+        return n
+
+    async def _sync_changes(self, conv: str, target: int, mark: int, had: set[int]) -> None:
+        """Page ``msg.changes`` from the change watermark up to ``target`` (the
+        conversation's ``change_seq`` when the sync began; later changes come live), hand
+        out a recall of each message at or below ``mark`` or in ``had``, then adopt
+        ``target``: changes this user may not see (outside a former member's range) are
+        skipped by the server but still counted."""
+        after = self.change_watermark.get(conv, 0)
+        while after < target:
+            page = await self.request("msg.changes", conv=conv, after_change=after, limit=100)
+            msgs = [m for m in page["messages"] if m["change_seq"] <= target]
+            for m in msgs:
+                if m["seq"] <= mark or m["seq"] in had:
+                    self._recalled_meanwhile(conv, m)
+            if not msgs or len(msgs) < len(page["messages"]) or not page["has_more"]:
+                break
+            after = msgs[-1]["change_seq"]
+        self._adopt_changes(conv, target)
+
+    def _recalled_meanwhile(self, conv: str, m: dict[str, Any]) -> None:
+        """Hand out a changed message that the app already has as a ``msg.recalled`` event,
+        the shape of the live one (marked synced)."""
+        recalled = m.get("recalled")
+        if not isinstance(recalled, dict):
+            return  # a kind of change this client does not know
+        self._events.put_nowait({
+            "type": "msg.recalled",
+            "conv": conv,
+            "seq": m["seq"],
+            "by": recalled.get("by"),
+            "change_seq": m["change_seq"],
+            "synced": True,
+        })
+
+    def _adopt_changes(self, conv: str, change_seq: int) -> None:
+        """Every change up to ``change_seq`` is known here (never moves backwards: a live
+        change may have moved it past what a sync's conv.list showed)."""
+        if change_seq > self.change_watermark.get(conv, 0):
+            self.change_watermark[conv] = change_seq
 
     async def _sync_conv(self, conv: str, last: int) -> int:
         n = 0
@@ -344,16 +415,23 @@ class Client:
         self.watermark[conv] = mark
 
     async def _first_sync(self) -> None:
-        """On the first connect: sync conversations the caller restored a ``watermark`` for;
-        take the others as seen up to now (``backlog=True``: hand everything out instead)."""
+        """On the first connect: sync conversations the caller restored a ``watermark`` for
+        (their changes too, from ``change_watermark``: from 0 when the app kept none); take
+        the others as seen up to now (``backlog=True``: hand everything out instead). Either
+        way the server's change counter is adopted where there is no local state: the
+        messages this device has not had cannot have changed for it."""
         data = await self.request("conv.list")
         for conv in data["conversations"]:
             cid, last = conv["conv"], conv["last_seq"]
-            if self.backlog or cid in self.watermark:
+            if cid in self.watermark:
+                await self._catch_up(conv)
+                continue
+            if self.backlog:
                 await self._sync_conv(cid, last)
             else:
                 self.watermark[cid] = last
                 self.last_seq[cid] = last
+            self._adopt_changes(cid, int(conv.get("change_seq", 0)))
 
     # ------------------------------------------------------------ requests
 
