@@ -13,7 +13,7 @@ import pytest
 
 from im_bridge.errors import Conflict
 from im_bridge.messages import ChatService
-from im_bridge.store import Store
+from im_bridge.store import Store, open_store, ops
 from signaling.client import Client, ClientError
 from tests.support import Node
 
@@ -150,3 +150,51 @@ async def test_concurrent_recalls_get_distinct_change_seqs(store: Store):
     assert summary.change_seq == 6
     msgs, more = await chat.changes("bob", DM, 0, 100)
     assert [m.change_seq for m in msgs] == [1, 2, 3, 4, 5, 6] and not more
+
+
+async def test_recalls_through_two_stores_at_once_get_distinct_numbers(store_url: str):
+    """Two nodes' stores over one database: their recalls in one conversation take distinct
+    numbers, and a message recalled by both at once is recalled (and counted) once."""
+    stores = [open_store(store_url), open_store(store_url)]
+    for s in stores:
+        await s.open()
+    try:
+        a, b = (ChatService(s) for s in stores)
+        for i in range(5):
+            await a.send("alice", "a1", {"user": "bob"}, None, "text", {"text": f"m{i}"})
+        done = await asyncio.gather(
+            *(c.recall("alice", DM, seq) for c, seq in zip((a, b, a, b), (1, 2, 3, 4), strict=True))
+        )
+        assert sorted(m.change_seq or 0 for m, _ in done) == [1, 2, 3, 4]
+        both = await asyncio.gather(
+            a.recall("alice", DM, 5), b.recall("alice", DM, 5), return_exceptions=True
+        )
+        assert sum(isinstance(r, Conflict) for r in both) == 1, both
+        [summary] = await a.conversations("bob")
+        assert summary.change_seq == 5
+        msgs, _ = await b.changes("bob", DM, 0, 100)
+        assert [m.change_seq for m in msgs] == [1, 2, 3, 4, 5]
+    finally:
+        for s in stores:
+            await s.close()
+
+
+def test_a_recall_that_lost_the_race_gives_its_change_number_back():
+    """The op's PostgreSQL path: the message was recalled by another node between the
+    op's check and the conversation's lock; the op undoes its increment, then refuses."""
+    op = ops.recall(DM, 1, "alice", now=1_000, window_ms=120_000)
+    q = next(op)
+    assert q[0].startswith(f"SELECT {ops.MSG_COLS} FROM messages")
+    row = (DM, 1, "m1", "alice", "a1", None, "text", '{"text":"x"}', None, 1_000, None, None)
+    q = op.send(row)
+    assert q[0].startswith("UPDATE conversations SET change_seq = change_seq + 1")
+    q = op.send((7,))
+    assert q[0].startswith("UPDATE messages SET recalled_by") and q[2] == "count"
+    q = op.send(0)  # no row: recalled meanwhile
+    assert q == (
+        "UPDATE conversations SET change_seq = change_seq - 1 WHERE conv = ?",
+        (DM,),
+        "exec",
+    )
+    with pytest.raises(Conflict):
+        op.send(None)
