@@ -122,6 +122,11 @@ class Client:
         self._filling: set[str] = set()
         # Per conversation: every change (recall) up to this change_seq is known here.
         self.change_watermark: dict[str, int] = {}
+        # While the first sync sets the watermarks, live messages wait here, per
+        # conversation: against an unset watermark each would look like a gap, and its fill
+        # would hand out the whole history (backlog=False) or hand it out of order.
+        self._holding = False
+        self._held: dict[str, list[dict[str, Any]]] = {}
 
     # ------------------------------------------------------------ lifecycle
 
@@ -148,10 +153,16 @@ class Client:
         if self._session is None:
             self._session = aiohttp.ClientSession()
         self.auth_ok = await self._open(self.urls[self._url_index])
-        self._reader = asyncio.get_running_loop().create_task(self._read_forever())
-        if self.sync_enabled and not self._baselined:
+        first = self.sync_enabled and not self._baselined
+        if first:
             self._baselined = True
-            await self._first_sync()
+            self._holding = True  # before the reader runs: no live message slips past
+        self._reader = asyncio.get_running_loop().create_task(self._read_forever())
+        if first:
+            try:
+                await self._first_sync()
+            finally:
+                self._release_held()
         return self.auth_ok
 
     async def _open(self, url: str) -> dict[str, Any]:
@@ -242,6 +253,8 @@ class Client:
             if fut is not None and not fut.done():
                 fut.set_result({"ok": False, "error": frame})
                 return
+        if ftype == "msg.new" and self._hold(frame):
+            return  # handed out once the first sync has set the watermarks
         if ftype == "msg.new" and not self._note_message(frame):
             return  # already handed out (e.g. both live and by sync)
         if ftype == "msg.recalled":
@@ -257,6 +270,24 @@ class Client:
         if change == self.change_watermark.get(conv, 0) + 1:
             self.change_watermark[conv] = change
 
+    def _hold(self, m: dict[str, Any]) -> bool:
+        """Keep a live message for :meth:`_release_held` while the first sync runs."""
+        conv = m.get("conv")
+        if not self._holding or not isinstance(conv, str) or not isinstance(m.get("seq"), int):
+            return False
+        self._held.setdefault(conv, []).append(m)
+        return True
+
+    def _release_held(self) -> None:
+        """The first sync is done: hand out the held messages in seq order, each once (the
+        sync may have handed some out already, with backlog=True)."""
+        self._holding = False
+        held, self._held = self._held, {}
+        for msgs in held.values():
+            for m in sorted(msgs, key=lambda m: int(m["seq"])):
+                if self._note_message(m):
+                    self._events.put_nowait(m)
+
     def _note_message(self, m: dict[str, Any]) -> bool:
         """Record a message; False if already handed out. Starts a gap fill when one shows."""
         conv, seq = m.get("conv"), m.get("seq")
@@ -270,7 +301,14 @@ class Client:
         if seq > self.last_seq.get(conv, 0):
             self.last_seq[conv] = seq
         self._advance(conv, mark)
-        if seen and self.sync_enabled and conv not in self._filling and self._connected.is_set():
+        # No fill before the first sync has set the watermarks (an own send meanwhile).
+        if (
+            seen
+            and self.sync_enabled
+            and not self._holding
+            and conv not in self._filling
+            and self._connected.is_set()
+        ):
             self._filling.add(conv)
             asyncio.get_running_loop().create_task(self._fill(conv))
         return True
@@ -429,9 +467,21 @@ class Client:
             if self.backlog:
                 await self._sync_conv(cid, last)
             else:
-                self.watermark[cid] = last
-                self.last_seq[cid] = last
+                self._baseline(cid, last)
             self._adopt_changes(cid, int(conv.get("change_seq", 0)))
+
+    def _baseline(self, conv: str, last: int) -> None:
+        """Take ``conv`` as seen up to ``last`` (the first sync, backlog=False), except the
+        messages that came live meanwhile: they are new however late conv.list read the
+        store, and are handed out by :meth:`_release_held`."""
+        held = [int(m["seq"]) for m in self._held.get(conv, ())]
+        if held:
+            last = min(last, min(held) - 1)
+        # own sends noted meanwhile: those now under the watermark leave _seen
+        seen = self._seen.setdefault(conv, set())
+        seen.difference_update([s for s in seen if s <= last])
+        self._advance(conv, max(last, self.watermark.get(conv, 0)))
+        self.last_seq[conv] = max(last, self.last_seq.get(conv, 0))
 
     # ------------------------------------------------------------ requests
 

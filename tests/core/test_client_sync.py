@@ -1,11 +1,13 @@
-"""The Python client's sync (signaling/client.py): recalls made while a device was offline
-and its change watermark."""
+"""The Python client's sync (signaling/client.py): recalls made while a device was offline,
+its change watermark, and live messages that arrive during its first sync."""
 
 from __future__ import annotations
 
 import asyncio
 from collections.abc import Awaitable, Callable
 from typing import Any
+
+import pytest
 
 from signaling.client import Client
 from tests.support import Node, until
@@ -188,3 +190,70 @@ async def test_a_first_connect_adopts_the_change_counter(any_node: Node):
         ("msg.new", 1, True),
         ("msg.new", 2, False),
     ]
+
+
+# ---------------------------------------------------------------- first connect race
+
+
+def _slow_conv_list(node: Node, monkeypatch: pytest.MonkeyPatch, read_first: bool) -> None:
+    """A busy server: conv.list takes a moment, before reading the store (its answer
+    includes a message sent meanwhile) or after (it does not)."""
+    real = node.state.chat.conversations
+
+    async def slow(user: str) -> Any:
+        if read_first:
+            convs = await real(user)
+            await asyncio.sleep(0.5)
+            return convs
+        await asyncio.sleep(0.5)
+        return await real(user)
+
+    monkeypatch.setattr(node.state.chat, "conversations", slow)
+
+
+async def _connect_while_alice_writes(node: Node, backlog: bool) -> tuple[list[int], int]:
+    """bob connects (first time); a message comes live while his conv.list is on its way.
+    Returns the seqs bob's client hands out as msg.new, and its watermark."""
+    alice = await node.client("alice")
+    bob = Client(node.ws_url, node.token("bob"), device="b1", backlog=backlog)
+    node.clients.append(bob)
+    connecting = asyncio.create_task(bob.connect())
+    await asyncio.sleep(0.2)  # bob is online, his first conv.list under way
+    await alice.send_text("new", user="bob")
+    await connecting
+    await asyncio.sleep(0.5)
+    return [e["seq"] for e in bob.pending_events() if e["type"] == "msg.new"], bob.watermark[DM]
+
+
+@pytest.mark.parametrize("read_first", [False, True])
+async def test_first_connect_without_backlog_hands_out_no_old_history(
+    node: Node, monkeypatch: pytest.MonkeyPatch, read_first: bool
+):
+    """The reviewer's reproducer: a message arriving live while the first conv.list is on
+    its way must not make the client dump the whole history as synced events."""
+    alice = await node.client("alice")
+    for i in range(20):
+        await alice.send_text(f"old {i}", user="bob")
+    _slow_conv_list(node, monkeypatch, read_first)
+    assert await _connect_while_alice_writes(node, backlog=False) == ([21], 21)
+
+
+@pytest.mark.parametrize("read_first", [False, True])
+async def test_first_connect_with_backlog_hands_out_everything_once_in_order(
+    node: Node, monkeypatch: pytest.MonkeyPatch, read_first: bool
+):
+    alice = await node.client("alice")
+    for i in range(20):
+        await alice.send_text(f"old {i}", user="bob")
+    _slow_conv_list(node, monkeypatch, read_first)
+    got = await _connect_while_alice_writes(node, backlog=True)
+    assert got == (list(range(1, 22)), 21)
+
+
+async def test_a_live_message_of_a_conversation_the_first_sync_did_not_list(
+    node: Node, monkeypatch: pytest.MonkeyPatch
+):
+    """The conversation's first message is sent after conv.list read the store: held, then
+    handed out after the sync."""
+    _slow_conv_list(node, monkeypatch, read_first=True)
+    assert await _connect_while_alice_writes(node, backlog=False) == ([1], 1)
