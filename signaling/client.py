@@ -458,10 +458,13 @@ class Client:
         the others as seen up to now (``backlog=True``: hand everything out instead). Either
         way the server's change counter is adopted where there is no local state: the
         messages this device has not had cannot have changed for it."""
+        # What the app restored, taken before any await: an own send during this sync
+        # sets a watermark too, which is no local state to sync from.
+        restored = set(self.watermark)
         data = await self.request("conv.list")
         for conv in data["conversations"]:
             cid, last = conv["conv"], conv["last_seq"]
-            if cid in self.watermark:
+            if cid in restored:
                 await self._catch_up(conv)
                 continue
             if self.backlog:

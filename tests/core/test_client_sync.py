@@ -257,3 +257,22 @@ async def test_a_live_message_of_a_conversation_the_first_sync_did_not_list(
     handed out after the sync."""
     _slow_conv_list(node, monkeypatch, read_first=True)
     assert await _connect_while_alice_writes(node, backlog=False) == ([1], 1)
+
+
+@pytest.mark.parametrize("read_first", [False, True])
+async def test_an_own_send_during_the_first_sync_hands_out_no_old_history(
+    node: Node, monkeypatch: pytest.MonkeyPatch, read_first: bool
+):
+    alice = await node.client("alice")
+    for i in range(20):
+        await alice.send_text(f"old {i}", user="bob")
+    _slow_conv_list(node, monkeypatch, read_first)
+    bob = Client(node.ws_url, node.token("bob"), device="b1")
+    node.clients.append(bob)
+    connecting = asyncio.create_task(bob.connect())
+    await asyncio.sleep(0.2)  # bob is online, his first conv.list under way
+    assert (await bob.send_text("mine", user="alice"))["seq"] == 21
+    await connecting
+    await asyncio.sleep(0.5)
+    assert [e for e in bob.pending_events() if e["type"] == "msg.new"] == []
+    assert bob.watermark == {DM: 21}
