@@ -28,6 +28,9 @@ def decode_frame(data: str | bytes) -> dict[str, Any]:
         obj = _decoder.decode(data)
     except (msgspec.DecodeError, UnicodeDecodeError) as exc:
         raise BadRequest(f"frame is not valid JSON: {exc}") from None
+    except RecursionError:
+        # msgspec recurses per nesting level: deep nesting must not escape as a crash.
+        raise BadRequest("frame is nested too deeply") from None
     if not isinstance(obj, dict):
         raise BadRequest("frame must be a JSON object")
     if not isinstance(obj.get("type"), str) or not obj["type"]:

@@ -123,6 +123,17 @@ async def test_first_frame_that_is_not_auth_is_refused(node: Node):
     assert (first["code"], code) == ("unauthorized", 4401)
 
 
+async def test_deeply_nested_auth_frame_is_refused_with_4401(node: Node):
+    raw = '{"type":"auth","token":' + "[" * 3000 + "]" * 3000 + "}"
+    async with aiohttp.ClientSession() as s, s.ws_connect(node.ws_url) as ws:
+        await ws.send_str(raw)
+        msg = await ws.receive(timeout=5)
+        assert msg.type == aiohttp.WSMsgType.TEXT, msg
+        assert json.loads(msg.data)["code"] == "unauthorized"
+        await ws.receive(timeout=5)
+        assert ws.close_code == 4401
+
+
 async def test_silent_connection_is_refused_after_auth_timeout(tmp_path: Path):
     n = await start_node(f"sqlite:///{tmp_path / 's.db'}", tmp_path, auth_timeout=0.3)
     try:

@@ -45,6 +45,16 @@ async def test_unparseable_or_id_less_frames_get_error_frame_and_connection_stay
     await _still_works(c)
 
 
+async def test_deeply_nested_frame_gets_bad_request_and_connection_stays(node: Node):
+    """Nesting deeper than the parser's recursion limit is a frame that cannot be parsed,
+    not a reason to drop the connection."""
+    c = await node.client("alice", reconnect=False)
+    await c.send_raw('{"type":"conv.list","id":"n","x":' + "[" * 3000 + "]" * 3000 + "}")
+    ev = await c.next_event(where=lambda e: e["type"] in ("error", "reply", "client.disconnected"))
+    assert (ev["type"], ev.get("code")) == ("error", "bad_request"), ev
+    await _still_works(c)
+
+
 @pytest.mark.parametrize(
     "fields, field_name",
     [
