@@ -46,7 +46,7 @@ class Config:
     # /api/register and /api/login (demo accounts): true, false, or auto: on only while
     # tokens are signed with the generated development secret (see Config.demo_accounts)
     allow_registration: str = "auto"
-    auth_timeout: float = 10.0  # seconds for the first auth frame
+    auth_timeout: float = 10.0  # seconds for the first auth frame; 0 = no limit
     # /api/register and /api/login attempts per second per client address, and burst;
     # 0 = no limit (signaling/login_limits.py)
     login_rate: float = 1.0

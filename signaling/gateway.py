@@ -90,7 +90,11 @@ async def _authenticate(
             asked = request.query.get("device") or request.headers.get("X-Device-Id")
             return claims, _pick_device(claims, asked)
         try:
-            msg = await ws.receive(timeout=state.config.auth_timeout)
+            # One deadline for the whole wait: receive(timeout=…) restarts its timer at every
+            # ping/pong it answers inside, so a pinging client would never be refused.
+            # auth_timeout 0 means no deadline, as it always did (0 turns a limit off).
+            async with asyncio.timeout(state.config.auth_timeout or None):
+                msg = await ws.receive()
         except TimeoutError:
             raise Unauthorized("no auth frame within the time allowed") from None
         if msg.type != WSMsgType.TEXT:

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
 import base64
+import contextlib
 import hashlib
 import hmac
 import json
@@ -139,6 +141,45 @@ async def test_silent_connection_is_refused_after_auth_timeout(tmp_path: Path):
     try:
         first, code = await _refusal(n.ws_url)
         assert (first["code"], code) == ("unauthorized", 4401)
+    finally:
+        await n.stop()
+
+
+async def test_websocket_pings_do_not_extend_the_auth_timeout(tmp_path: Path):
+    n = await start_node(f"sqlite:///{tmp_path / 's.db'}", tmp_path, auth_timeout=0.5)
+    try:
+        async with aiohttp.ClientSession() as s, s.ws_connect(n.ws_url) as ws:
+
+            async def keep_pinging() -> None:
+                with contextlib.suppress(ConnectionError, RuntimeError):
+                    while not ws.closed:
+                        await ws.ping()
+                        await asyncio.sleep(0.1)
+
+            pinger = asyncio.create_task(keep_pinging())
+            t0 = time.monotonic()
+            try:
+                # (one deadline: receive(timeout=…) restarts at every pong here too)
+                async with asyncio.timeout(3):
+                    msg = await ws.receive()
+                    assert msg.type == aiohttp.WSMsgType.TEXT, msg
+                    assert json.loads(msg.data)["code"] == "unauthorized"
+                    await ws.receive()
+            finally:
+                pinger.cancel()
+            assert ws.close_code == 4401 and time.monotonic() - t0 < 1.5
+    finally:
+        await n.stop()
+
+
+async def test_auth_timeout_0_waits_for_the_auth_frame_without_limit(tmp_path: Path):
+    n = await start_node(f"sqlite:///{tmp_path / 's.db'}", tmp_path, auth_timeout=0)
+    try:
+        async with aiohttp.ClientSession() as s, s.ws_connect(n.ws_url) as ws:
+            await asyncio.sleep(0.3)
+            await ws.send_str(json.dumps({"type": "auth", "token": token("alice")}))
+            msg = await ws.receive(timeout=5)
+            assert json.loads(msg.data)["type"] == "auth.ok"
     finally:
         await n.stop()
 
