@@ -59,8 +59,11 @@ def _reply_error(rid: Any, err: TalkbridgeError) -> bytes:
 
 async def _refuse(ws: web.WebSocketResponse, state: AppState, err: TalkbridgeError) -> None:
     state.metrics.auth_failures.inc()
-    await ws.send_frame(_error_frame(err), WSMsgType.TEXT)
-    await ws.close(code=CLOSE_AUTH_FAILED, message=b"unauthorized")
+    try:
+        await ws.send_frame(_error_frame(err), WSMsgType.TEXT)
+        await ws.close(code=CLOSE_AUTH_FAILED, message=b"unauthorized")
+    except ConnectionError:
+        pass  # the client left meanwhile: nobody to tell
 
 
 def _pick_device(claims: Claims, asked: object) -> str:
@@ -97,6 +100,8 @@ async def _authenticate(
                 msg = await ws.receive()
         except TimeoutError:
             raise Unauthorized("no auth frame within the time allowed") from None
+        if ws.closed or msg.type in (WSMsgType.CLOSE, WSMsgType.CLOSING, WSMsgType.CLOSED):
+            return None  # the client left (or broke the protocol) before authenticating
         if msg.type != WSMsgType.TEXT:
             raise Unauthorized("the first frame must be an auth frame")
         if len(msg.data) > state.config.max_frame:

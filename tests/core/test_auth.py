@@ -8,6 +8,7 @@ import contextlib
 import hashlib
 import hmac
 import json
+import logging
 import time
 import warnings
 from collections.abc import AsyncIterator
@@ -182,6 +183,22 @@ async def test_auth_timeout_0_waits_for_the_auth_frame_without_limit(tmp_path: P
             assert json.loads(msg.data)["type"] == "auth.ok"
     finally:
         await n.stop()
+
+
+async def test_client_leaving_before_auth_is_neither_an_error_nor_an_auth_failure(
+    node: Node, caplog: pytest.LogCaptureFixture
+):
+    def failures() -> float | None:
+        return node.state.metrics.registry.get_sample_value("talkbridge_auth_failures_total")
+
+    async with aiohttp.ClientSession() as s:
+        ws = await s.ws_connect(node.ws_url)
+        await ws.close()
+    await asyncio.sleep(0.3)  # the server's handler sees the close
+    assert not [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
+    assert failures() == 0
+    _, code = await _refusal(node.ws_url, {"type": "auth", "token": "not.a.token"})
+    assert code == 4401 and failures() == 1  # a refusal still counts
 
 
 async def test_token_bound_to_a_device_refuses_another_device(node: Node):
