@@ -104,7 +104,7 @@ async def _authenticate(
             return None  # the client left (or broke the protocol) before authenticating
         if msg.type != WSMsgType.TEXT:
             raise Unauthorized("the first frame must be an auth frame")
-        if len(msg.data) > state.config.max_frame:
+        if len(msg.data.encode()) > state.config.max_frame:  # the limit is in bytes
             raise Unauthorized("auth frame too large")
         try:
             frame = decode_frame(msg.data)
@@ -168,6 +168,7 @@ async def websocket_handler(request: web.Request) -> web.StreamResponse:
 async def _read_loop(state: AppState, session: Session, ws: web.WebSocketResponse) -> None:
     cfg = state.config
     bucket = TokenBucket(cfg.rate_limit, cfg.rate_burst)
+    max_frame = cfg.max_frame
     slots = _Window(MAX_IN_FLIGHT)
     ctx = RequestContext(state, session)
     async for msg in ws:
@@ -180,8 +181,11 @@ async def _read_loop(state: AppState, session: Session, ws: web.WebSocketRespons
             continue
         else:
             break
-        if len(data) > cfg.max_frame:
-            session.send(_error_frame(TooLarge(f"frame larger than {cfg.max_frame} bytes")))
+        # The limit is in UTF-8 bytes; len() counts characters. A str of n characters is at
+        # most 4n bytes, so only frames above a quarter of the limit are encoded to measure.
+        n = len(data)
+        if n > max_frame or (4 * n > max_frame and len(data.encode()) > max_frame):
+            session.send(_error_frame(TooLarge(f"frame larger than {max_frame} bytes")))
             continue
         try:
             frame = decode_frame(data)

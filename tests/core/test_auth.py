@@ -137,6 +137,21 @@ async def test_deeply_nested_auth_frame_is_refused_with_4401(node: Node):
         assert ws.close_code == 4401
 
 
+async def test_auth_frame_over_the_frame_limit_in_bytes_is_refused(tmp_path: Path):
+    n = await start_node(f"sqlite:///{tmp_path / 's.db'}", tmp_path, max_frame=1024)
+    try:
+        frame = {"type": "auth", "token": token("alice"), "pad": "\U0001f600" * 300}
+        assert len(json.dumps(frame, ensure_ascii=False)) < 1024  # characters, not bytes
+        async with aiohttp.ClientSession() as s, s.ws_connect(n.ws_url) as ws:
+            await ws.send_str(json.dumps(frame, ensure_ascii=False))
+            first = json.loads((await ws.receive(timeout=5)).data)
+            await ws.receive(timeout=5)
+        assert (first["code"], ws.close_code) == ("unauthorized", 4401)
+        assert "too large" in first["message"]
+    finally:
+        await n.stop()
+
+
 async def test_silent_connection_is_refused_after_auth_timeout(tmp_path: Path):
     n = await start_node(f"sqlite:///{tmp_path / 's.db'}", tmp_path, auth_timeout=0.3)
     try:

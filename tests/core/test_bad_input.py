@@ -164,6 +164,25 @@ async def test_oversized_frame_gets_too_large_and_connection_stays(tmp_path: Pat
         await n.stop()
 
 
+async def test_frame_size_limit_counts_utf8_bytes_not_characters(tmp_path: Path):
+    n = await start_node(f"sqlite:///{tmp_path / 's.db'}", tmp_path, max_frame=1024)
+    try:
+        c = await n.client("alice")
+        for text, answer in (("\U0001f600" * 900, "too_large"), ("\U0001f600" * 200, "reply")):
+            raw = json.dumps(
+                {"type": "msg.send", "id": "e", "to": {"user": "bob"}, "kind": "text",
+                 "body": {"text": text}},
+                ensure_ascii=False,
+            )
+            assert len(raw) < 1024  # in characters: only the bytes make the first too large
+            await c.send_raw(raw)
+            ev = await c.next_event(where=lambda e: e["type"] in ("reply", "error"))
+            assert ev.get("code", ev["type"]) == answer, ev
+        assert [len(m["body"]["text"]) for m in await _stored(c)] == [200]
+    finally:
+        await n.stop()
+
+
 async def test_flooding_is_rate_limited_per_connection_and_recovers(tmp_path: Path):
     n = await start_node(f"sqlite:///{tmp_path / 's.db'}", tmp_path, rate_limit=5, rate_burst=10)
     try:
