@@ -30,6 +30,7 @@ from im_bridge.errors import (
 from im_bridge.ids import now_ms
 from signaling.auth import Claims
 from signaling.codec import decode_frame, encode
+from signaling.config import Config
 from signaling.dispatch import DIRECT_HANDLERS, HANDLERS, HOLDS_EVENTS, RequestContext
 from signaling.keys import STATE
 from signaling.ratelimit import TokenBucket
@@ -64,6 +65,10 @@ async def _refuse(ws: web.WebSocketResponse, state: AppState, err: TalkbridgeErr
         await ws.close(code=CLOSE_AUTH_FAILED, message=b"unauthorized")
     except ConnectionError:
         pass  # the client left meanwhile: nobody to tell
+
+
+def _rate_limited(cfg: Config) -> RateLimited:
+    return RateLimited(f"more than {cfg.rate_limit:g} frames per second")
 
 
 def _pick_device(claims: Claims, asked: object) -> str:
@@ -175,27 +180,35 @@ async def _read_loop(state: AppState, session: Session, ws: web.WebSocketRespons
         if msg.type == WSMsgType.TEXT:
             data: str = msg.data
         elif msg.type == WSMsgType.BINARY:
-            session.send(
-                _error_frame(BadRequest("binary frames are not supported; send JSON text"))
+            err: TalkbridgeError = (
+                BadRequest("binary frames are not supported; send JSON text")
+                if bucket.take()
+                else _rate_limited(cfg)
             )
+            session.send(_error_frame(err))
             continue
         else:
             break
+        # Every frame takes its token as it arrives, before any work on it: a flood of
+        # oversized or unparseable frames is limited like a flood of requests. A frame over
+        # the limit is not processed; it is only parsed (once) to answer its request id.
+        over = not bucket.take()
         # The limit is in UTF-8 bytes; len() counts characters. A str of n characters is at
         # most 4n bytes, so only frames above a quarter of the limit are encoded to measure.
         n = len(data)
         if n > max_frame or (4 * n > max_frame and len(data.encode()) > max_frame):
-            session.send(_error_frame(TooLarge(f"frame larger than {max_frame} bytes")))
+            err = _rate_limited(cfg) if over else TooLarge(f"frame larger than {max_frame} bytes")
+            session.send(_error_frame(err))
             continue
         try:
             frame = decode_frame(data)
-        except BadRequest as err:
-            session.send(_error_frame(err))
+        except BadRequest as bad:
+            session.send(_error_frame(_rate_limited(cfg) if over else bad))
             continue
         ftype = frame["type"]
         rid = frame.get("id")
-        if not bucket.take():
-            limited = RateLimited(f"more than {cfg.rate_limit:g} frames per second")
+        if over:
+            limited = _rate_limited(cfg)
             session.send(_reply_error(rid, limited) if _valid_id(rid) else _error_frame(limited))
             continue
         if ftype == "ping":

@@ -200,6 +200,28 @@ async def test_flooding_is_rate_limited_per_connection_and_recovers(tmp_path: Pa
         await n.stop()
 
 
+@pytest.mark.parametrize(
+    "frame",
+    ["{not json", '{"type":"msg.send"}', "x" * 2000, b"\x00"],
+    ids=["unparseable", "no-id", "too-large", "binary"],
+)
+async def test_flooding_with_frames_that_are_refused_anyway_is_rate_limited_too(
+    tmp_path: Path, frame: str | bytes
+):
+    n = await start_node(
+        f"sqlite:///{tmp_path / 's.db'}", tmp_path, rate_limit=5, rate_burst=10, max_frame=1024
+    )
+    try:
+        c = await n.client("alice", sync=False)
+        assert c._ws is not None
+        for _ in range(30):
+            await (c._ws.send_bytes(frame) if isinstance(frame, bytes) else c.send_raw(frame))
+        codes = [(await c.next_event("error"))["code"] for _ in range(30)]
+        assert 15 <= codes.count("rate_limited") <= 20, codes  # the burst of 10 passes
+    finally:
+        await n.stop()
+
+
 # Request frames built from the protocol's own names with arbitrary JSON values.
 _json = st.recursive(
     st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(max_size=20),
