@@ -38,6 +38,17 @@ def decode_frame(data: str | bytes) -> dict[str, Any]:
     return obj
 
 
+def decode_body(data: bytes | bytearray) -> dict[str, Any]:
+    """Parse an HTTP request body; it must be a JSON object."""
+    try:
+        obj = _decoder.decode(data)
+    except (msgspec.DecodeError, UnicodeDecodeError, RecursionError):
+        raise BadRequest("body must be a JSON object") from None
+    if not isinstance(obj, dict):
+        raise BadRequest("body must be a JSON object")
+    return obj
+
+
 def req_str(req: dict[str, Any], name: str, *, max_len: int = 256) -> str:
     """A required non-empty string field, without NUL characters (see ids.no_nul)."""
     value = req.get(name)

@@ -9,8 +9,14 @@ from typing import Any
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from im_bridge.errors import BadRequest, NotFound, RateLimited, TalkbridgeError, Unauthorized
-from signaling.codec import encode
+from im_bridge.errors import (
+    NotFound,
+    RateLimited,
+    TalkbridgeError,
+    TooLarge,
+    Unauthorized,
+)
+from signaling.codec import decode_body, encode
 from signaling.ice import ice_ttl
 from signaling.keys import STATE
 from signaling.login_limits import client_address
@@ -19,6 +25,7 @@ from signaling.state import AppState
 WEB_DEMO = Path(__file__).resolve().parent.parent / "web_demo"
 # Retry-After on a 429: a login bucket refills a token within seconds
 RETRY_AFTER_S = 6
+MAX_BODY = 16_384  # bytes of a JSON request body (/api/register, /api/login)
 _STATUS = {
     "bad_request": 400,
     "unauthorized": 401,
@@ -44,15 +51,20 @@ def _error(err: TalkbridgeError) -> web.Response:
 
 
 async def _body(request: web.Request) -> dict[str, Any]:
-    if request.content_length and request.content_length > 16_384:
-        raise BadRequest("request body too large")
-    try:
-        data = await request.json()
-    except ValueError:
-        raise BadRequest("body must be a JSON object") from None
-    if not isinstance(data, dict):
-        raise BadRequest("body must be a JSON object")
-    return data
+    too_large = TooLarge(f"request body too large (more than {MAX_BODY} bytes)")
+    if request.content_length is not None and request.content_length > MAX_BODY:
+        raise too_large
+    # A chunked body has no Content-Length: read at most one byte past the limit, whatever
+    # the headers say (request.json() would read up to client_max_size, 1 MiB).
+    data = bytearray()
+    while len(data) <= MAX_BODY:
+        chunk = await request.content.read(MAX_BODY + 1 - len(data))
+        if not chunk:
+            break
+        data += chunk
+    if len(data) > MAX_BODY:
+        raise too_large
+    return decode_body(data)
 
 
 async def _account(request: web.Request, action: str) -> web.Response:

@@ -297,6 +297,39 @@ async def test_register_then_login_returns_a_token_that_connects(demo_node: Node
     await c.close()
 
 
+@pytest.mark.parametrize("path", ["/api/register", "/api/login"])
+async def test_deeply_nested_account_body_gets_a_400_json_error(demo_node: Node, path: str):
+    node = demo_node
+    body = "[" * 5000 + "]" * 5000  # 10 KB, under the body limit
+    async with aiohttp.ClientSession() as s:
+        r = await s.post(
+            f"{node.url}{path}", data=body, headers={"Content-Type": "application/json"}
+        )
+        assert r.status == 400, await r.text()
+        assert (await r.json())["error"]["code"] == "bad_request"
+
+
+@pytest.mark.parametrize("chunked", [False, True], ids=["content-length", "chunked"])
+async def test_account_body_over_16_kib_gets_413_too_large(demo_node: Node, chunked: bool):
+    node = demo_node
+    head, pad, tail = b'{"user":"zed","password":"pass-pass","name":"', b"x" * 10_000, b'"}'
+
+    async def chunks() -> AsyncIterator[bytes]:  # a streamed body: no Content-Length
+        yield head
+        for _ in range(50):
+            yield pad
+        yield tail
+
+    data = chunks() if chunked else head + pad * 2 + tail
+    async with aiohttp.ClientSession() as s:
+        r = await s.post(
+            f"{node.url}/api/register", data=data, headers={"Content-Type": "application/json"}
+        )
+        assert r.status == 413, await r.text()
+        assert (await r.json())["error"]["code"] == "too_large"
+    assert await node.state.users.get("zed") is None
+
+
 async def test_password_is_stored_as_argon2_hash(demo_node: Node):
     node = demo_node
     async with aiohttp.ClientSession() as s:
