@@ -51,7 +51,8 @@ def create_app(config: Config) -> web.Application:
     """A talkbridge node for ``config``; services start with the app and stop with it."""
     secret_generated = not config.jwt_secret and not config.jwt_public_key
     config.ensure_jwt_secret()
-    demo_accounts = config.demo_accounts(secret_generated)
+    # Demo accounts mint HS256 tokens: never without a secret (a public key alone).
+    demo_accounts = config.demo_accounts(secret_generated) and bool(config.jwt_secret)
     if demo_accounts and not secret_generated:
         log.warning(
             "demo accounts are on (TALKBRIDGE_ALLOW_REGISTRATION) with tokens your app mints: "

@@ -33,7 +33,11 @@ class Claims:
 
 
 class TokenVerifier:
-    """Verify bearer tokens; mint HS256 tokens for /api/login and tests."""
+    """Verify bearer tokens; mint HS256 tokens for /api/login and tests (needs the secret).
+
+    HS256 is accepted only with a configured secret: with a public key alone there is none
+    (see Config.ensure_jwt_secret).
+    """
 
     def __init__(self, config: Config) -> None:
         self.secret = config.jwt_secret

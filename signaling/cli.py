@@ -63,6 +63,10 @@ def main(argv: list[str] | None = None) -> int:
         from signaling.auth import TokenVerifier
 
         config.ensure_jwt_secret()
+        if not config.jwt_secret:
+            print("talkbridge token: needs TALKBRIDGE_JWT_SECRET (a public key only verifies)",
+                  file=sys.stderr)
+            return 2
         extra = {"dev": args.dev} if args.dev else {}
         tok, _ = TokenVerifier(config).mint(args.user, ttl=args.ttl, **extra)
         print(tok)

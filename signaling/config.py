@@ -40,8 +40,8 @@ class Config:
     port: int = 8080
     data_dir: str = "./data"
     # Auth
-    jwt_secret: str = ""
-    jwt_public_key: str = ""  # path to a PEM public key (RS256/ES256)
+    jwt_secret: str = ""  # HS256; generated for development only when no key is configured
+    jwt_public_key: str = ""  # path to a PEM public key (RS256, ES256/ES384/ES512)
     token_ttl: int = 7 * 24 * 3600  # seconds, for tokens minted by /api/login
     # /api/register and /api/login (demo accounts): true, false, or auto: on only while
     # tokens are signed with the generated development secret (see Config.demo_accounts)
@@ -103,8 +103,20 @@ class Config:
         return _bool(self.allow_registration)
 
     def ensure_jwt_secret(self) -> None:
-        """Generate and persist a development secret when none is configured (loudly)."""
+        """Generate and persist a development secret when no key at all is configured (loudly).
+
+        With a public key and no secret, tokens come from the app's backend only: a generated
+        (or left-over) HS256 secret would be a second, unintended way in, so none is used,
+        and the demo accounts, which mint HS256 tokens, are off (see signaling/http_api.py).
+        """
         if self.jwt_secret:
+            return
+        if self.jwt_public_key:
+            log.info(
+                "TALKBRIDGE_JWT_PUBLIC_KEY is set and TALKBRIDGE_JWT_SECRET is not: only tokens "
+                "signed with that key are accepted; /api/register and /api/login are off "
+                "(they mint HS256 tokens, which need TALKBRIDGE_JWT_SECRET)."
+            )
             return
         path = Path(self.data_dir) / "dev-jwt-secret"
         if path.exists():

@@ -262,6 +262,37 @@ async def test_tokens_minted_by_an_app_backend_with_a_public_key(tmp_path: Path,
         await n.stop()
 
 
+async def test_a_server_with_only_a_public_key_accepts_only_tokens_of_that_key(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+):
+    key, path, _ = _keypair("RS256", tmp_path)
+    # An earlier development run left a generated HS256 secret in the data dir.
+    leftover = "left-over-development-secret-0123456789"
+    (tmp_path / "dev-jwt-secret").write_text(leftover)
+    with caplog.at_level(logging.INFO):
+        n = await start_node(
+            f"sqlite:///{tmp_path / 's.db'}", tmp_path, jwt_secret="", jwt_public_key=str(path)
+        )
+    try:
+        good = jwt.encode({"sub": "carol", "exp": int(time.time()) + 60}, key, algorithm="RS256")
+        c = Client(n.ws_url, good)
+        assert (await c.connect())["user"] == "carol"
+        await c.close()
+        first, code = await _refusal(
+            n.ws_url, {"type": "auth", "token": token("carol", secret=leftover)}
+        )
+        assert (first["code"], code) == ("unauthorized", 4401)
+        assert "algorithm 'HS256'" in first["message"]
+        # Demo accounts would mint HS256 tokens: they are off, and the log says why.
+        async with aiohttp.ClientSession() as s:
+            for api in ("/api/register", "/api/login"):
+                r = await s.post(f"{n.url}{api}", json={"user": "carol", "password": "pass-pass"})
+                assert r.status == 404 and (await r.json())["error"]["code"] == "not_found"
+        assert "TALKBRIDGE_JWT_PUBLIC_KEY" in caplog.text and "/api/register" in caplog.text
+    finally:
+        await n.stop()
+
+
 async def test_register_then_login_returns_a_token_that_connects(demo_node: Node):
     node = demo_node
     async with aiohttp.ClientSession() as s:

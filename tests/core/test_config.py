@@ -105,3 +105,9 @@ def test_missing_secret_is_generated_once_with_a_warning(tmp_path: Path, caplog)
     b.ensure_jwt_secret()
     assert b.jwt_secret == a.jwt_secret  # tokens survive a restart
     assert (tmp_path / "dev-jwt-secret").stat().st_mode & 0o077 == 0
+
+
+def test_no_secret_is_generated_when_a_public_key_is_configured(tmp_path: Path):
+    cfg = Config(data_dir=str(tmp_path), jwt_public_key=str(tmp_path / "backend.pem"))
+    cfg.ensure_jwt_secret()
+    assert cfg.jwt_secret == "" and not (tmp_path / "dev-jwt-secret").exists()
