@@ -1,9 +1,9 @@
 """JWT verification and minting.
 
-HS256 with the configured secret; RS256/ES256 with a configured PEM public key for tokens
-minted by an app's own backend. The algorithm is chosen from the key that is configured for
-it, never from the token alone: ``alg: none`` and algorithm confusion (an HS256 token signed
-with the public key as secret) are refused.
+HS256 with the configured secret; RS256, or ES256/ES384/ES512 (by the EC key's curve), with
+a configured PEM public key for tokens minted by an app's own backend. The algorithm is
+chosen from the key that is configured for it, never from the token alone: ``alg: none``
+and algorithm confusion (an HS256 token signed with the public key as secret) are refused.
 """
 
 from __future__ import annotations
@@ -19,6 +19,8 @@ from cryptography.hazmat.primitives.serialization import load_pem_public_key
 from im_bridge.errors import Unauthorized
 from im_bridge.ids import valid_user_id
 from signaling.config import Config
+
+_EC_ALGS = {"secp256r1": "ES256", "secp384r1": "ES384", "secp521r1": "ES512"}
 
 
 @dataclass(frozen=True, slots=True)
@@ -49,7 +51,15 @@ class TokenVerifier:
             if isinstance(key, rsa.RSAPublicKey):
                 self.public_algs = ["RS256"]
             elif isinstance(key, ec.EllipticCurvePublicKey):
-                self.public_algs = ["ES256"]
+                # Each ECDSA JWT algorithm is tied to one curve (RFC 7518 3.4): with any other
+                # pairing no token could ever verify, so a key on another curve is refused.
+                alg = _EC_ALGS.get(key.curve.name)
+                if alg is None:
+                    raise ValueError(
+                        f"TALKBRIDGE_JWT_PUBLIC_KEY: EC curve {key.curve.name} is not supported"
+                        " (P-256, P-384 or P-521, for ES256, ES384 or ES512)"
+                    )
+                self.public_algs = [alg]
             else:
                 raise ValueError("TALKBRIDGE_JWT_PUBLIC_KEY must be an RSA or EC public key")
             self.public_key = key

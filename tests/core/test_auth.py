@@ -24,7 +24,9 @@ from im_bridge.errors import Conflict
 from im_bridge.messages import ChatService
 from im_bridge.store import Store, ops
 from im_bridge.users import UserService
+from signaling.auth import TokenVerifier
 from signaling.client import AuthFailed, Client
+from signaling.config import load_config
 from signaling.login_limits import client_address, parse_networks
 from tests.support import SECRET, Node, running_node, start_node, token
 
@@ -223,11 +225,19 @@ async def test_token_bound_to_a_device_refuses_another_device(node: Node):
     await c.close()
 
 
+_CURVES: dict[str, ec.EllipticCurve] = {
+    "ES256": ec.SECP256R1(),
+    "ES384": ec.SECP384R1(),
+    "ES512": ec.SECP521R1(),
+    "ES256K": ec.SECP256K1(),
+}
+
+
 def _keypair(kind: str, tmp_path: Path):
     if kind == "RS256":
         key: rsa.RSAPrivateKey | ec.EllipticCurvePrivateKey = rsa.generate_private_key(65537, 2048)
     else:
-        key = ec.generate_private_key(ec.SECP256R1())
+        key = ec.generate_private_key(_CURVES[kind])
     pem = key.public_key().public_bytes(
         serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
     )
@@ -236,7 +246,7 @@ def _keypair(kind: str, tmp_path: Path):
     return key, path, pem
 
 
-@pytest.mark.parametrize("alg", ["RS256", "ES256"])
+@pytest.mark.parametrize("alg", ["RS256", "ES256", "ES384", "ES512"])
 async def test_tokens_minted_by_an_app_backend_with_a_public_key(tmp_path: Path, alg: str):
     key, path, pem = _keypair(alg, tmp_path)
     n = await start_node(f"sqlite:///{tmp_path / 's.db'}", tmp_path, jwt_public_key=str(path))
@@ -260,6 +270,13 @@ async def test_tokens_minted_by_an_app_backend_with_a_public_key(tmp_path: Path,
         assert (first["code"], code) == ("unauthorized", 4401)
     finally:
         await n.stop()
+
+
+def test_an_ec_public_key_on_another_curve_is_refused_at_startup(tmp_path: Path):
+    _, path, _ = _keypair("ES256K", tmp_path)
+    config = load_config(env={}, overrides={"jwt_public_key": str(path)})
+    with pytest.raises(ValueError, match=r"secp256k1.*P-256, P-384 or P-521"):
+        TokenVerifier(config)
 
 
 async def test_a_server_with_only_a_public_key_accepts_only_tokens_of_that_key(
