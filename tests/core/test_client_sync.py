@@ -225,15 +225,19 @@ async def _connect_while_alice_writes(node: Node, backlog: bool) -> tuple[list[i
     return [e["seq"] for e in bob.pending_events() if e["type"] == "msg.new"], bob.watermark[DM]
 
 
+async def _twenty_old_messages(node: Node) -> None:
+    alice = await node.client("alice")
+    for i in range(20):
+        await alice.send_text(f"old {i}", user="bob")
+
+
 @pytest.mark.parametrize("read_first", [False, True])
 async def test_first_connect_without_backlog_hands_out_no_old_history(
     node: Node, monkeypatch: pytest.MonkeyPatch, read_first: bool
 ):
     """The reviewer's reproducer: a message arriving live while the first conv.list is on
     its way must not make the client dump the whole history as synced events."""
-    alice = await node.client("alice")
-    for i in range(20):
-        await alice.send_text(f"old {i}", user="bob")
+    await _twenty_old_messages(node)
     _slow_conv_list(node, monkeypatch, read_first)
     assert await _connect_while_alice_writes(node, backlog=False) == ([21], 21)
 
@@ -242,9 +246,7 @@ async def test_first_connect_without_backlog_hands_out_no_old_history(
 async def test_first_connect_with_backlog_hands_out_everything_once_in_order(
     node: Node, monkeypatch: pytest.MonkeyPatch, read_first: bool
 ):
-    alice = await node.client("alice")
-    for i in range(20):
-        await alice.send_text(f"old {i}", user="bob")
+    await _twenty_old_messages(node)
     _slow_conv_list(node, monkeypatch, read_first)
     got = await _connect_while_alice_writes(node, backlog=True)
     assert got == (list(range(1, 22)), 21)
@@ -263,9 +265,7 @@ async def test_a_live_message_of_a_conversation_the_first_sync_did_not_list(
 async def test_an_own_send_during_the_first_sync_hands_out_no_old_history(
     node: Node, monkeypatch: pytest.MonkeyPatch, read_first: bool
 ):
-    alice = await node.client("alice")
-    for i in range(20):
-        await alice.send_text(f"old {i}", user="bob")
+    await _twenty_old_messages(node)
     _slow_conv_list(node, monkeypatch, read_first)
     bob = Client(node.ws_url, node.token("bob"), device="b1")
     node.clients.append(bob)
