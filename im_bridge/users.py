@@ -9,7 +9,7 @@ from argon2 import PasswordHasher
 from argon2.exceptions import InvalidHashError, VerificationError
 
 from im_bridge.errors import BadRequest, Conflict, Unauthorized
-from im_bridge.ids import check_user_id, no_nul, now_ms
+from im_bridge.ids import check_user_id, no_nul, now_ms, valid_user_id
 from im_bridge.models import User
 from im_bridge.store import Store, ops
 
@@ -47,7 +47,9 @@ class UserService:
         """The user for a correct password; Unauthorized otherwise (same answer for both)."""
         if not isinstance(user, str) or not isinstance(password, str):
             raise BadRequest("'user' and 'password' must be strings")
-        record = await self.store.read(ops.get_user(user))
+        # An id no account can have is looked up nowhere (PostgreSQL refuses some, a NUL
+        # among them), but still costs a hash: the answer takes the same time.
+        record = await self.store.read(ops.get_user(user)) if valid_user_id(user) else None
         stored = record.password_hash if record and record.password_hash else _DUMMY_HASH
         try:
             async with self._hashing:

@@ -16,6 +16,7 @@ from im_bridge.errors import (
     TooLarge,
     Unauthorized,
 )
+from im_bridge.ids import valid_user_id
 from signaling.codec import decode_body, encode
 from signaling.ice import ice_ttl
 from signaling.keys import STATE
@@ -86,13 +87,16 @@ async def _account(request: web.Request, action: str) -> web.Response:
             )
         else:
             uid = body.get("user")
-            if isinstance(uid, str) and not limits.may_log_in(uid):
+            # Only ids an account can have are counted: others cannot be guessed into, and
+            # would let a client fill the limiter with 16 KiB keys.
+            counted = uid if valid_user_id(uid) else None
+            if counted is not None and not limits.may_log_in(counted):
                 raise RateLimited("too many failed logins for this user; try again later")
             try:
                 user = await state.users.authenticate(uid, body.get("password"))
             except Unauthorized:
-                if isinstance(uid, str):
-                    limits.failed(uid)
+                if counted is not None:
+                    limits.failed(counted)
                 raise
         token, exp = state.verifier.mint(user.id, name=user.name)
         return _json({"user": user.id, "name": user.name, "token": token, "expires_at": exp})

@@ -20,7 +20,7 @@ import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
-from im_bridge.errors import Conflict
+from im_bridge.errors import Conflict, Unauthorized
 from im_bridge.messages import ChatService
 from im_bridge.store import Store, ops
 from im_bridge.users import UserService
@@ -508,6 +508,14 @@ def test_the_client_address_is_the_last_one_no_trusted_proxy_added():
     assert client_address("198.51.100.7", "203.0.113.9", proxies) == "198.51.100.7"
     assert client_address("127.0.0.1", None, proxies) == "127.0.0.1"
     assert client_address("127.0.0.1", "garbage", proxies) == "garbage"
+
+
+@pytest.mark.parametrize("user", ["bad\x00id", "no spaces", "x" * 65])
+async def test_a_login_for_an_id_no_account_can_have_is_refused_as_any_other(
+    store: Store, user: str
+):
+    with pytest.raises(Unauthorized):
+        await UserService(store).authenticate(user, "correct horse")
 
 
 async def test_ice_servers_endpoint_needs_a_valid_token(node: Node):
