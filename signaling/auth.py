@@ -64,6 +64,13 @@ class TokenVerifier:
                 raise ValueError("TALKBRIDGE_JWT_PUBLIC_KEY must be an RSA or EC public key")
             self.public_key = key
         self.token_ttl = config.token_ttl
+        # An app that mints tokens for several services tells ours apart by `aud`/`iss`;
+        # unset, a token naming any audience is refused (PyJWT's rule: it is someone else's).
+        self.audience = config.jwt_audience or None
+        self.issuer = config.jwt_issuer or None
+        self._required = ["exp", "sub"] + ["aud"] * bool(self.audience) + ["iss"] * bool(
+            self.issuer
+        )
 
     def verify(self, token: object) -> Claims:
         """The claims of a valid token; Unauthorized (with the reason) otherwise."""
@@ -83,7 +90,13 @@ class TokenVerifier:
             raise Unauthorized(f"token algorithm {alg!r} is not accepted")
         try:
             claims = jwt.decode(
-                token, key, algorithms=algs, options={"require": ["exp", "sub"]}, leeway=5
+                token,
+                key,
+                algorithms=algs,
+                audience=self.audience,
+                issuer=self.issuer,
+                options={"require": self._required},
+                leeway=5,
             )
         except jwt.ExpiredSignatureError:
             raise Unauthorized("token expired") from None
@@ -107,5 +120,9 @@ class TokenVerifier:
         if not self.secret:
             raise RuntimeError("no HS256 secret configured")
         exp = int(time.time()) + (ttl if ttl is not None else self.token_ttl)
-        payload = {"sub": user, "exp": exp, "iat": int(time.time()), **extra}
+        payload: dict[str, Any] = {"sub": user, "exp": exp, "iat": int(time.time()), **extra}
+        if self.audience:
+            payload["aud"] = self.audience
+        if self.issuer:
+            payload["iss"] = self.issuer
         return jwt.encode(payload, self.secret, algorithm="HS256"), exp

@@ -43,6 +43,9 @@ class Config:
     jwt_secret: str = ""  # HS256; generated for development only when no key is configured
     jwt_public_key: str = ""  # path to a PEM public key (RS256, ES256/ES384/ES512)
     token_ttl: int = 7 * 24 * 3600  # seconds, for tokens minted by /api/login
+    # When set, every token must carry this `aud` / `iss` (and /api/login's tokens do)
+    jwt_audience: str = ""
+    jwt_issuer: str = ""
     # /api/register and /api/login (demo accounts): true, false, or auto: on only while
     # tokens are signed with the generated development secret (see Config.demo_accounts)
     allow_registration: str = "auto"

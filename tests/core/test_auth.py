@@ -518,6 +518,40 @@ async def test_a_login_for_an_id_no_account_can_have_is_refused_as_any_other(
         await UserService(store).authenticate(user, "correct horse")
 
 
+async def test_audience_and_issuer_when_configured_are_required(tmp_path: Path):
+    async with running_node(
+        f"sqlite:///{tmp_path / 's.db'}", tmp_path, allow_registration=True,
+        jwt_audience="talkbridge", jwt_issuer="https://app.example",
+    ) as n:
+        good = token("carol", aud="talkbridge", iss="https://app.example")
+        c = Client(n.ws_url, good)
+        assert (await c.connect())["user"] == "carol"
+        await c.close()
+        for bad in (
+            token("carol"),
+            token("carol", aud="talkbridge"),
+            token("carol", aud="billing", iss="https://app.example"),
+            token("carol", aud="talkbridge", iss="https://evil.example"),
+        ):
+            first, code = await _refusal(n.ws_url, {"type": "auth", "token": bad})
+            assert (first["code"], code) == ("unauthorized", 4401), jwt.decode(
+                bad, options={"verify_signature": False}
+            )
+        # The demo accounts' tokens carry both, so they connect.
+        assert (await _register(n.url, "dave")).status == 200
+        r = await _login(n.url, "dave", "correct horse")
+        minted = Client(n.ws_url, (await r.json())["token"])
+        assert (await minted.connect())["user"] == "dave"
+        await minted.close()
+
+
+async def test_a_token_for_another_audience_is_refused_by_default(node: Node):
+    first, code = await _refusal(
+        node.ws_url, {"type": "auth", "token": token("carol", aud="billing")}
+    )
+    assert (first["code"], code) == ("unauthorized", 4401)
+
+
 async def test_ice_servers_endpoint_needs_a_valid_token(node: Node):
     async with aiohttp.ClientSession() as s:
         r = await s.get(f"{node.url}/api/ice-servers")
