@@ -404,7 +404,9 @@ def _append_message(req: SendRequest, now: int) -> Op[tuple[Message, bool]]:
         if r[4] is None or r[5] is not None:
             raise Forbidden("you are not a member of this group")
         privileged = r[4] in ("owner", "admin")
-        if not privileged and (r[3] or int(r[6]) > now):
+        # mute_all spares the owner and admins; a personal mute does not: the owner may
+        # mute an admin, and that must silence them (nobody can mute the owner).
+        if (not privileged and r[3]) or int(r[6]) > now:
             raise Forbidden("you are muted in this group")
         if req.mentions and "@all" in req.mentions and not privileged:
             raise Forbidden("only the owner or an admin may mention @all")

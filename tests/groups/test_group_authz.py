@@ -167,6 +167,18 @@ async def test_muted_member_cannot_send_until_unmuted(world: World):
     await world.c["carol"].send_text("back", group=world.group)
 
 
+async def test_admin_muted_by_the_owner_cannot_send_until_unmuted(world: World):
+    """The owner may mute an admin (the matrix): that mute must silence them, as it does a
+    member (only mute_all exempts the owner and admins)."""
+    await world.req("alice", "group.mute", group=world.group, user="bob", until_ts=FUTURE)
+    before = await world.last_seq()
+    await world.cannot_say("bob", "forbidden", "still talking?")
+    await world.cannot_say("bob", "forbidden", "@all listen", mentions=["@all"])
+    assert await world.last_seq() == before
+    await world.req("alice", "group.mute", group=world.group, user="bob", until_ts=0)
+    await world.say("bob", "back")
+
+
 async def test_mute_all_silences_members_but_not_owner_or_admins(world: World):
     await world.req("bob", "group.mute_all", group=world.group, on=True)
     for member in ("carol", "dave"):
