@@ -140,6 +140,23 @@ def _active(group: str) -> Op[Group]:
     return g
 
 
+def _locked(group: str) -> Op[Group]:
+    """:func:`_active`, for a write: first takes the group conversation's row lock.
+
+    On PostgreSQL two nodes may run changes of one group at once (a node's commit lane
+    orders only its own). Without the lock both pass their checks on the same snapshot:
+    one request approved twice (two ``member_joined`` notices, the second moving the
+    member's ``joined_seq``), joins past the member limit. Taken first, it makes every
+    check after it (READ COMMITTED: each statement sees what committed before it) see the
+    other node's change. It is the lock the notice's append takes anyway, in the same
+    order as a message's, so it adds no deadlock. The UPDATE changes nothing, so a refusal
+    after it still changes nothing. (SQLite: one writer at a time already.)
+    """
+    yield execute("UPDATE conversations SET last_seq = last_seq WHERE conv = ?", group_conv(group))
+    g = yield from _active(group)
+    return g
+
+
 def _role(conv: str, user: str) -> Op[str | None]:
     """The user's role if they are a current member, else None."""
     r = yield one(
@@ -398,7 +415,7 @@ def create(
 
 def update(group: str, actor: str, fields: dict[str, Any], now: int) -> Op[Change]:
     """Change name/announcement/avatar/join_policy (owner/admin); a notice lists what changed."""
-    g = yield from _active(group)
+    g = yield from _locked(group)
     yield from _privileged(g, actor)
     changed = {k: v for k, v in fields.items() if getattr(g, k) != v}
     if not changed:
@@ -416,7 +433,7 @@ def update(group: str, actor: str, fields: dict[str, Any], now: int) -> Op[Chang
 def invite(group: str, actor: str, users: list[str], now: int, limit: int) -> Op[Change]:
     """Add users (owner/admin; any member of an open group), or, for a plain member of an
     approval group, file join requests on their behalf."""
-    g = yield from _active(group)
+    g = yield from _locked(group)
     role = yield from _member_role(g, actor)
     users = list(dict.fromkeys(users))
     if actor in users:
@@ -474,7 +491,7 @@ def invite(group: str, actor: str, users: list[str], now: int, limit: int) -> Op
 
 def join(group: str, user: str, message: str, now: int, limit: int) -> Op[Change]:
     """Join an open group, or file a request to join an approval group."""
-    g = yield from _active(group)
+    g = yield from _locked(group)
     role = yield from _role(g.conv, user)
     if role is not None:
         raise Conflict("you are already a member of this group")
@@ -519,7 +536,7 @@ def _pending(group: str, user: str) -> Op[None]:
 
 
 def approve(group: str, actor: str, user: str, now: int, limit: int) -> Op[Change]:
-    g = yield from _active(group)
+    g = yield from _locked(group)
     yield from _privileged(g, actor)
     yield from _pending(group, user)
     role = yield from _role(g.conv, user)
@@ -539,7 +556,7 @@ def approve(group: str, actor: str, user: str, now: int, limit: int) -> Op[Chang
 
 
 def reject(group: str, actor: str, user: str, now: int) -> Op[Change]:
-    g = yield from _active(group)
+    g = yield from _locked(group)
     yield from _privileged(g, actor)
     yield from _pending(group, user)
     yield execute("DELETE FROM group_requests WHERE group_id = ? AND user_id = ?", group, user)
@@ -562,7 +579,7 @@ def _depart(g: Group, user: str, seq: int) -> Op[None]:
 
 def kick(group: str, actor: str, user: str, now: int) -> Op[Change]:
     """Remove a member: the owner removes anyone; an admin removes plain members only."""
-    g = yield from _active(group)
+    g = yield from _locked(group)
     role = yield from _privileged(g, actor)
     if user == actor:
         raise BadRequest("use group.leave to leave a group", field="user")
@@ -578,7 +595,7 @@ def kick(group: str, actor: str, user: str, now: int) -> Op[Change]:
 
 
 def leave(group: str, user: str, now: int) -> Op[Change]:
-    g = yield from _active(group)
+    g = yield from _locked(group)
     role = yield from _member_role(g, user)
     if role == "owner":
         raise Forbidden("the owner must transfer ownership (group.transfer) before leaving")
@@ -590,7 +607,7 @@ def leave(group: str, user: str, now: int) -> Op[Change]:
 
 def dissolve(group: str, actor: str, now: int) -> Op[Change]:
     """End the group (owner): nobody sends any more; history stays readable to members."""
-    g = yield from _active(group)
+    g = yield from _locked(group)
     role = yield from _member_role(g, actor)
     if role != "owner":
         raise Forbidden("only the owner may dissolve the group")
@@ -609,7 +626,7 @@ def dissolve(group: str, actor: str, now: int) -> Op[Change]:
 
 def set_role(group: str, actor: str, user: str, role: str, now: int) -> Op[Change]:
     """Make a member an admin or back (owner only)."""
-    g = yield from _active(group)
+    g = yield from _locked(group)
     mine = yield from _member_role(g, actor)
     if mine != "owner":
         raise Forbidden("only the owner may change roles")
@@ -630,7 +647,7 @@ def set_role(group: str, actor: str, user: str, role: str, now: int) -> Op[Chang
 
 def transfer(group: str, actor: str, user: str, now: int) -> Op[Change]:
     """Hand ownership to another member; the previous owner becomes an admin."""
-    g = yield from _active(group)
+    g = yield from _locked(group)
     mine = yield from _member_role(g, actor)
     if mine != "owner":
         raise Forbidden("only the owner may transfer ownership")
@@ -657,7 +674,7 @@ def transfer(group: str, actor: str, user: str, now: int) -> Op[Change]:
 def mute(group: str, actor: str, user: str, until_ts: int, now: int) -> Op[Change]:
     """Mute a member until ``until_ts`` (ms; 0 or past unmutes): owner mutes anyone but
     themselves, an admin mutes plain members."""
-    g = yield from _active(group)
+    g = yield from _locked(group)
     role = yield from _privileged(g, actor)
     if user == actor:
         raise BadRequest("you cannot mute yourself", field="user")
@@ -680,7 +697,7 @@ def mute(group: str, actor: str, user: str, until_ts: int, now: int) -> Op[Chang
 
 def mute_all(group: str, actor: str, on: bool, now: int) -> Op[Change]:
     """Mute everyone but the owner and admins (or lift it)."""
-    g = yield from _active(group)
+    g = yield from _locked(group)
     yield from _privileged(g, actor)
     if g.mute_all == on:
         raise Conflict("the group is already " + ("muted" if on else "unmuted"))

@@ -10,7 +10,7 @@ from typing import Any, TypeVar
 from im_bridge.errors import TalkbridgeError
 from im_bridge.groups import GroupService
 from im_bridge.messages import ChatService
-from im_bridge.store import Store
+from im_bridge.store import Store, open_store
 from im_bridge.store.ops import Op
 
 T = TypeVar("T")
@@ -109,3 +109,54 @@ async def test_a_group_may_start_with_more_members_than_one_invite_carries(store
     svc = GroupService(store, member_limit=700)
     made = await svc.create("owner", "Big", [f"u{i:03d}" for i in range(600)], "open")
     assert len(await svc.members(made.group.conv)) == 601
+
+
+async def _two_nodes(store_url: str) -> tuple[Store, Store]:
+    """Two stores over one database: what two nodes of a cluster share."""
+    a, b = open_store(store_url), open_store(store_url)
+    await a.open()
+    await b.open()
+    return a, b
+
+
+async def test_one_request_approved_on_two_nodes_at_once_joins_once(store_url: str):
+    a, b = await _two_nodes(store_url)
+    try:
+        one, two = GroupService(a), GroupService(b)
+        await one.create("owner", "G", ["adm"], "approval", group="g5")
+        await one.set_role("owner", "g5", "adm", "admin")
+        users = [f"r{i}" for i in range(6)]
+        for u in users:
+            await one.join(u, "g5")
+        for u in users:
+            results = await asyncio.gather(
+                one.approve("owner", "g5", u), two.approve("adm", "g5", u), return_exceptions=True
+            )
+            codes = sorted(r.code if isinstance(r, TalkbridgeError) else "ok" for r in results)
+            assert codes == ["not_found", "ok"], (u, results)
+        chat = ChatService(a)
+        hist, _ = await chat.history("owner", "g:g5", None, 0, 100)
+        joined = [m.body["users"] for m in hist if m.body.get("event") == "member_joined"]
+        assert joined == [[u] for u in users]
+    finally:
+        await a.close()
+        await b.close()
+
+
+async def test_joins_on_two_nodes_at_once_stop_at_the_member_limit(store_url: str):
+    a, b = await _two_nodes(store_url)
+    try:
+        one, two = GroupService(a, member_limit=3), GroupService(b, member_limit=3)
+        for i in range(4):
+            g = f"lim{i}"
+            await one.create("owner", "G", ["m"], "open", group=g)
+            results = await asyncio.gather(
+                one.join("x", g), two.join("y", g), return_exceptions=True
+            )
+            codes = sorted(r.code if isinstance(r, TalkbridgeError) else "ok" for r in results)
+            assert codes == ["conflict", "ok"], (g, results)
+            assert len(await one.members(f"g:{g}")) == 3
+    finally:
+        await a.close()
+        await b.close()
+
