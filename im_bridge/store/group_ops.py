@@ -380,8 +380,12 @@ def create(
     taken = yield one("SELECT 1 FROM conversations WHERE conv = ?", group_conv(group))
     if exists is not None or taken is not None:
         raise Conflict("a group with this id exists", field="group")
-    yield execute(
-        f"INSERT INTO chat_groups ({GROUP_COLS}) VALUES (?, ?, ?, ?, ?, ?, 0, 'active', ?, ?)",
+    # Another node may create the same id between the check above and this insert
+    # (PostgreSQL): the insert then waits for its commit and does nothing, and the create is
+    # the same conflict as above (not a key violation that rolls back the batch: internal).
+    made = yield one(
+        f"INSERT INTO chat_groups ({GROUP_COLS}) VALUES (?, ?, ?, ?, ?, ?, 0, 'active', ?, ?) "
+        "ON CONFLICT (group_id) DO NOTHING RETURNING group_id",
         group,
         name,
         owner,
@@ -391,6 +395,8 @@ def create(
         owner,
         now,
     )
+    if made is None:
+        raise Conflict("a group with this id exists", field="group")
     conv = group_conv(group)
     # The creation notice will be seq 1: every initial member sees it.
     yield from _add_member(conv, owner, "owner", 1, 0, now)

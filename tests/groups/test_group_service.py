@@ -160,3 +160,22 @@ async def test_joins_on_two_nodes_at_once_stop_at_the_member_limit(store_url: st
         await a.close()
         await b.close()
 
+
+async def test_one_group_id_created_on_two_nodes_at_once_is_a_conflict_not_internal(
+    store_url: str,
+):
+    a, b = await _two_nodes(store_url)
+    try:
+        one, two = GroupService(a), GroupService(b)
+        for i in range(4):
+            g = f"same{i}"
+            results = await asyncio.gather(
+                one.create("u1", "A", [], "open", group=g),
+                two.create("u2", "B", [], "open", group=g),
+                return_exceptions=True,
+            )
+            codes = sorted(r.code if isinstance(r, TalkbridgeError) else "ok" for r in results)
+            assert codes == ["conflict", "ok"], (g, results)
+    finally:
+        await a.close()
+        await b.close()
