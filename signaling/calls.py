@@ -133,6 +133,18 @@ class _Away:
 
 
 @dataclass
+class _PendingInvite:
+    """An invite between its arrival and its call (the bridge and presence are asked first)."""
+
+    user: str
+    device: str
+    settled: asyncio.Future[None]
+    # The caller device's connection closed meanwhile (unix time): the call starts with
+    # that device away, as if it had dropped a moment after the call rang.
+    gone_since: float | None = None
+
+
+@dataclass
 class Call:
     """One call. ``rung`` holds the callee devices that were sent the invite."""
 
@@ -333,7 +345,7 @@ class CallManager:
         self._calls: dict[str, Call] = {}
         self._live: dict[str, set[str]] = {}  # user -> ids of their calls not yet ended
         self._lock = asyncio.Lock()
-        self._pending: dict[str, asyncio.Future[None]] = {}  # invites being checked
+        self._pending: dict[str, _PendingInvite] = {}  # call id -> invite being checked
         self._out: list[tuple[str, str, Event]] = []
         self._logs: list[CallLog] = []
         self._changed: list[Call] = []
@@ -368,6 +380,11 @@ class CallManager:
         offer = parse_sdp(req.get("sdp"), ("offer",)) if via == "p2p" else {}
         if callee == user:
             raise BadRequest("cannot call yourself", field="to")
+        first = self._pending.get(call_id)
+        if first is not None and (first.user, first.device) == (user, device):
+            # A retry (after a lost connection) of an invite still being checked: wait for
+            # it, then answer like any repeated invite, not "call_id in use" for its own id.
+            await asyncio.shield(first.settled)
         known = self._calls.get(call_id)
         if known is not None and (known.caller, known.caller_device) == (user, device):
             return await self._repeat_invite(known, user, device)
@@ -375,13 +392,13 @@ class CallManager:
             raise Conflict("call_id already in use: pick a new random one", field="call_id")
         # Requests for this call that arrive while we ask the bridge wait for the answer
         # (a caller trickles candidates right after its invite).
-        settled = asyncio.get_running_loop().create_future()
-        self._pending[call_id] = settled
+        pending = _PendingInvite(user, device, asyncio.get_running_loop().create_future())
+        self._pending[call_id] = pending
         try:
-            return await self._invite(user, device, call_id, callee, media, offer, via)
+            return await self._invite(pending, call_id, callee, media, offer, via)
         finally:
             del self._pending[call_id]
-            settled.set_result(None)
+            pending.settled.set_result(None)
 
     async def _repeat_invite(self, call: Call, user: str, device: str) -> Event:
         """The same invite again from the same device (a retry after a lost connection).
@@ -395,8 +412,9 @@ class CallManager:
             await self._flush()
             return call.summary()
 
-    async def _invite(self, user: str, device: str, call_id: str, callee: str,
+    async def _invite(self, pending: _PendingInvite, call_id: str, callee: str,
                       media: dict[str, bool], offer: dict[str, str], via: str) -> Event:
+        user, device = pending.user, pending.device
         await self.env.check_may_call(user, callee)
         # Asked before any state changes: if presence fails, the invite fails cleanly.
         devices = await self.env.online_devices(callee)
@@ -437,6 +455,15 @@ class CallManager:
                         self._emit(callee, d, invite)
                     call.timer = self.env.call_later(self.settings.timeout,
                                                      self._timeout_of(call_id))
+                    if pending.gone_since is not None:
+                        # device_disconnected came before the call existed: without this
+                        # nobody would ever notice the caller is gone (an answered call
+                        # would stay up forever).
+                        left = pending.gone_since + self.settings.grace - now
+                        call.away[(user, device)] = _Away(
+                            since=pending.gone_since,
+                            timer=self.env.call_later(max(0.0, left), self._grace_over(
+                                call_id, user, device)))
                     self._changed.append(call)
                     await self._flush()
                     if not devices:
@@ -597,10 +624,16 @@ class CallManager:
 
     async def device_disconnected(self, user: str, device: str) -> None:
         """A device's connection closed: its calls wait ``grace`` seconds for a resume."""
-        if not self._live.get(user) or device in await self.env.online_devices(user):
+        invites = [p for p in self._pending.values() if (p.user, p.device) == (user, device)]
+        if not (self._live.get(user) or invites):
+            return
+        if device in await self.env.online_devices(user):
             return  # a newer session of the same device is already up
         async with self._lock:
             now = self.env.now()
+            for invite in invites:  # its call starts with this device away (see _invite)
+                if invite.gone_since is None:
+                    invite.gone_since = now
             for call in self.live_calls_of(user):
                 if ((user, device) == (call.caller, call.caller_device)
                         or (user, device) == (call.callee, call.callee_device)):
@@ -726,7 +759,7 @@ class CallManager:
         call_id = req.get("call_id")
         pending = self._pending.get(call_id) if isinstance(call_id, str) else None
         if pending is not None:
-            await asyncio.shield(pending)
+            await asyncio.shield(pending.settled)
 
     def _call_for(self, user: str, req: Mapping[str, Any]) -> Call:
         call = self._calls.get(parse_call_id(req))

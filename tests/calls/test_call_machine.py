@@ -407,6 +407,25 @@ async def test_the_caller_dropping_while_it_rings_fails_the_call_after_grace(cal
     assert env.logs[0].outcome == "failed"
 
 
+async def test_a_caller_dropping_while_its_invite_is_checked_fails_the_call_after_grace(
+        calls, env):
+    # The connection closes while the invite waits on the store (may alice call bob?):
+    # the call starts ringing after the disconnect was noticed, and must still notice it.
+    env.slow_checks = 5
+    pending = asyncio.create_task(invite(calls))
+    await asyncio.sleep(0)
+    env.disconnect("alice", "a1")
+    await calls.device_disconnected("alice", "a1")
+    assert (await pending)["state"] == "ringing"
+    await calls.accept("bob", "phone", {"call_id": "call-1", "sdp": ANSWER})
+    env.take("bob", "phone")
+    await env.advance(20)
+    assert the(calls, "call-1").end_reason == "failed"
+    assert env.take("bob", "phone") == [
+        {"type": "call.ended", "call_id": "call-1", "reason": "failed"}]
+    assert [(lg.outcome, lg.duration_s) for lg in env.logs] == [("failed", 0)]
+
+
 async def test_resume_after_the_grace_period_is_refused(calls, env):
     await connected(calls, env)
     env.disconnect("alice", "a1")
@@ -671,6 +690,16 @@ async def test_the_same_invite_again_from_the_same_device_rings_nobody_twice(cal
     assert env.all_events() == []
     await env.advance(30)
     assert the(calls, "call-1").state == "ringing"  # resumed: the grace timer is off
+
+
+async def test_an_invite_retried_while_the_first_is_still_checked_says_it_rings(calls, env):
+    # The retry (after a lost connection) overtakes nothing: it waits for the first invite
+    # and answers where the call stands instead of calling its own call_id taken.
+    env.slow_checks = 5
+    first, retry = await asyncio.gather(invite(calls), invite(calls))
+    assert first["state"] == retry["state"] == "ringing"
+    assert retry == first
+    assert types(env.take("bob", "phone")) == ["call.invite"]  # rung once
 
 
 async def test_a_reused_call_id_is_a_conflict(calls, env):
