@@ -430,6 +430,12 @@ class CallManager:
             rival = next((c for c in self.live_calls_of(callee)
                           if c.state == "ringing" and c.caller == callee and c.callee == user),
                          None)
+            if (rival is not None and not self.settings.call_waiting
+                    and any(c.call_id != rival.call_id for c in self.live_calls_of(callee))):
+                # The callee is in another call too: this invite is busy whatever the ids,
+                # so it must not replace the callee's own invite (both would end, and
+                # "replaced_by" would name a call that never rang). That one rings on.
+                rival = None
             # Glare: both invited each other. The smaller call_id survives everywhere.
             if rival is not None and rival.call_id < call_id:
                 self._end(call, "cancelled", None, replaced_by=rival.call_id, log_it=False)

@@ -250,6 +250,25 @@ async def test_glare_keeps_the_call_with_the_smaller_id_when_it_came_first(calls
     assert the(calls, "a-call").state == "connected"
 
 
+async def test_glare_with_a_callee_busy_elsewhere_keeps_the_callees_call_ringing(calls, env):
+    # bob, talking with carol, calls alice from his laptop; alice calls him back at once.
+    # Her call is busy (bob is in a call): his must not be "replaced" by it and die too.
+    await calls.invite("carol", "c1", {"call_id": "x-carol", "to": {"user": "bob"},
+                                       "media": AV, "sdp": OFFER})
+    await calls.accept("bob", "phone", {"call_id": "x-carol", "sdp": ANSWER})
+    await calls.invite("bob", "laptop", {"call_id": "z-bob", "to": {"user": "alice"},
+                                         "media": AV, "sdp": OFFER})
+    env.inbox.clear()
+    reply = await invite(calls, "a-alice", frm="alice", dev="a1", to="bob")
+    assert reply == {"call_id": "a-alice", "state": "ended", "reason": "busy"}
+    assert the(calls, "z-bob").state == "ringing"
+    assert env.take("bob", "laptop") == []
+    assert env.take("alice", "a1") == [
+        {"type": "call.ended", "call_id": "a-alice", "reason": "busy"}]
+    await calls.accept("alice", "a2", {"call_id": "z-bob", "sdp": ANSWER})
+    assert the(calls, "z-bob").state == "connected"
+
+
 # --- ending ----------------------------------------------------------------------------------
 
 async def test_the_caller_cancels_and_every_rung_device_is_told(calls, env):
