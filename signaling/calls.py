@@ -740,7 +740,8 @@ class CallManager:
                 self._require_callee_device(call, user, device)
                 self._require_live(call)
                 if call.state != "ringing":
-                    raise Conflict("the call was answered: use call.hangup")
+                    # With the state, as every conflict about a live call (docs/CALLS.md).
+                    raise Conflict("the call was answered: use call.hangup", state=call.state)
             elif op == "cancel":
                 if (user, device) != (call.caller, call.caller_device):
                     if user == call.caller:
@@ -748,7 +749,8 @@ class CallManager:
                     raise Forbidden("only the caller cancels; the callee rejects")
                 self._require_live(call)
                 if call.state != "ringing":
-                    raise Conflict("the call was answered: use call.hangup")
+                    # With the state, as every conflict about a live call (docs/CALLS.md).
+                    raise Conflict("the call was answered: use call.hangup", state=call.state)
             else:
                 self._require_participant(call, user, device)
                 self._require_live(call)

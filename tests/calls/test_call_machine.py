@@ -291,6 +291,17 @@ async def test_accept_after_cancel_is_refused_saying_so(calls, env):
     assert env.all_events() == [] and len(env.logs) == 1
 
 
+async def test_reject_or_cancel_after_the_answer_says_the_call_is_connected(calls, env):
+    # The app learns why it was refused (docs: "with reason or state") and can hang up.
+    await connected(calls, env)
+    with pytest.raises(Conflict) as rejected:
+        await calls.reject("bob", "phone", {"call_id": "call-1"})
+    with pytest.raises(Conflict) as cancelled:
+        await calls.cancel("alice", "a1", {"call_id": "call-1"})
+    assert rejected.value.details == cancelled.value.details == {"state": "connected"}
+    assert the(calls, "call-1").state == "connected" and env.all_events() == []
+
+
 async def test_an_unanswered_invite_times_out_as_missed_after_45_seconds(calls, env):
     await invite(calls)
     env.take("bob", "phone"), env.take("bob", "laptop")
