@@ -312,7 +312,9 @@ def parse_media(value: Any) -> dict[str, bool]:
         raise BadRequest("media must be an object {audio, video}", field="media")
     media = {}
     for kind in ("audio", "video"):
-        v = value.get(kind, False)
+        v = value.get(kind)
+        if v is None:  # left out or null, as optional fields are everywhere (codec.opt_*)
+            v = False
         if not isinstance(v, bool):
             raise BadRequest(f"media.{kind} must be a boolean", field=f"media.{kind}")
         media[kind] = v
@@ -533,9 +535,13 @@ class CallManager:
 
     async def reject(self, user: str, device: str, req: Mapping[str, Any]) -> Event:
         """``call.reject``: any callee device declines (or says busy) for all of them."""
-        reason = req.get("reason", "declined")
-        if reason not in ("declined", "busy"):
-            raise BadRequest('reason must be "declined" or "busy"', field="reason")
+        reason: EndReason = "declined"
+        given = req.get("reason")
+        # Left out or null (as optional fields are everywhere, codec.opt_*): declined.
+        if given is not None:
+            if given not in ("declined", "busy"):
+                raise BadRequest('reason must be "declined" or "busy"', field="reason")
+            reason = given
         return await self._finish(user, device, req, "reject", reason)
 
     async def cancel(self, user: str, device: str, req: Mapping[str, Any]) -> Event:

@@ -810,6 +810,18 @@ async def test_unknown_call_ids_are_not_found(calls, env):
         await calls.hangup("alice", "a1", {"call_id": "never-was"})
 
 
+async def test_null_for_an_optional_field_counts_as_left_out(calls, env):
+    # As everywhere in the protocol (opt_str, opt_bool): a client that sends null for a
+    # field it leaves out can still place a call without video and decline one.
+    reply = await calls.invite("alice", "a1", {
+        "call_id": "call-1", "to": {"user": "bob"}, "media": {"audio": True, "video": None},
+        "sdp": OFFER, "via": None})
+    assert reply["state"] == "ringing"
+    assert the(calls, "call-1").media == {"audio": True, "video": False}
+    reply = await calls.reject("bob", "phone", {"call_id": "call-1", "reason": None})
+    assert reply == {"call_id": "call-1", "state": "ended", "reason": "declined"}
+
+
 async def test_a_bad_reject_reason_is_a_bad_request(calls, env):
     await invite(calls)
     with pytest.raises(BadRequest):
