@@ -195,33 +195,47 @@ async def test_a_first_connect_adopts_the_change_counter(any_node: Node):
 # ---------------------------------------------------------------- first connect race
 
 
-def _slow_conv_list(node: Node, monkeypatch: pytest.MonkeyPatch, read_first: bool) -> None:
-    """A busy server: conv.list takes a moment, before reading the store (its answer
-    includes a message sent meanwhile) or after (it does not)."""
-    real = node.state.chat.conversations
+class _HeldConvList:
+    """bob's conv.list held up until the test lets it go: ``under_way`` is set once it has
+    started (read_first: once it has read the store, so that its answer misses what is
+    sent meanwhile; else before, so that its answer includes it)."""
 
-    async def slow(user: str) -> Any:
-        if read_first:
-            convs = await real(user)
-            await asyncio.sleep(0.5)
-            return convs
-        await asyncio.sleep(0.5)
-        return await real(user)
+    def __init__(self, node: Node, monkeypatch: pytest.MonkeyPatch, read_first: bool) -> None:
+        self.under_way = asyncio.Event()
+        self.go_on = asyncio.Event()
+        real = node.state.chat.conversations
 
-    monkeypatch.setattr(node.state.chat, "conversations", slow)
+        async def held(user: str) -> Any:
+            if user != "bob":  # only bob's first sync is held up
+                return await real(user)
+            if read_first:
+                convs = await real(user)
+                self.under_way.set()
+                await self.go_on.wait()
+                return convs
+            self.under_way.set()
+            await self.go_on.wait()
+            return await real(user)
+
+        monkeypatch.setattr(node.state.chat, "conversations", held)
 
 
-async def _connect_while_alice_writes(node: Node, backlog: bool) -> tuple[list[int], int]:
+async def _connect_while_alice_writes(
+    node: Node, held: _HeldConvList, backlog: bool
+) -> tuple[list[int], int]:
     """bob connects (first time); a message comes live while his conv.list is on its way.
-    Returns the seqs bob's client hands out as msg.new, and its watermark."""
+    Returns the seqs bob's client hands out as msg.new, and its watermark. (The message's
+    msg.new reaches bob's socket before the conv.list reply: the server writes it when the
+    send commits, and the reply only after the test lets conv.list go on.)"""
     alice = await node.client("alice")
     bob = Client(node.ws_url, node.token("bob"), device="b1", backlog=backlog)
     node.clients.append(bob)
     connecting = asyncio.create_task(bob.connect())
-    await asyncio.sleep(0.2)  # bob is online, his first conv.list under way
+    await held.under_way.wait()
     await alice.send_text("new", user="bob")
+    held.go_on.set()
     await connecting
-    await asyncio.sleep(0.5)
+    await asyncio.sleep(0.5)  # anything handed out twice or late would show by now
     return [e["seq"] for e in bob.pending_events() if e["type"] == "msg.new"], bob.watermark[DM]
 
 
@@ -238,8 +252,8 @@ async def test_first_connect_without_backlog_hands_out_no_old_history(
     """The reviewer's reproducer: a message arriving live while the first conv.list is on
     its way must not make the client dump the whole history as synced events."""
     await _twenty_old_messages(node)
-    _slow_conv_list(node, monkeypatch, read_first)
-    assert await _connect_while_alice_writes(node, backlog=False) == ([21], 21)
+    held = _HeldConvList(node, monkeypatch, read_first)
+    assert await _connect_while_alice_writes(node, held, backlog=False) == ([21], 21)
 
 
 @pytest.mark.parametrize("read_first", [False, True])
@@ -247,8 +261,8 @@ async def test_first_connect_with_backlog_hands_out_everything_once_in_order(
     node: Node, monkeypatch: pytest.MonkeyPatch, read_first: bool
 ):
     await _twenty_old_messages(node)
-    _slow_conv_list(node, monkeypatch, read_first)
-    got = await _connect_while_alice_writes(node, backlog=True)
+    held = _HeldConvList(node, monkeypatch, read_first)
+    got = await _connect_while_alice_writes(node, held, backlog=True)
     assert got == (list(range(1, 22)), 21)
 
 
@@ -257,8 +271,8 @@ async def test_a_live_message_of_a_conversation_the_first_sync_did_not_list(
 ):
     """The conversation's first message is sent after conv.list read the store: held, then
     handed out after the sync."""
-    _slow_conv_list(node, monkeypatch, read_first=True)
-    assert await _connect_while_alice_writes(node, backlog=False) == ([1], 1)
+    held = _HeldConvList(node, monkeypatch, read_first=True)
+    assert await _connect_while_alice_writes(node, held, backlog=False) == ([1], 1)
 
 
 @pytest.mark.parametrize("read_first", [False, True])
@@ -266,12 +280,13 @@ async def test_an_own_send_during_the_first_sync_hands_out_no_old_history(
     node: Node, monkeypatch: pytest.MonkeyPatch, read_first: bool
 ):
     await _twenty_old_messages(node)
-    _slow_conv_list(node, monkeypatch, read_first)
+    held = _HeldConvList(node, monkeypatch, read_first)
     bob = Client(node.ws_url, node.token("bob"), device="b1")
     node.clients.append(bob)
     connecting = asyncio.create_task(bob.connect())
-    await asyncio.sleep(0.2)  # bob is online, his first conv.list under way
+    await held.under_way.wait()
     assert (await bob.send_text("mine", user="alice"))["seq"] == 21
+    held.go_on.set()
     await connecting
     await asyncio.sleep(0.5)
     assert [e for e in bob.pending_events() if e["type"] == "msg.new"] == []
