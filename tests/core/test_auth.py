@@ -185,7 +185,7 @@ async def test_websocket_pings_do_not_extend_the_auth_timeout(tmp_path: Path):
                     await ws.receive()
             finally:
                 pinger.cancel()
-            assert ws.close_code == 4401 and time.monotonic() - t0 < 1.5
+            assert ws.close_code == 4401 and time.monotonic() - t0 < 2.5  # deadline 0.5 s
     finally:
         await n.stop()
 
