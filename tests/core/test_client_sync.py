@@ -220,22 +220,34 @@ class _HeldConvList:
         monkeypatch.setattr(node.state.chat, "conversations", held)
 
 
-async def _connect_while_alice_writes(
-    node: Node, held: _HeldConvList, backlog: bool
-) -> tuple[list[int], int]:
-    """bob connects (first time); a message comes live while his conv.list is on its way.
-    Returns the seqs bob's client hands out as msg.new, and its watermark. (The message's
-    msg.new reaches bob's socket before the conv.list reply: the server writes it when the
-    send commits, and the reply only after the test lets conv.list go on.)"""
-    alice = await node.client("alice")
+async def _connect_during(
+    node: Node, held: _HeldConvList, backlog: bool, action: Callable[[Client], Awaitable[None]]
+) -> Client:
+    """bob connects (first time); ``action`` runs while his conv.list is on its way. (What
+    it sends reaches bob's socket before the conv.list reply: the server writes it when the
+    send commits, and the reply only after ``action`` is done.)"""
     bob = Client(node.ws_url, node.token("bob"), device="b1", backlog=backlog)
     node.clients.append(bob)
     connecting = asyncio.create_task(bob.connect())
     await held.under_way.wait()
-    await alice.send_text("new", user="bob")
+    await action(bob)
     held.go_on.set()
     await connecting
     await asyncio.sleep(0.5)  # anything handed out twice or late would show by now
+    return bob
+
+
+async def _connect_while_alice_writes(
+    node: Node, held: _HeldConvList, backlog: bool
+) -> tuple[list[int], int]:
+    """A message comes live while bob's first conv.list is on its way: the seqs bob's
+    client hands out as msg.new, and its watermark."""
+    alice = await node.client("alice")
+
+    async def alice_writes(_bob: Client) -> None:
+        await alice.send_text("new", user="bob")
+
+    bob = await _connect_during(node, held, backlog, alice_writes)
     return [e["seq"] for e in bob.pending_events() if e["type"] == "msg.new"], bob.watermark[DM]
 
 
@@ -281,13 +293,10 @@ async def test_an_own_send_during_the_first_sync_hands_out_no_old_history(
 ):
     await _twenty_old_messages(node)
     held = _HeldConvList(node, monkeypatch, read_first)
-    bob = Client(node.ws_url, node.token("bob"), device="b1")
-    node.clients.append(bob)
-    connecting = asyncio.create_task(bob.connect())
-    await held.under_way.wait()
-    assert (await bob.send_text("mine", user="alice"))["seq"] == 21
-    held.go_on.set()
-    await connecting
-    await asyncio.sleep(0.5)
+
+    async def bob_writes(bob: Client) -> None:
+        assert (await bob.send_text("mine", user="alice"))["seq"] == 21
+
+    bob = await _connect_during(node, held, False, bob_writes)
     assert [e for e in bob.pending_events() if e["type"] == "msg.new"] == []
     assert bob.watermark == {DM: 21}
