@@ -30,6 +30,14 @@ MAX_TEXT = 16_000
 _AT_ALL_REFUSED = "only a group's owner or admins may mention @all"
 
 
+def _dm_peer(parts: tuple[str, ...], user: str) -> str:
+    """The other member of a dm (``parts``: its two user ids), whose members are its two
+    users, always current: Forbidden for anyone else."""
+    if user not in parts:
+        raise Forbidden("you are not a member of this conversation")
+    return parts[1] if parts[0] == user else parts[0]
+
+
 @dataclass(slots=True)
 class Marked:
     """Result of a receipt: the user's position after it, whether it moved, and (when it
@@ -249,11 +257,9 @@ class ChatService:
         kind_, parts = parse_conv(conv)
         peer = None
         if kind_ == "dm":
-            # A dm's members are its two users, always current: no membership read (the
-            # op finds no row, NotFound, before the first message); it asks for the block.
-            if user not in parts:
-                raise Forbidden("you are not a member of this conversation")
-            peer = parts[1] if parts[0] == user else parts[0]
+            # No membership read (the op finds no row, NotFound, before the first message);
+            # it asks for the block.
+            peer = _dm_peer(parts, user)
         else:
             await self.require_reader(conv, user)
         pos, changed, blocked = await self.store.write(
@@ -277,11 +283,8 @@ class ChatService:
         if kind != "dm":
             await self.require_current(conv, user)
             return await self.members(conv)
-        if user not in parts:
-            raise Forbidden("you are not a member of this conversation")
-        # One read, as before: a dm's members are always current, so the block look-up
-        # takes the place of the membership read.
-        peer = parts[1] if parts[0] == user else parts[0]
+        # One read, as before: the block look-up takes the place of the membership read.
+        peer = _dm_peer(parts, user)
         if peer != user and await self.is_blocked(user, by=peer):
             raise Forbidden("this user does not accept your messages")
         return sorted(set(parts))
