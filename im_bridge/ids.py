@@ -11,6 +11,8 @@ import time
 from im_bridge.errors import BadRequest
 
 USER_ID_RE = re.compile(r"[A-Za-z0-9_.-]{1,64}")
+# Device ids are stored with every message (so no NUL, which PostgreSQL cannot hold).
+DEVICE_ID_RE = re.compile(r"[A-Za-z0-9_.:-]{1,64}")
 GROUP_ID_RE = re.compile(r"[A-Za-z0-9_.-]{1,64}")
 
 

@@ -17,7 +17,7 @@ from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.hazmat.primitives.serialization import load_pem_public_key
 
 from im_bridge.errors import Unauthorized
-from im_bridge.ids import valid_user_id
+from im_bridge.ids import DEVICE_ID_RE, valid_user_id
 from signaling.config import Config
 
 _EC_ALGS = {"secp256r1": "ES256", "secp384r1": "ES384", "secp521r1": "ES512"}
@@ -106,6 +106,10 @@ class TokenVerifier:
         if not isinstance(sub, str) or not valid_user_id(sub):
             raise Unauthorized("token 'sub' is not a valid user id")
         dev = claims.get("dev")
+        # Device ids are stored with every message: one PostgreSQL cannot hold (a NUL)
+        # would fail every batch its sends share (see ids.no_nul).
+        if isinstance(dev, str) and dev and not DEVICE_ID_RE.fullmatch(dev):
+            raise Unauthorized("token 'dev' must match [A-Za-z0-9_.:-]{1,64}")
         name = claims.get("name")
         return Claims(
             user=sub,
