@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import time
 from pathlib import Path
 from typing import Any
@@ -20,12 +21,12 @@ from im_bridge.ids import valid_user_id
 from signaling.codec import decode_body, encode
 from signaling.ice import ice_ttl
 from signaling.keys import STATE
-from signaling.login_limits import client_address
+from signaling.login_limits import USER_FAILURE_EVERY_S, client_address
 from signaling.state import AppState
 
 WEB_DEMO = Path(__file__).resolve().parent.parent / "web_demo"
-# Retry-After on a 429: a login bucket refills a token within seconds
-RETRY_AFTER_S = 6
+# Retry-After on a 429: by then the slower of the login buckets has a token again
+RETRY_AFTER_S = math.ceil(USER_FAILURE_EVERY_S)
 MAX_BODY = 16_384  # bytes of a JSON request body (/api/register, /api/login)
 _STATUS = {
     "bad_request": 400,
