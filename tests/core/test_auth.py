@@ -140,8 +140,7 @@ async def test_deeply_nested_auth_frame_is_refused_with_4401(node: Node):
 
 
 async def test_auth_frame_over_the_frame_limit_in_bytes_is_refused(tmp_path: Path):
-    n = await start_node(f"sqlite:///{tmp_path / 's.db'}", tmp_path, max_frame=1024)
-    try:
+    async with running_node(f"sqlite:///{tmp_path / 's.db'}", tmp_path, max_frame=1024) as n:
         frame = {"type": "auth", "token": token("alice"), "pad": "\U0001f600" * 300}
         assert len(json.dumps(frame, ensure_ascii=False)) < 1024  # characters, not bytes
         async with aiohttp.ClientSession() as s, s.ws_connect(n.ws_url) as ws:
@@ -150,8 +149,6 @@ async def test_auth_frame_over_the_frame_limit_in_bytes_is_refused(tmp_path: Pat
             await ws.receive(timeout=5)
         assert (first["code"], ws.close_code) == ("unauthorized", 4401)
         assert "too large" in first["message"]
-    finally:
-        await n.stop()
 
 
 async def test_silent_connection_is_refused_after_auth_timeout(tmp_path: Path):
@@ -164,8 +161,7 @@ async def test_silent_connection_is_refused_after_auth_timeout(tmp_path: Path):
 
 
 async def test_websocket_pings_do_not_extend_the_auth_timeout(tmp_path: Path):
-    n = await start_node(f"sqlite:///{tmp_path / 's.db'}", tmp_path, auth_timeout=0.5)
-    try:
+    async with running_node(f"sqlite:///{tmp_path / 's.db'}", tmp_path, auth_timeout=0.5) as n:
         async with aiohttp.ClientSession() as s, s.ws_connect(n.ws_url) as ws:
 
             async def keep_pinging() -> None:
@@ -186,20 +182,15 @@ async def test_websocket_pings_do_not_extend_the_auth_timeout(tmp_path: Path):
             finally:
                 pinger.cancel()
             assert ws.close_code == 4401 and time.monotonic() - t0 < 2.5  # deadline 0.5 s
-    finally:
-        await n.stop()
 
 
 async def test_auth_timeout_0_waits_for_the_auth_frame_without_limit(tmp_path: Path):
-    n = await start_node(f"sqlite:///{tmp_path / 's.db'}", tmp_path, auth_timeout=0)
-    try:
+    async with running_node(f"sqlite:///{tmp_path / 's.db'}", tmp_path, auth_timeout=0) as n:
         async with aiohttp.ClientSession() as s, s.ws_connect(n.ws_url) as ws:
             await asyncio.sleep(0.3)
             await ws.send_str(json.dumps({"type": "auth", "token": token("alice")}))
             msg = await ws.receive(timeout=5)
             assert json.loads(msg.data)["type"] == "auth.ok"
-    finally:
-        await n.stop()
 
 
 async def test_client_leaving_before_auth_is_neither_an_error_nor_an_auth_failure(
