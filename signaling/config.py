@@ -26,10 +26,13 @@ def _list(value: Any) -> list[str]:
     return [v.strip() for v in str(value).split(",") if v.strip()]
 
 
+_TRUE = ("1", "true", "yes", "on")
+
+
 def _bool(value: Any) -> bool:
     if isinstance(value, bool):
         return value
-    return str(value).strip().lower() in ("1", "true", "yes", "on")
+    return str(value).strip().lower() in _TRUE
 
 
 @dataclass
@@ -137,7 +140,7 @@ class Config:
 
 
 _FIELDS = {f.name: f for f in fields(Config)}
-_REGISTRATION_VALUES = ("auto", "1", "0", "true", "false", "yes", "no", "on", "off")
+_REGISTRATION_VALUES = ("auto", *_TRUE, "0", "false", "no", "off")
 _DEFAULTS = Config()
 
 
